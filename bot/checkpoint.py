@@ -1,0 +1,82 @@
+"""The base model's weight files as one name -> location map (safetensors, or legacy .bin)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bot.errors import IncompatibleBaseError
+from bot.shards import CODE_FROM_DTYPE, TensorInfo, read_header, read_tensor
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass(frozen=True)
+class BinTensorInfo:
+    """A tensor inside a legacy PyTorch checkpoint, read with ``torch.load(weights_only=True, mmap=True)``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+
+
+_BIN_CACHE: dict[Path, dict[str, torch.Tensor]] = {}
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    if path not in _BIN_CACHE:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # pickle refusals and corrupt zips come as many types
+            raise IncompatibleBaseError(f"{path.name} cannot be read safely ({e.__class__.__name__}); "
+                                        "use a base with safetensors weights") from e
+        if not isinstance(state, dict):
+            raise IncompatibleBaseError(f"{path.name} does not hold a state dict")
+        _BIN_CACHE.clear()  # keep one legacy shard mapped at a time
+        _BIN_CACHE[path] = state
+    return _BIN_CACHE[path]
+
+
+def read_base_tensor(info: TensorInfo | BinTensorInfo) -> torch.Tensor:
+    if isinstance(info, TensorInfo):
+        return read_tensor(info)
+    return _load_bin(info.file)[info.name].clone()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    folder = Path(folder)
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise IncompatibleBaseError(f"{index_name} in the base is not a valid index") from e
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise IncompatibleBaseError(f"base shard {missing[0]} named in {index_name} is missing; re-download the base")
+            return [folder / n for n in names]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).is_file():
+            return [folder / single]
+    raise IncompatibleBaseError(f"no model weights (model.safetensors or pytorch_model.bin) in base folder {folder}")
+
+
+def index_checkpoint(folder: Path) -> tuple[dict[str, TensorInfo | BinTensorInfo], list[str]]:
+    """Every tensor of the base checkpoint, in file order; also the checkpoint's dtype codes seen."""
+    tensors: dict[str, TensorInfo | BinTensorInfo] = {}
+    for path in weight_files(folder):
+        if path.suffix == ".safetensors":
+            header, _ = read_header(path)
+            tensors.update(header)
+        else:
+            for name, t in _load_bin(path).items():
+                if not isinstance(t, torch.Tensor) or t.dtype not in CODE_FROM_DTYPE:
+                    continue
+                tensors[name] = BinTensorInfo(name, CODE_FROM_DTYPE[t.dtype], tuple(t.shape), path)
+    return tensors, sorted({t.dtype for t in tensors.values()})

@@ -1,0 +1,250 @@
+"""execute_plan(plan) -> MergeResult: stream the base through the adapter into a new folder.
+
+Tensors are read one at a time, merged in float32 and rounded once to the output dtype;
+untouched tensors are copied byte for byte by the kernel. Output goes to a temporary
+folder beside the destination and is renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from bot import __version__
+from bot.checkpoint import read_base_tensor
+from bot.errors import OutputError
+from bot.plan import MergePlan, TensorJob
+from bot.shards import TensorInfo, ShardWriter, index_json, layout_shards, shard_file_names
+from bot.sources import is_tokenizer_file
+from bot.tuners import apply_op
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "merge_report.json"
+ProgressFn = Callable[[int, int, str], None]  # (done, total, what)
+_DISK_MARGIN = 64 * 1024 * 1024
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    files: list[str]
+    module_counts: dict[str, int]
+    tensors_written: int
+    tensors_merged: int
+    seconds: float
+    peak_rss_bytes: int
+    fallback: bool = False
+    verification: dict[str, Any] | None = None
+    report: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def check_output_dir(out: Path, *, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is a file; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"output folder {out} exists and is not empty; pass --overwrite or choose another --out")
+
+
+def check_disk_space(out: Path, needed: int) -> None:
+    probe = out.parent if not out.exists() else out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed + _DISK_MARGIN:
+        raise OutputError(
+            f"not enough free disk space for the merged model at {probe}: needs {needed / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB free; free space or choose another --out"
+        )
+
+
+@contextmanager
+def staged_output(out: Path, *, overwrite: bool) -> Iterator[Path]:
+    """A temp folder beside ``out`` that becomes ``out`` only if the body succeeds."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not overwrite and any(out.iterdir()):
+                raise OutputError(f"output folder {out} appeared during the merge; nothing was replaced")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from bot.errors import UsageError
+
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return torch.device(device)
+
+
+def merge_tensor(job: TensorJob, adapter: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Produce one output tensor: start value, adapter ops in float32, one rounding at the end."""
+    if job.replacement is not None:
+        value = adapter[job.replacement]
+    else:
+        value = read_base_tensor(job.source)
+    from bot.shards import DTYPE_FROM_CODE
+
+    out_dtype = DTYPE_FROM_CODE[job.dtype]
+    if not job.ops:
+        return value.to(out_dtype)
+    value = value.to(device=device, dtype=torch.float32)
+    for op, is_bias in job.ops:
+        value = apply_op(value, op, adapter, is_bias=is_bias)
+    return value.to(out_dtype).cpu()
+
+
+def write_config(plan: MergePlan, out: Path) -> None:
+    config = dict(plan.base_config)
+    config.update(plan.config_updates)
+    if "torch_dtype" in config:
+        config["torch_dtype"] = config["dtype"]
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_side_files(plan: MergePlan, out: Path) -> list[str]:
+    """generation_config.json from the base, tokenizer files from the adapter if it has any, else the base."""
+    copied = []
+    gen = plan.base.path / "generation_config.json"
+    if gen.is_file():
+        shutil.copyfile(gen, out / gen.name)
+        copied.append(gen.name)
+    folder = plan.tokenizer_folder or plan.base.path
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and is_tokenizer_file(path.name):
+            shutil.copyfile(path, out / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def build_report(plan: MergePlan, result: MergeResult) -> dict[str, Any]:
+    import huggingface_hub
+    import safetensors
+    import transformers
+
+    def source(s):
+        return {"ref": str(s.ref), "repo_id": s.repo_id, "revision": s.sha, "path": None if s.repo_id else str(s.path)}
+
+    return {
+        "merge_bot_version": __version__,
+        "adapter": source(plan.adapter),
+        "base": source(plan.base),
+        "peft_type": plan.adapter_config.peft_type,
+        "task_type": plan.adapter_config.task_type,
+        "options": {"dtype": plan.spec.dtype, "device": plan.spec.device, "max_shard_bytes": plan.spec.max_shard_bytes},
+        "method": "peft-merge_and_unload" if result.fallback else "streaming",
+        "output_dtype": plan.config_updates.get("dtype"),
+        "module_counts": result.module_counts,
+        "tensors_written": result.tensors_written,
+        "tensors_merged": result.tensors_merged,
+        "warnings": list(plan.warnings),
+        "timing_seconds": round(result.seconds, 3),
+        "peak_rss_bytes": result.peak_rss_bytes,
+        "verification": result.verification,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__,
+            "huggingface_hub": huggingface_hub.__version__,
+        },
+    }
+
+
+def write_report(result: MergeResult, folder: Path) -> None:
+    (folder / REPORT_NAME).write_text(json.dumps(result.report, indent=2, sort_keys=True) + "\n")
+
+
+def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None = None) -> tuple[list[str], int]:
+    """Write every planned tensor into ``out``; return the weight file names and how many were merged."""
+    adapter = {}
+    needed = {j.replacement for j in plan.jobs if j.replacement} | {
+        key for j in plan.jobs for op, _ in j.ops for key in op.tensors.values()}
+    if needed:
+        from bot.adapter import read_adapter_weights
+
+        adapter = {k: v for k, v in read_adapter_weights(plan.adapter.path).items() if k in needed}
+    device = pick_device(plan.spec.device)
+    outputs = [j.output for j in plan.jobs]
+    shards = layout_shards(outputs, plan.spec.max_shard_bytes)
+    names = shard_file_names(len(shards))
+    by_name = {j.name: j for j in plan.jobs}
+    total, done, merged = len(plan.jobs), 0, 0
+    for shard, file_name in zip(shards, names):
+        writer = ShardWriter(out / file_name, shard)
+        try:
+            for spec in shard:
+                job = by_name[spec.name]
+                if job.is_passthrough and isinstance(job.source, TensorInfo):
+                    writer.copy_raw(job.name, job.source)
+                else:
+                    writer.write(job.name, merge_tensor(job, adapter, device))
+                    merged += bool(job.ops or job.replacement)
+                done += 1
+                if on_progress:
+                    on_progress(done, total, job.name)
+        finally:
+            writer.close()
+    if len(names) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps(index_json(shards, names), indent=2) + "\n")
+        names = names + ["model.safetensors.index.json"]
+    return names, merged
+
+
+def execute_plan(plan: MergePlan, *, on_progress: ProgressFn | None = None,
+                 verify: Callable[[MergePlan, Path], dict[str, Any]] | None = None) -> MergeResult:
+    """Run a plan into ``plan.spec.out`` atomically. ``verify`` runs on the staged folder before the rename."""
+    out = Path(plan.spec.out)
+    check_output_dir(out, overwrite=plan.spec.overwrite)
+    check_disk_space(out, plan.output_bytes)
+    start = time.perf_counter()
+    with staged_output(out, overwrite=plan.spec.overwrite) as tmp:
+        if plan.fallback_reason:
+            from bot.fallback import peft_merge
+
+            log.warning("%s: merging in memory with PEFT; peak memory will be the whole model", plan.fallback_reason)
+            files, counts = peft_merge(plan, tmp)
+            merged, written = counts.get("merged_modules", 0), 0
+        else:
+            files, merged = stream_merge(plan, tmp, on_progress=on_progress)
+            write_config(plan, tmp)
+            counts, written = dict(plan.module_counts), len(plan.jobs)
+        files = files + ["config.json"] * ("config.json" not in files) + copy_side_files(plan, tmp)
+        result = MergeResult(out_dir=out, files=sorted(set(files)), module_counts=counts, tensors_written=written,
+                             tensors_merged=merged, seconds=time.perf_counter() - start,
+                             peak_rss_bytes=peak_rss_bytes(), fallback=bool(plan.fallback_reason))
+        if verify is not None:
+            result.verification = verify(plan, tmp)
+        result.report = build_report(plan, result)
+        write_report(result, tmp)
+        result.files = sorted(set(result.files) | {REPORT_NAME})
+    return result

@@ -1,0 +1,232 @@
+"""Reading and writing safetensors checkpoints one tensor at a time.
+
+The safetensors layout is: 8-byte little-endian header length, a JSON header mapping
+each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets
+relative to the end of the header), then the raw little-endian bytes. The library's
+own writer needs every tensor in memory at once; a merge must not, so this module
+reads with ``pread`` (no whole-file mmap in our RSS) and writes a pre-computed header
+followed by each tensor's bytes as they are produced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from bot.errors import IncompatibleBaseError
+
+# safetensors dtype code <-> torch dtype.
+DTYPE_FROM_CODE: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+CODE_FROM_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_FROM_CODE.items()}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # same ceiling the safetensors library enforces
+_COPY_CHUNK = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in one safetensors file."""
+
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPE_FROM_CODE[self.dtype]
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse a safetensors header; return tensors (in file order) and ``__metadata__``."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) != 8:
+            raise IncompatibleBaseError(f"{path.name} is not a safetensors file (too short); re-download it")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
+            raise IncompatibleBaseError(f"{path.name} has a corrupt safetensors header; re-download it")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise IncompatibleBaseError(f"{path.name} has a corrupt safetensors header; re-download it") from e
+    if not isinstance(header, dict):
+        raise IncompatibleBaseError(f"{path.name} has a corrupt safetensors header; re-download it")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors: list[TensorInfo] = []
+    for name, entry in header.items():
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            info = TensorInfo(
+                name=name,
+                dtype=str(entry["dtype"]),
+                shape=tuple(int(d) for d in entry["shape"]),
+                file=path,
+                begin=data_start + begin,
+                end=data_start + end,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise IncompatibleBaseError(f"{path.name}: malformed header entry for tensor {name!r}") from e
+        if info.dtype not in DTYPE_FROM_CODE:
+            raise IncompatibleBaseError(f"{path.name}: tensor {name!r} has unsupported dtype {info.dtype}")
+        expected = _numel(info.shape) * torch.empty((), dtype=info.torch_dtype).element_size()
+        if not (data_start <= info.begin <= info.end <= size) or info.nbytes != expected:
+            raise IncompatibleBaseError(f"{path.name}: tensor {name!r} lies outside the file; re-download it")
+        tensors.append(info)
+    tensors.sort(key=lambda t: t.begin)
+    return {t.name: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()}
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor with ``pread`` into a fresh, writable CPU tensor."""
+    buf = bytearray(info.nbytes)
+    if info.nbytes:
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            view = memoryview(buf)
+            done = 0
+            while done < info.nbytes:
+                n = os.preadv(fd, [view[done:]], info.begin + done)
+                if n <= 0:
+                    raise IncompatibleBaseError(f"{info.file.name}: file ended inside tensor {info.name!r}")
+                done += n
+        finally:
+            os.close(fd)
+        return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(info.shape)
+    return torch.empty(info.shape, dtype=info.torch_dtype)
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the output checkpoint: its name, dtype and shape, before it exists."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPE_FROM_CODE[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * torch.empty((), dtype=self.torch_dtype).element_size()
+
+
+def layout_shards(tensors: list[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
+    """Fill shards in order up to a byte budget (a tensor larger than the budget gets its own)."""
+    shards: list[list[OutputTensor]] = []
+    current: list[OutputTensor] = []
+    size = 0
+    for t in tensors:
+        if current and size + t.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += t.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_file_names(n: int) -> list[str]:
+    """transformers' names: one file is model.safetensors, else model-0000i-of-0000N.safetensors."""
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def index_json(shards: list[list[OutputTensor]], names: list[str]) -> dict:
+    total = sum(t.nbytes for shard in shards for t in shard)
+    weight_map = {t.name: name for shard, name in zip(shards, names) for t in shard}
+    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+class ShardWriter:
+    """Writes one safetensors file whose header is fixed up front; tensors arrive in order."""
+
+    def __init__(self, path: Path, tensors: list[OutputTensor], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self._pending: Iterator[OutputTensor] = iter(tensors)
+        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for t in tensors:
+            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
+        self._fh = open(self.path, "wb")
+        self._fh.write(struct.pack("<Q", len(raw)))
+        self._fh.write(raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = next(self._pending, None)
+        if spec is None or spec.name != name:
+            raise RuntimeError(f"shard writer expected {spec.name if spec else 'nothing'}, got {name}")
+        if tensor.dtype != spec.torch_dtype or tuple(tensor.shape) != spec.shape:
+            raise RuntimeError(f"{name}: planned {spec.dtype}{list(spec.shape)}, got {tensor.dtype}{list(tensor.shape)}")
+        if tensor.numel():
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._fh.write(memoryview(data))
+
+    def copy_raw(self, name: str, source: TensorInfo) -> None:
+        """Pass a tensor through byte for byte, kernel to kernel, never through our memory."""
+        spec = next(self._pending, None)
+        if spec is None or spec.name != name or spec.dtype != source.dtype or spec.shape != source.shape:
+            raise RuntimeError(f"shard writer cannot copy {source.name} as {name}")
+        self._fh.flush()
+        out_fd = self._fh.fileno()
+        with open(source.file, "rb") as src:
+            offset, left = source.begin, source.nbytes
+            while left:
+                try:
+                    n = os.copy_file_range(src.fileno(), out_fd, min(left, _COPY_CHUNK), offset)
+                except OSError:  # e.g. EXDEV across file systems: copy through a small buffer
+                    n = len(chunk := os.pread(src.fileno(), min(left, _COPY_CHUNK), offset))
+                    os.write(out_fd, chunk)
+                if n <= 0:
+                    raise IncompatibleBaseError(f"{source.file.name}: file ended inside tensor {source.name!r}")
+                offset += n
+                left -= n
+        self._fh.seek(0, os.SEEK_END)
+
+    def close(self) -> None:
+        leftover = next(self._pending, None)
+        self._fh.close()
+        if leftover is not None:
+            raise RuntimeError(f"shard {self.path.name} closed before {leftover.name} was written")
+
+

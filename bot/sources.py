@@ -1,0 +1,111 @@
+"""Turning a SourceRef into a local folder: as is, or downloaded from the Hub at a pinned commit.
+
+Only the files a merge needs are downloaded (configs, safetensors weights named by the
+index, tokenizer files), into huggingface_hub's normal cache. The revision is pinned to
+a commit SHA first, so a branch that moves mid-run cannot mix two versions.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.errors import AccessDeniedError, SourceNotFoundError
+from bot.spec import SourceRef
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "*.tiktoken",
+)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", *TOKENIZER_FILES)
+BASE_CONFIG_FILES = ("config.json", "generation_config.json", "README.md", *TOKENIZER_FILES)
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A source as a local folder, with the Hub commit it came from when it came from the Hub."""
+
+    ref: SourceRef
+    path: Path
+    repo_id: str | None = None
+    sha: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.repo_id}@{self.sha[:12]}" if self.repo_id and self.sha else str(self.path)
+
+
+def is_tokenizer_file(name: str) -> bool:
+    return "/" not in name and any(fnmatch.fnmatch(name, p) for p in TOKENIZER_FILES)
+
+
+def pick_base_weight_files(files: list[str], index: dict | None) -> list[str]:
+    """The weight files transformers would load: the index's shards, else the single file, else .bin."""
+    if index is not None:
+        return sorted(set(index.get("weight_map", {}).values()))
+    root = [f for f in files if "/" not in f]
+    if "model.safetensors" in root:
+        return ["model.safetensors"]
+    if "pytorch_model.bin" in root:
+        return ["pytorch_model.bin"]
+    return []
+
+
+def _hub_errors():
+    from huggingface_hub import errors
+
+    return errors
+
+
+def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpoint: str | None = None) -> ResolvedSource:
+    """Local folder as is; Hub repo pinned to a SHA and the needed files downloaded."""
+    if ref.local:
+        return ResolvedSource(ref=ref, path=Path(ref.name))
+    from huggingface_hub import HfApi, snapshot_download
+
+    errors = _hub_errors()
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        info = api.model_info(ref.name, revision=ref.revision, files_metadata=False)
+        sha = info.sha
+        files = [s.rfilename for s in (info.siblings or [])]
+        if what == "adapter":
+            wanted = [f for f in files if "/" not in f and any(fnmatch.fnmatch(f, p) for p in ADAPTER_FILES)]
+            if "adapter_model.safetensors" not in files and "adapter_model.bin" in files:
+                wanted.append("adapter_model.bin")
+        else:
+            wanted = [f for f in files if "/" not in f and any(fnmatch.fnmatch(f, p) for p in BASE_CONFIG_FILES)]
+            index = None
+            for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+                if index_name in files:
+                    index_path = api.hf_hub_download(ref.name, index_name, revision=sha)
+                    index = json.loads(Path(index_path).read_text())
+                    wanted.append(index_name)
+                    break
+            wanted += pick_base_weight_files(files, index)
+        path = snapshot_download(ref.name, revision=sha, allow_patterns=sorted(set(wanted)), token=token,
+                                 endpoint=endpoint)
+    except errors.GatedRepoError as e:
+        raise AccessDeniedError(
+            f"{what} repo {ref.name} is gated and your token's account has no access; "
+            f"request access at its Hub page, then retry with that account's token"
+        ) from e
+    except errors.RevisionNotFoundError as e:
+        raise SourceNotFoundError(f"{what} revision {ref.revision!r} does not exist in {ref.name}") from e
+    except errors.RepositoryNotFoundError as e:
+        raise SourceNotFoundError(
+            f"{what} repo {ref.name} not found on the Hub (or it is private and your token cannot see it)"
+        ) from e
+    except errors.HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise AccessDeniedError(f"the Hub refused to read {what} repo {ref.name} (HTTP {status}); check your token") from e
+        raise SourceNotFoundError(f"could not download {what} {ref.name} from the Hub (HTTP {status})") from e
+    except (errors.LocalEntryNotFoundError, OSError) as e:
+        raise SourceNotFoundError(f"could not reach the Hub to download {what} {ref.name}; check your connection") from e
+    return ResolvedSource(ref=ref, path=Path(path), repo_id=ref.name, sha=sha)

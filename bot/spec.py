@@ -1,0 +1,81 @@
+"""What the user asked for, validated once at the edge (CLI, Space, YAML, webhook)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bot.errors import SourceNotFoundError, UsageError
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' historical default, "5GB"
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A local folder, or a Hub model repo id with an optional revision (``owner/name@rev``)."""
+
+    name: str
+    revision: str | None = None
+    local: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.revision}" if self.revision else self.name
+
+
+def parse_source_ref(text: str, *, what: str = "adapter") -> SourceRef:
+    """``./folder`` or ``/abs/folder`` (must exist) or ``owner/name[@revision]``."""
+    text = (text or "").strip()
+    if not text:
+        raise UsageError(f"{what} is empty; give a local folder or a Hub repo id such as owner/name")
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{what} {text} is a file; give the folder that holds it")
+        return SourceRef(name=str(path.resolve()), local=True)
+    name, _, revision = text.partition("@")
+    looks_local = text.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in text
+    if looks_local:
+        raise SourceNotFoundError(f"{what} folder {text} does not exist; check the path")
+    if not _REPO_ID.match(name) or ".." in name or (revision and (not _REVISION.match(revision) or ".." in revision)):
+        raise UsageError(f"{what} {text!r} is neither an existing folder nor a Hub repo id like owner/name[@revision]")
+    return SourceRef(name=name, revision=revision or None)
+
+
+def parse_size(text: str | int) -> int:
+    """"5GB", "500MB", "2GiB" or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
+    if not m:
+        raise UsageError(f"size {text!r} is not like 5GB or 500MB")
+    unit = m.group(2).rstrip("B") or ""
+    base = 1024 if unit.endswith("I") else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+    value = int(float(m.group(1)) * base**power)
+    if value <= 0:
+        raise UsageError(f"size {text!r} must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    adapter: SourceRef
+    out: Path
+    base: SourceRef | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    verify: bool = False
+    overwrite: bool = False
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    token: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UsageError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            raise UsageError(f"unsupported device {self.device!r}; choose one of {', '.join(DEVICES)}")

@@ -1,0 +1,119 @@
+"""The tuners merge-bot folds in itself, as data plus small pure functions.
+
+``ADAPTER_KEY_ROLES`` says which saved adapter tensor plays which part; ``TUNERS``
+maps each supported ``peft_type`` to the function that applies one module's op to a
+float32 weight (and, where the tuner touches it, the bias). Anything PEFT can merge
+that is not listed here goes through ``bot.fallback`` instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+from bot.tuners.ia3 import ia3_scale_bias, ia3_scale_weight
+from bot.tuners.loha import loha_delta
+from bot.tuners.lokr import lokr_delta, lokr_factor
+from bot.tuners.lora import dora_merge, lora_delta
+
+# Suffix of a saved adapter key (after the module name) -> role. Longest suffixes first
+# so ".lora_B.bias" wins over a generic ".bias".
+ADAPTER_KEY_ROLES: dict[str, str] = {
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".lora_B.bias": "lora_B_bias",
+    ".lora_embedding_A": "lora_A",
+    ".lora_embedding_B": "lora_B",
+    ".lora_magnitude_vector.weight": "magnitude",  # PEFT < 0.12 saved the magnitude as a module
+    ".lora_magnitude_vector": "magnitude",
+    ".ia3_l": "ia3_l",
+    ".hada_w1_a": "w1_a",
+    ".hada_w1_b": "w1_b",
+    ".hada_w2_a": "w2_a",
+    ".hada_w2_b": "w2_b",
+    ".hada_t1": "t1",
+    ".hada_t2": "t2",
+    ".lokr_w1": "w1",
+    ".lokr_w1_a": "w1_a",
+    ".lokr_w1_b": "w1_b",
+    ".lokr_w2": "w2",
+    ".lokr_w2_a": "w2_a",
+    ".lokr_w2_b": "w2_b",
+    ".lokr_t2": "t2",
+}
+
+# Roles each fast-path tuner understands; a module carrying any other role (CP
+# decompositions, conv kernels) is left to PEFT's own merge.
+TUNER_ROLES: dict[str, frozenset[str]] = {
+    "LORA": frozenset({"lora_A", "lora_B", "lora_B_bias", "magnitude"}),
+    "IA3": frozenset({"ia3_l"}),
+    "LOHA": frozenset({"w1_a", "w1_b", "w2_a", "w2_b"}),
+    "LOKR": frozenset({"w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b"}),
+}
+
+
+@dataclass(frozen=True)
+class ModuleOp:
+    """What one adapter does to one module's weight (and maybe bias): fully resolved, no tensors."""
+
+    tuner: str  # peft_type: LORA, IA3, LOHA, LOKR
+    module: str  # module name in the model, e.g. model.layers.0.self_attn.q_proj
+    tensors: Mapping[str, str] = field(default_factory=dict)  # role -> saved adapter key
+    scaling: float = 1.0
+    transpose: bool = False  # weight stored (in, out): Conv1D or embedding
+    touches_bias: bool = False
+
+    @property
+    def kind(self) -> str:
+        if self.tuner == "LORA":
+            return "DORA" if "magnitude" in self.tensors else "LORA"
+        return self.tuner
+
+
+def _lora_weight(weight: torch.Tensor, op: ModuleOp, t: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    delta = lora_delta(t("lora_A"), t("lora_B"), op.scaling, transpose=op.transpose)
+    if "magnitude" in op.tensors:
+        return dora_merge(weight, delta, t("magnitude"), transpose=op.transpose)
+    return weight + delta
+
+
+def _ia3_weight(weight: torch.Tensor, op: ModuleOp, t: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    return ia3_scale_weight(weight, t("ia3_l"), transpose=op.transpose)
+
+
+def _loha_weight(weight: torch.Tensor, op: ModuleOp, t: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    return weight + loha_delta(t("w1_a"), t("w1_b"), t("w2_a"), t("w2_b"), op.scaling, shape=tuple(weight.shape))
+
+
+def _lokr_weight(weight: torch.Tensor, op: ModuleOp, t: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    def opt(role: str) -> torch.Tensor | None:
+        return t(role) if role in op.tensors else None
+
+    w1 = lokr_factor(opt("w1"), opt("w1_a"), opt("w1_b"))
+    w2 = lokr_factor(opt("w2"), opt("w2_a"), opt("w2_b"))
+    return weight + lokr_delta(w1, w2, op.scaling, shape=tuple(weight.shape))
+
+
+def _lora_bias(bias: torch.Tensor, op: ModuleOp, t: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    return bias + t("lora_B_bias") * op.scaling  # PEFT's lora_bias=True
+
+
+def _ia3_bias(bias: torch.Tensor, op: ModuleOp, t: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    return ia3_scale_bias(bias, t("ia3_l"))
+
+
+WEIGHT_FUNCS = {"LORA": _lora_weight, "IA3": _ia3_weight, "LOHA": _loha_weight, "LOKR": _lokr_weight}
+BIAS_FUNCS = {"LORA": _lora_bias, "IA3": _ia3_bias}
+
+
+def apply_op(
+    tensor: torch.Tensor, op: ModuleOp, adapter: Mapping[str, torch.Tensor], *, is_bias: bool = False
+) -> torch.Tensor:
+    """Apply one module op to a float32 weight or bias; the adapter's tensors are upcast to float32."""
+
+    def t(role: str) -> torch.Tensor:
+        return adapter[op.tensors[role]].to(device=tensor.device, dtype=torch.float32)
+
+    funcs = BIAS_FUNCS if is_bias else WEIGHT_FUNCS
+    return funcs[op.tuner](tensor, op, t)
