@@ -39,9 +39,20 @@ _AUTO_TABLES = (
 )
 
 
+# Model types whose linear layers are transformers' Conv1D, storing weights (in, out).
+# Only consulted for square weights, where shapes alone cannot tell the layout.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "omniasr"})
+
+
 @dataclass(frozen=True)
 class ModelLayout:
-    """The target architecture, without weights."""
+    """The target architecture, without weights.
+
+    Built from a meta-device model when the adapter touches embeddings, heads or tied
+    weights (``describe_model``); for the common case of adapters on plain linear layers
+    the checkpoint alone is enough (``checkpoint_layout``), which spares the merge the
+    seconds it takes to import transformers' modeling code.
+    """
 
     model_type: str
     architecture: str  # class name, e.g. LlamaForCausalLM
@@ -52,6 +63,7 @@ class ModelLayout:
     tied_groups: tuple[tuple[str, ...], ...]  # names sharing one tensor, in state-dict order
     input_embedding: str | None  # parameter name of the input embedding weight
     output_embedding: str | None
+    from_checkpoint: bool = False  # True: names are checkpoint keys, module types unknown
 
     def tied_group_of(self, name: str) -> tuple[str, ...]:
         for group in self.tied_groups:
@@ -64,6 +76,9 @@ class ModelLayout:
         names = set(self.param_names)
         if checkpoint_key in names:
             return checkpoint_key
+        if self.from_checkpoint:  # a model-side name against a bare-base checkpoint: drop the prefix
+            head, _, rest = checkpoint_key.partition(".")
+            return rest if rest in names else None
         prefix = self.base_model_prefix
         if prefix:
             if f"{prefix}.{checkpoint_key}" in names:
@@ -186,3 +201,34 @@ def describe_model(config, *, task_type: str | None = None) -> ModelLayout:
         input_embedding=weight_name(in_emb),
         output_embedding=out_name,
     )
+
+
+def checkpoint_layout(base_config: dict, checkpoint_keys: list[str]) -> ModelLayout:
+    """A layout from config.json and the checkpoint's names alone (no transformers import)."""
+    archs = base_config.get("architectures") or []
+    return ModelLayout(
+        model_type=str(base_config.get("model_type", "")),
+        architecture=archs[0] if archs else "",
+        auto_class="",
+        base_model_prefix="",
+        module_types={},
+        param_names=tuple(checkpoint_keys),
+        tied_groups=(),
+        input_embedding=None,
+        output_embedding=None,
+        from_checkpoint=True,
+    )
+
+
+def infer_linear_kind(model_type: str, weight_shape: tuple[int, ...], produced_out_in: tuple[int, int]) -> str | None:
+    """"linear" if the weight is stored (out, in), "conv1d" if (in, out); None if neither fits."""
+    out_dim, in_dim = produced_out_in
+    fits_linear = weight_shape == (out_dim, in_dim)
+    fits_conv1d = weight_shape == (in_dim, out_dim)
+    if fits_linear and fits_conv1d:
+        return "conv1d" if model_type in CONV1D_MODEL_TYPES else "linear"
+    if fits_linear:
+        return "linear"
+    if fits_conv1d:
+        return "conv1d"
+    return None

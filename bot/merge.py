@@ -147,9 +147,13 @@ def copy_side_files(plan: MergePlan, out: Path) -> list[str]:
 
 
 def build_report(plan: MergePlan, result: MergeResult) -> dict[str, Any]:
-    import huggingface_hub
-    import safetensors
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
 
     def source(s):
         return {"ref": str(s.ref), "repo_id": s.repo_id, "revision": s.sha, "path": None if s.repo_id else str(s.path)}
@@ -173,9 +177,7 @@ def build_report(plan: MergePlan, result: MergeResult) -> dict[str, Any]:
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__,
-            "huggingface_hub": huggingface_hub.__version__,
+            **{name: installed(name) for name in ("transformers", "peft", "safetensors", "huggingface_hub")},
         },
     }
 

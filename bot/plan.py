@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from bot import peft_rules
-from bot.adapter import AdapterConfig, read_adapter_config, read_adapter_weights, split_adapter_keys
-from bot.architecture import ModelLayout, describe_model, load_config
+from bot.adapter import AdapterConfig, AdapterTensors, read_adapter_config, read_adapter_weights, split_adapter_keys
+from bot.architecture import (CONV1D_MODEL_TYPES, ModelLayout, checkpoint_layout, describe_model, infer_linear_kind,
+                               load_config)
 from bot.checkpoint import BinTensorInfo, index_checkpoint
-from bot.errors import AdapterConfigError, IncompatibleBaseError, UsageError
+from bot.errors import AdapterConfigError, IncompatibleBaseError, UnsupportedAdapterError, UsageError
 from bot.shards import CODE_FROM_DTYPE, DTYPE_FROM_CODE, OutputTensor, TensorInfo
 from bot.sources import ResolvedSource, is_tokenizer_file, resolve_source
 from bot.spec import MergeSpec, SourceRef, parse_source_ref
@@ -108,9 +109,25 @@ def check_not_quantized(base_config: dict[str, Any], base: ResolvedSource) -> No
     )
 
 
+def check_peft_can_merge(acfg: AdapterConfig) -> None:
+    """Refuse, before any download of the base, a peft_type the installed PEFT cannot merge."""
+    from peft import PeftType
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    if acfg.peft_type not in PeftType.__members__:
+        raise UnsupportedAdapterError(
+            f"peft_type {acfg.peft_type} is not known to the installed PEFT; upgrade peft or check adapter_config.json"
+        )
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(acfg.peft_type)
+    if tuner is None or not hasattr(tuner, "merge_and_unload"):
+        raise UnsupportedAdapterError(f"PEFT cannot merge {acfg.peft_type} adapters into the base weights")
+
+
 def resolve_plan(spec: MergeSpec) -> MergePlan:
     adapter = resolve_source(spec.adapter, what="adapter", token=spec.token)
     acfg = read_adapter_config(adapter.path)
+    if not acfg.is_native:
+        check_peft_can_merge(acfg)
     base = resolve_source(base_ref_for(spec, acfg), what="base", token=spec.token)
     config_path = base.path / "config.json"
     if not config_path.is_file():
@@ -126,11 +143,41 @@ def resolve_plan(spec: MergeSpec) -> MergePlan:
     if not acfg.is_native:
         return MergePlan(**common, fallback_reason=f"{acfg.peft_type} with these options is merged by PEFT itself")
     weights = read_adapter_weights(adapter.path)
-    layout = describe_model(load_config(base.path), task_type=acfg.task_type)
+    parts = split_adapter_keys(list(weights))
+    checkpoint, _ = index_checkpoint(base.path)
+    if needs_model_layout(acfg, parts, list(weights), checkpoint, base_config):
+        layout = describe_model(load_config(base.path), task_type=acfg.task_type)
+    else:
+        layout = checkpoint_layout(base_config, list(checkpoint))
     try:
-        return _plan_streaming(common, acfg, weights, layout)
+        return _plan_streaming(common, acfg, weights, parts, checkpoint, layout)
     except _NeedsPeft as e:
         return MergePlan(**common, fallback_reason=str(e))
+
+
+# Last name parts of modules that may be tied to, or be, an embedding or a task head.
+_HEAD_OR_EMBEDDING = ("lm_head", "embed_out", "output", "score", "classifier", "qa_outputs", "shared", "wte",
+                      "embed_tokens", "word_embeddings", "embed_in", "embeddings")
+
+
+def needs_model_layout(acfg: AdapterConfig, parts: AdapterTensors, keys: list[str],
+                       checkpoint: dict, base_config: dict) -> bool:
+    """Whether the checkpoint alone cannot answer the plan's questions (ties, heads, prefixes).
+
+    Adapters on plain linear layers whose weights sit in the checkpoint under their own
+    names need nothing else; anything touching embeddings, heads or whole tensors, or a
+    task head the base does not have, asks transformers for the real layout.
+    """
+    if parts.replacements or acfg.task_type in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
+        return True
+    if not base_config.get("architectures") or any(".lora_embedding_" in k for k in keys):
+        return True
+    for module in parts.modules:
+        if module.rsplit(".", 1)[-1] in _HEAD_OR_EMBEDDING:
+            return True
+        if f"{module}.weight" not in checkpoint and module.partition(".")[2] + ".weight" not in checkpoint:
+            return True
+    return False
 
 
 class _NeedsPeft(Exception):
@@ -214,8 +261,23 @@ def _module_op(acfg: AdapterConfig, module: str, kind: str, roles: dict[str, str
     return ModuleOp(peft_type, module, dict(roles), alpha / r, False)
 
 
-def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.Tensor],
-                    layout: ModelLayout) -> MergePlan:
+def _kind_from_shapes(peft_type: str, model_type: str, roles: dict[str, str], weights: dict[str, torch.Tensor],
+                      weight_shape: tuple[int, ...]) -> str:
+    """Linear or Conv1D storage, told by which orientation the adapter's shapes fit."""
+    conv1d_family = model_type in CONV1D_MODEL_TYPES
+    if peft_type == "LORA" and "lora_A" in roles and "lora_B" in roles:
+        a, b = weights[roles["lora_A"]].shape, weights[roles["lora_B"]].shape
+        if len(a) == 2 and len(b) == 2:
+            kind = infer_linear_kind(model_type, weight_shape, (b[0], a[1]))
+            if kind is None:  # let _module_op name the mismatch
+                return "conv1d" if conv1d_family else "linear"
+            return kind
+        return "conv"
+    return "conv1d" if conv1d_family else "linear"
+
+
+def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.Tensor], parts: AdapterTensors,
+                    checkpoint: dict, layout: ModelLayout) -> MergePlan:
     spec: MergeSpec = common["spec"]
     fields = dict(acfg.fields)
     warnings: list[str] = []
@@ -228,7 +290,6 @@ def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.
     if acfg.peft_type == "IA3" and fields.get("feedforward_modules") is None:
         fields["feedforward_modules"] = peft_rules.default_feedforward_modules(layout.model_type) or []
 
-    checkpoint, _ = index_checkpoint(common["base"].path)
     base_by_param: dict[str, TensorInfo | BinTensorInfo] = {}
     order: list[str] = []
     unused = []
@@ -243,27 +304,30 @@ def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.
     if unused:
         warnings.append(f"dropped {len(unused)} base tensors that {layout.architecture} does not use (e.g. {unused[0]})")
 
-    parts = split_adapter_keys(list(weights))
     ops_by_param: dict[str, list[tuple[ModuleOp, bool]]] = {}
     counts: Counter[str] = Counter()
     missing_modules, ignored = [], []
     for module, roles in sorted(parts.modules.items()):
+        weight_name = layout.canonical_name(f"{module}.weight")
         kind = layout.module_types.get(module)
-        if kind is None:
+        if (kind is None and not layout.from_checkpoint) or (layout.from_checkpoint and weight_name is None):
             missing_modules.append(module)
             continue
         if not peft_rules.is_targeted(fields, module):
             ignored.append(module)
             continue
-        weight_info = base_by_param.get(f"{module}.weight")
+        weight_info = base_by_param.get(weight_name) if weight_name else None
         replaced = parts.replacements.get(f"{module}.weight")
         weight_shape = tuple(weights[replaced].shape) if replaced else (tuple(weight_info.shape) if weight_info else None)
         if weight_shape is None or len(weight_shape) != 2:
             raise _NeedsPeft(f"{module} has no 2-D weight in the base")
+        if layout.from_checkpoint:
+            kind = _kind_from_shapes(acfg.peft_type, layout.model_type, roles, weights, weight_shape)
         op = _module_op(acfg, module, kind, roles, weights, weight_shape)
-        ops_by_param.setdefault(f"{module}.weight", []).append((op, False))
-        if op.touches_bias and f"{module}.bias" in base_by_param:
-            ops_by_param.setdefault(f"{module}.bias", []).append((op, True))
+        ops_by_param.setdefault(weight_name, []).append((op, False))
+        bias_name = layout.canonical_name(f"{module}.bias")
+        if op.touches_bias and bias_name in base_by_param:
+            ops_by_param.setdefault(bias_name, []).append((op, True))
         elif "lora_B_bias" in roles:
             raise IncompatibleBaseError(f"adapter trains a bias for {module} (lora_bias) but the base layer has none")
         counts[op.kind] += 1
@@ -335,7 +399,7 @@ def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.
                 code = start_code
             jobs.append(TensorJob(member, source, replacement, ops, code, shape))
 
-    updates: dict[str, Any] = {"architectures": [layout.architecture]}
+    updates: dict[str, Any] = {"architectures": [layout.architecture]} if layout.architecture else {}
     updates["dtype"] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}[model_float]
     if untied:
         updates["tie_word_embeddings"] = False

@@ -1,0 +1,180 @@
+"""Bad input: one specific line on stderr, a non-zero exit code, no traceback, nothing written."""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PromptTuningConfig, TaskType
+
+from bot import errors
+from bot.cli import main
+from factory import BASE_CONFIGS, build_adapter, build_base
+
+
+@pytest.fixture()
+def good(cache_dir):
+    base = build_base(cache_dir, "llama")
+    adapter = build_adapter(cache_dir, "errors-lora", base, "llama", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    return base, adapter
+
+
+def copy_adapter(adapter: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "adapter"
+    shutil.copytree(adapter, target)
+    return target
+
+
+def run_failing(capsys, args, out: Path, code: int, *needles: str) -> str:
+    assert main(args + ["--out", str(out), "--quiet"]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    message = [line for line in err if line.startswith("Error: ")]
+    assert len(message) == 1, err
+    assert "Traceback" not in "\n".join(err)
+    for needle in needles:
+        assert needle in message[0], message[0]
+    assert not out.exists() or not any(out.iterdir())
+    assert not list(out.parent.glob(f".{out.name}.partial-*"))
+    return message[0]
+
+
+def test_missing_adapter_folder(tmp_path, capsys):
+    run_failing(capsys, ["merge", str(tmp_path / "nope")], tmp_path / "out", errors.SourceNotFoundError.exit_code,
+                "does not exist")
+
+
+def test_no_adapter_config(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    run_failing(capsys, ["merge", str(tmp_path / "empty")], tmp_path / "out", errors.AdapterConfigError.exit_code,
+                "no adapter_config.json")
+
+
+def test_invalid_json(good, tmp_path, capsys):
+    adapter = copy_adapter(good[1], tmp_path)
+    (adapter / "adapter_config.json").write_text("{not json")
+    run_failing(capsys, ["merge", str(adapter)], tmp_path / "out", errors.AdapterConfigError.exit_code, "not valid JSON")
+
+
+def test_unknown_peft_type(good, tmp_path, capsys):
+    adapter = copy_adapter(good[1], tmp_path)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["peft_type"] = "SUPER_LORA"
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    run_failing(capsys, ["merge", str(adapter)], tmp_path / "out", errors.UnsupportedAdapterError.exit_code,
+                "SUPER_LORA")
+
+
+def test_prompt_tuning_is_refused(cache_dir, tmp_path, capsys):
+    base = build_base(cache_dir, "llama")
+    adapter = build_adapter(cache_dir, "errors-prompt", base, "llama",
+                            PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    run_failing(capsys, ["merge", str(adapter)], tmp_path / "out", errors.UnsupportedAdapterError.exit_code,
+                "PROMPT_TUNING", "cannot be merged")
+
+
+def test_base_not_found(good, tmp_path, capsys):
+    adapter = copy_adapter(good[1], tmp_path)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "gone-base")
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    run_failing(capsys, ["merge", str(adapter)], tmp_path / "out", errors.SourceNotFoundError.exit_code,
+                "gone-base", "--base")
+
+
+def test_no_base_named(good, tmp_path, capsys):
+    adapter = copy_adapter(good[1], tmp_path)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = None
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    run_failing(capsys, ["merge", str(adapter)], tmp_path / "out", errors.UsageError.exit_code, "pass --base")
+
+
+def test_adapter_does_not_fit_base(good, cache_dir, tmp_path, capsys):
+    other = cache_dir / "base-wider"
+    if not other.exists():
+        config = BASE_CONFIGS["llama"]()
+        config.hidden_size, config.intermediate_size = 48, 64
+        torch.manual_seed(0)
+        from transformers import LlamaForCausalLM
+
+        LlamaForCausalLM(config).save_pretrained(other)
+    message = run_failing(capsys, ["merge", str(good[1]), "--base", str(other)], tmp_path / "out",
+                          errors.IncompatibleBaseError.exit_code, "model.layers.0.self_attn.q_proj")
+    assert "[32, 48]" in message and "[32, 32]" in message
+
+
+def test_adapter_weights_missing(good, tmp_path, capsys):
+    adapter = copy_adapter(good[1], tmp_path)
+    (adapter / "adapter_model.safetensors").unlink()
+    run_failing(capsys, ["merge", str(adapter)], tmp_path / "out", errors.AdapterConfigError.exit_code,
+                "adapter weights missing")
+
+
+def test_output_folder_exists(good, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(["merge", str(good[1]), "--out", str(out), "--quiet"]) == errors.OutputError.exit_code
+    assert "--overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert main(["merge", str(good[1]), "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_not_enough_disk(good, tmp_path, capsys, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("bot.merge.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    run_failing(capsys, ["merge", str(good[1])], tmp_path / "out", errors.OutputError.exit_code,
+                "not enough free disk space")
+
+
+def test_unsupported_dtype(good, tmp_path, capsys):
+    run_failing(capsys, ["merge", str(good[1]), "--dtype", "int4"], tmp_path / "out", errors.UsageError.exit_code,
+                "unsupported dtype 'int4'")
+
+
+def test_quantized_base_is_refused_with_a_suggestion(good, tmp_path, capsys):
+    base = tmp_path / "tiny-llama-bnb-4bit"
+    shutil.copytree(good[0], base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(cfg))
+    run_failing(capsys, ["merge", str(good[1]), "--base", str(base)], tmp_path / "out",
+                errors.IncompatibleBaseError.exit_code, "bitsandbytes-quantized", "likely tiny-llama")
+
+
+def test_bad_repo_id(tmp_path, capsys):
+    run_failing(capsys, ["merge", "not a repo!!"], tmp_path / "out", errors.UsageError.exit_code, "Hub repo id")
+
+
+def test_pickled_bin_adapter_is_refused(good, tmp_path, capsys):
+    adapter = copy_adapter(good[1], tmp_path)
+    (adapter / "adapter_model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, adapter / "adapter_model.bin")
+    run_failing(capsys, ["merge", str(adapter)], tmp_path / "out", errors.AdapterConfigError.exit_code,
+                "cannot be read safely")
+
+
+def test_legacy_bin_adapter_merges(good, tmp_path):
+    from safetensors.torch import load_file
+
+    adapter = copy_adapter(good[1], tmp_path)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save(tensors, adapter / "adapter_model.bin")
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    reference = tmp_path / "ref"
+    assert main(["merge", str(good[1]), "--out", str(reference), "--quiet"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
+def test_token_is_redacted():
+    assert "hf_abcdefghijkl" not in errors.UsageError("bad token hf_abcdefghijkl given").args[0]
