@@ -147,11 +147,19 @@ def bit_identical(ours: Path, theirs: Path) -> tuple[bool, int]:
     return True, len(a)
 
 
+def child(*args: str) -> str:
+    """Run this script's helper modes in a child, so the timing parent never grows (ru_maxrss is
+    inherited across fork, which would inflate every later child's peak RSS)."""
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-2000:])
+    return proc.stdout
+
+
 def run_size(label: str, work: Path, runs: int) -> dict:
-    shape = SIZES[label]
     base, adapter = work / f"base-{label}", work / f"adapter-{label}"
-    make_base(base, shape)
-    make_adapter(adapter, base, shape)
+    child("--make", label, "--work", str(work))
     ours_out, peft_out = work / f"out-ours-{label}", work / f"out-peft-{label}"
     script = work / "peft_recipe.py"
     script.write_text(PEFT_RECIPE)
@@ -161,13 +169,13 @@ def run_size(label: str, work: Path, runs: int) -> dict:
         for who in order:
             out = ours_out if who == "ours" else peft_out
             shutil.rmtree(out, ignore_errors=True)
+            os.sync()  # start each run with no dirty pages left by the previous one
             cmd = ([sys.executable, "-m", "bot", "merge", str(adapter), "--out", str(out), "--quiet"] if who == "ours"
                    else [sys.executable, str(script), str(base), str(adapter), str(out)])
             results[who].append(timed(cmd))
             print(f"  {label} run {k + 1} {who}: {results[who][-1][0]:.2f}s, {results[who][-1][1] / 2**20:.0f} MiB",
                   flush=True)
-    same, n = bit_identical(ours_out, peft_out)
-    params = sum(1 for _ in ())  # placeholder kept simple; size is in the label
+    same, n = json.loads(child("--compare", str(ours_out), str(peft_out)))
     summary = {
         "size": label,
         "base_bytes": sum(p.stat().st_size for p in base.glob("*.safetensors")),
@@ -179,7 +187,6 @@ def run_size(label: str, work: Path, runs: int) -> dict:
         "bit_identical": same,
         "tensors_compared": n,
     }
-    del params
     summary["speedup"] = summary["peft_median_s"] / summary["ours_median_s"]
     summary["rss_ratio"] = summary["ours_peak_rss_mib"] / summary["peft_peak_rss_mib"]
     return summary
@@ -191,7 +198,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/merge-bench"))
     parser.add_argument("--json", type=Path, help="also write the summary here")
+    parser.add_argument("--make", help=argparse.SUPPRESS)
+    parser.add_argument("--compare", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make:
+        shape = SIZES[args.make]
+        base, adapter = args.work / f"base-{args.make}", args.work / f"adapter-{args.make}"
+        make_base(base, shape)
+        make_adapter(adapter, base, shape)
+        return
+    if args.compare:
+        print(json.dumps(bit_identical(*args.compare)))
+        return
     summaries = []
     for label in args.sizes.split(","):
         print(f"size {label}:", flush=True)

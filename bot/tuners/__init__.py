@@ -117,3 +117,31 @@ def apply_op(
 
     funcs = BIAS_FUNCS if is_bias else WEIGHT_FUNCS
     return funcs[op.tuner](tensor, op, t)
+
+
+def row_slice_tensors(op: ModuleOp, adapter: Mapping[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor] | None:
+    """The adapter tensors that produce rows ``rows`` of this op's weight, or None if rows are not independent.
+
+    Lets the streaming layer merge a big weight a block of rows at a time, in cache, with
+    the same float32 arithmetic per element as the whole-tensor functions above.
+    """
+    t = {role: adapter[key] for role, key in op.tensors.items()}
+    if op.tuner == "LORA" and "magnitude" not in t:
+        if op.transpose:  # stored (in, out): row i of the weight is column i of A
+            t["lora_A"] = t["lora_A"][:, rows]
+        else:
+            t["lora_B"] = t["lora_B"][rows]
+        return t
+    if op.tuner == "IA3" and not op.transpose:
+        if t["ia3_l"].shape[1] == 1:  # (out, 1): one factor per row
+            t["ia3_l"] = t["ia3_l"][rows]
+        return t
+    return None
+
+
+def apply_op_to_rows(block: torch.Tensor, op: ModuleOp, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``apply_op`` on a block of weight rows, given the tensors ``row_slice_tensors`` cut for it."""
+    def t(role: str) -> torch.Tensor:
+        return tensors[role].to(device=block.device, dtype=torch.float32)
+
+    return WEIGHT_FUNCS[op.tuner](block, op, t)
