@@ -39,6 +39,8 @@ def model_outputs(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def verify_merge(plan: MergePlan, merged_dir: Path) -> dict[str, Any]:
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # our CLI owns the terminal
+
     from bot.fallback import load_peft_model
 
     reference, layout = load_peft_model(plan, dtype=torch.float32)
