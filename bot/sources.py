@@ -62,6 +62,15 @@ def _hub_errors():
     return errors
 
 
+_NETWORK_MODULES = frozenset({"httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3"})
+
+
+def is_network_error(error: BaseException) -> bool:
+    """Connection-level failures, whichever HTTP client huggingface_hub is built on."""
+    return isinstance(error, (ConnectionError, TimeoutError)) or any(
+        cls.__module__.split(".")[0] in _NETWORK_MODULES for cls in type(error).__mro__)
+
+
 def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpoint: str | None = None) -> ResolvedSource:
     """Local folder as is; Hub repo pinned to a SHA and the needed files downloaded."""
     if ref.local:
@@ -106,6 +115,10 @@ def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpo
         if status in (401, 403):
             raise AccessDeniedError(f"the Hub refused to read {what} repo {ref.name} (HTTP {status}); check your token") from e
         raise SourceNotFoundError(f"could not download {what} {ref.name} from the Hub (HTTP {status})") from e
-    except (errors.LocalEntryNotFoundError, OSError) as e:
-        raise SourceNotFoundError(f"could not reach the Hub to download {what} {ref.name}; check your connection") from e
+    except Exception as e:
+        if isinstance(e, errors.LocalEntryNotFoundError) or is_network_error(e):
+            raise SourceNotFoundError(
+                f"could not reach the Hub to download {what} {ref.name}; check your connection (or HF_HUB_OFFLINE)"
+            ) from e
+        raise
     return ResolvedSource(ref=ref, path=Path(path), repo_id=ref.name, sha=sha)
