@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -65,6 +66,10 @@ class ModelLayout:
     output_embedding: str | None
     from_checkpoint: bool = False  # True: names are checkpoint keys, module types unknown
 
+    @cached_property
+    def _names(self) -> frozenset[str]:
+        return frozenset(self.param_names)
+
     def tied_group_of(self, name: str) -> tuple[str, ...]:
         for group in self.tied_groups:
             if name in group:
@@ -73,7 +78,7 @@ class ModelLayout:
 
     def canonical_name(self, checkpoint_key: str) -> str | None:
         """Map a checkpoint key onto a parameter name, the way transformers adds or strips the base prefix."""
-        names = set(self.param_names)
+        names = self._names
         if checkpoint_key in names:
             return checkpoint_key
         if self.from_checkpoint:  # a model-side name against a bare-base checkpoint: drop the prefix
