@@ -82,7 +82,7 @@ class ModelLayout:
         if checkpoint_key in names:
             return checkpoint_key
         if self.from_checkpoint:  # a model-side name against a bare-base checkpoint: drop the prefix
-            head, _, rest = checkpoint_key.partition(".")
+            rest = checkpoint_key.partition(".")[2]
             return rest if rest in names else None
         prefix = self.base_model_prefix
         if prefix:

@@ -27,7 +27,7 @@ from bot.errors import OutputError
 from bot.plan import MergePlan, TensorJob
 from bot.shards import DTYPE_FROM_CODE, TensorInfo, ShardWriter, index_json, layout_shards, shard_file_names
 from bot.sources import is_tokenizer_file
-from bot.tuners import apply_op, apply_op_to_rows, row_slice_tensors
+from bot.tuners import apply_op, apply_op_tensors, row_slice_tensors
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +133,15 @@ def merge_rows_blockwise(value: torch.Tensor, job: TensorJob, adapter: dict[str,
     Returns None when an op's rows are not independent (DoRA norms, LoKr, ...).
     """
     rows_total, cols = value.shape
+    if any(row_slice_tensors(op, adapter, slice(0, 1)) is None for op, _ in job.ops):
+        return None
     step = max(1, _BLOCK_BYTES // (4 * max(cols, 1)))
     out = torch.empty(value.shape, dtype=out_dtype)
     for start in range(0, rows_total, step):
         rows = slice(start, min(start + step, rows_total))
-        sliced = [(op, row_slice_tensors(op, adapter, rows)) for op, _ in job.ops]
-        if any(t is None for _, t in sliced):
-            return None
         block = value[rows].to(torch.float32)
-        for op, tensors in sliced:
-            block = apply_op_to_rows(block, op, tensors)
+        for op, _ in job.ops:
+            block = apply_op_tensors(block, op, row_slice_tensors(op, adapter, rows))
         out[rows] = block
     return out
 

@@ -145,10 +145,9 @@ def resolve_plan(spec: MergeSpec) -> MergePlan:
     weights = read_adapter_weights(adapter.path)
     parts = split_adapter_keys(list(weights))
     checkpoint, _ = index_checkpoint(base.path)
-    if needs_model_layout(acfg, parts, list(weights), checkpoint, base_config):
+    layout = checkpoint_layout(base_config, list(checkpoint))
+    if needs_model_layout(acfg, parts, list(weights), layout, base_config):
         layout = describe_model(load_config(base.path), task_type=acfg.task_type)
-    else:
-        layout = checkpoint_layout(base_config, list(checkpoint))
     try:
         return _plan_streaming(common, acfg, weights, parts, checkpoint, layout)
     except _NeedsPeft as e:
@@ -161,7 +160,7 @@ _HEAD_OR_EMBEDDING = ("lm_head", "embed_out", "output", "score", "classifier", "
 
 
 def needs_model_layout(acfg: AdapterConfig, parts: AdapterTensors, keys: list[str],
-                       checkpoint: dict, base_config: dict) -> bool:
+                       checkpoint: ModelLayout, base_config: dict) -> bool:
     """Whether the checkpoint alone cannot answer the plan's questions (ties, heads, prefixes).
 
     Adapters on plain linear layers whose weights sit in the checkpoint under their own
@@ -175,7 +174,7 @@ def needs_model_layout(acfg: AdapterConfig, parts: AdapterTensors, keys: list[st
     for module in parts.modules:
         if module.rsplit(".", 1)[-1] in _HEAD_OR_EMBEDDING:
             return True
-        if f"{module}.weight" not in checkpoint and module.partition(".")[2] + ".weight" not in checkpoint:
+        if checkpoint.canonical_name(f"{module}.weight") is None:
             return True
     return False
 
@@ -263,17 +262,18 @@ def _module_op(acfg: AdapterConfig, module: str, kind: str, roles: dict[str, str
 
 def _kind_from_shapes(peft_type: str, model_type: str, roles: dict[str, str], weights: dict[str, torch.Tensor],
                       weight_shape: tuple[int, ...]) -> str:
-    """Linear or Conv1D storage, told by which orientation the adapter's shapes fit."""
-    conv1d_family = model_type in CONV1D_MODEL_TYPES
+    """Linear or Conv1D storage, told by which orientation the adapter's shapes fit.
+
+    When the shapes fit neither (or the tuner's do not say), the model family decides and
+    ``_module_op`` then names any mismatch.
+    """
+    family_default = "conv1d" if model_type in CONV1D_MODEL_TYPES else "linear"
     if peft_type == "LORA" and "lora_A" in roles and "lora_B" in roles:
         a, b = weights[roles["lora_A"]].shape, weights[roles["lora_B"]].shape
-        if len(a) == 2 and len(b) == 2:
-            kind = infer_linear_kind(model_type, weight_shape, (b[0], a[1]))
-            if kind is None:  # let _module_op name the mismatch
-                return "conv1d" if conv1d_family else "linear"
-            return kind
-        return "conv"
-    return "conv1d" if conv1d_family else "linear"
+        if len(a) != 2 or len(b) != 2:
+            return "conv"
+        return infer_linear_kind(model_type, weight_shape, (b[0], a[1])) or family_default
+    return family_default
 
 
 def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.Tensor], parts: AdapterTensors,

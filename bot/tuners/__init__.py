@@ -110,10 +110,17 @@ BIAS_FUNCS = {"LORA": _lora_bias, "IA3": _ia3_bias}
 def apply_op(
     tensor: torch.Tensor, op: ModuleOp, adapter: Mapping[str, torch.Tensor], *, is_bias: bool = False
 ) -> torch.Tensor:
-    """Apply one module op to a float32 weight or bias; the adapter's tensors are upcast to float32."""
+    """Apply one module op to a float32 weight or bias, reading its tensors from the saved adapter."""
+    return apply_op_tensors(tensor, op, {role: adapter[key] for role, key in op.tensors.items()}, is_bias=is_bias)
+
+
+def apply_op_tensors(
+    tensor: torch.Tensor, op: ModuleOp, tensors: Mapping[str, torch.Tensor], *, is_bias: bool = False
+) -> torch.Tensor:
+    """Apply one module op given its tensors by role; they are upcast to float32 on the tensor's device."""
 
     def t(role: str) -> torch.Tensor:
-        return adapter[op.tensors[role]].to(device=tensor.device, dtype=torch.float32)
+        return tensors[role].to(device=tensor.device, dtype=torch.float32)
 
     funcs = BIAS_FUNCS if is_bias else WEIGHT_FUNCS
     return funcs[op.tuner](tensor, op, t)
@@ -123,7 +130,8 @@ def row_slice_tensors(op: ModuleOp, adapter: Mapping[str, torch.Tensor], rows: s
     """The adapter tensors that produce rows ``rows`` of this op's weight, or None if rows are not independent.
 
     Lets the streaming layer merge a big weight a block of rows at a time, in cache, with
-    the same float32 arithmetic per element as the whole-tensor functions above.
+    the same float32 arithmetic per element as the whole-tensor functions above (pass the
+    result to ``apply_op_tensors``).
     """
     t = {role: adapter[key] for role, key in op.tensors.items()}
     if op.tuner == "LORA" and "magnitude" not in t:
@@ -138,10 +146,3 @@ def row_slice_tensors(op: ModuleOp, adapter: Mapping[str, torch.Tensor], rows: s
         return t
     return None
 
-
-def apply_op_to_rows(block: torch.Tensor, op: ModuleOp, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``apply_op`` on a block of weight rows, given the tensors ``row_slice_tensors`` cut for it."""
-    def t(role: str) -> torch.Tensor:
-        return tensors[role].to(device=block.device, dtype=torch.float32)
-
-    return WEIGHT_FUNCS[op.tuner](block, op, t)
