@@ -1,0 +1,1099 @@
+"""A small Hugging Face Hub look-alike HTTP server for tests.
+
+The real ``huggingface_hub`` client (2.x, on httpx) talks to it as it would to huggingface.co:
+point ``HfApi(endpoint=server.url)`` / ``HF_ENDPOINT`` at it, with ``HF_HUB_DISABLE_XET=1`` so
+uploads use the legacy LFS protocol. Standard library only, plus ``yaml`` to read model cards.
+
+What it models: users, orgs and tokens; model/dataset/space repos with git-like commits,
+branches and PR refs; regular and LFS files; private and gated repos; discussions and pull
+requests; and the Hub's error conventions (``X-Error-Code`` / ``X-Error-Message`` headers plus a
+JSON ``{"error": ...}`` body), which the client turns into ``RepositoryNotFoundError``,
+``RevisionNotFoundError``, ``EntryNotFoundError``, ``GatedRepoError`` and friends.
+
+Tests drive it through the Python API of :class:`HubServer` (seeding repos, granting access,
+injecting faults) and inspect what the client did through ``commits()``, ``files()``,
+``discussions()`` and ``requests_log``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import re
+import socket
+import threading
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote
+
+LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub refuses regular (non-LFS) files above 10 MiB
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".gguf", ".msgpack")
+URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+PLURAL = {"models": "model", "datasets": "dataset", "spaces": "space"}
+DISCUSSIONS_PAGE_SIZE = 50
+
+# Path patterns, matched against the raw (still percent-encoded) request path.
+_REPO = r"(?P<t>models|datasets|spaces)/(?P<ns>[^/]+)/(?P<name>[^/]+)"
+_WEB_REPO = r"(?:(?P<t>datasets|spaces)/)?(?P<ns>[^/]+)/(?P<name>[^/]+?)"
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """The object id git gives a blob with this content."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def is_lfs_path(path: str, size: int) -> bool:
+    """Whether the Hub would store this file with LFS (what the preupload endpoint answers)."""
+    return size > LFS_THRESHOLD or path.lower().endswith(LFS_SUFFIXES)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse_card_data(readme: bytes) -> dict | None:
+    """The YAML front matter of a README.md, as the Hub exposes it in ``cardData``."""
+    match = re.match(r"^---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", readme.decode("utf-8", "replace"), re.S)
+    if match is None:
+        return None
+    import yaml
+
+    data = yaml.safe_load(match.group(1))
+    return data if isinstance(data, dict) else None
+
+
+class HubError(Exception):
+    """An error answer: status, message and the headers the client classifies errors by."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None,
+                 extra: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+        self.headers, self.extra = headers or {}, extra or {}
+
+
+# --------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------
+class Blob:
+    """Immutable file content; LFS blobs are identified by the git oid of their pointer file."""
+
+    def __init__(self, data: bytes, lfs: bool):
+        self.data, self.lfs, self.size = data, lfs, len(data)
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        pointer = lfs_pointer(self.sha256, self.size) if lfs else None
+        self.pointer_size = len(pointer) if pointer else None
+        self.oid = git_blob_sha1(pointer if pointer else data)
+
+    def lfs_json(self, sha_key: str) -> dict | None:
+        return {sha_key: self.sha256, "size": self.size, "pointerSize": self.pointer_size} if self.lfs else None
+
+
+@dataclass
+class User:
+    name: str
+    orgs: tuple[str, ...]
+    role: str = "write"
+
+
+@dataclass
+class Commit:
+    id: str
+    parents: list[str]
+    tree: dict[str, Blob]
+    title: str
+    message: str
+    author: str
+    date: str
+
+
+@dataclass
+class Discussion:
+    num: int
+    title: str
+    author: str
+    is_pull_request: bool
+    status: str
+    created_at: str
+    events: list[dict] = field(default_factory=list)
+    base_ref: str | None = None  # PRs: "refs/heads/<branch>" they target
+    base_commit: str | None = None  # PRs: the commit they started from
+
+    @property
+    def git_reference(self) -> str | None:
+        return f"refs/pr/{self.num}" if self.is_pull_request else None
+
+
+@dataclass
+class Repo:
+    repo_type: str
+    repo_id: str
+    private: bool
+    gated: str | bool
+    card_data: dict | None
+    created_at: str
+    refs: dict[str, str] = field(default_factory=dict)  # "refs/heads/main" / "refs/pr/1" / "refs/tags/v1" -> sha
+    commits: dict[str, Commit] = field(default_factory=dict)
+    lfs_oids: set[str] = field(default_factory=set)  # LFS objects uploaded to (or committed in) this repo
+    discussions: list[Discussion] = field(default_factory=list)
+    granted: set[str] = field(default_factory=set)
+
+    @property
+    def namespace(self) -> str:
+        return self.repo_id.split("/")[0]
+
+    def resolve(self, rev: str | None) -> tuple[str | None, str]:
+        """(full ref name or None for a bare commit sha, commit sha) for a branch/tag/PR ref/sha."""
+        rev = rev or "main"
+        for ref in (rev, f"refs/heads/{rev}", f"refs/tags/{rev}"):
+            if ref.startswith("refs/") and ref in self.refs:
+                return ref, self.refs[ref]
+        if re.fullmatch(r"[0-9a-f]{40}", rev) and rev in self.commits:
+            return None, rev
+        raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+
+    def history(self, sha: str) -> list[Commit]:
+        """First-parent history, newest first."""
+        out = []
+        while sha:
+            commit = self.commits[sha]
+            out.append(commit)
+            sha = commit.parents[0] if commit.parents else None
+        return out
+
+    def discussion(self, num: int) -> Discussion:
+        for d in self.discussions:
+            if d.num == num:
+                return d
+        raise HubError(404, "Discussion not found")
+
+
+@dataclass
+class Request:
+    method: str
+    path: str  # raw path, no query string
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+    base_url: str  # "http://host:port" as the client addressed us
+
+    def param(self, name: str, default: str | None = None) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else default
+
+    def flag(self, name: str) -> bool:
+        return (self.param(name) or "").lower() in ("1", "true", "yes")
+
+    def json(self) -> dict:
+        try:
+            data = json.loads(self.body or b"{}")
+        except ValueError:
+            raise HubError(400, "Invalid JSON body")
+        if not isinstance(data, dict):
+            raise HubError(400, "Expected a JSON object")
+        return data
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of_json(cls, obj, status: int = 200, headers: dict | None = None, content_type="application/json"):
+        return cls(status, json.dumps(obj).encode(), {"Content-Type": content_type, **(headers or {})})
+
+
+@dataclass
+class _Fault:
+    method: str
+    pattern: re.Pattern
+    status: int
+    remaining: int
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP plumbing
+# --------------------------------------------------------------------------------------------
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like the client's pooled connections expect
+    server_version = "hub-test-server/1.0"
+
+    def log_message(self, format, *args):  # noqa: A002 - silence the default stderr logging
+        pass
+
+    def setup(self):
+        super().setup()
+        self.server.hub._track_connection(self.connection, add=True)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            self.server.hub._track_connection(self.connection, add=False)
+
+    def do_GET(self):
+        self._handle(self.command)
+
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _handle(self, method: str) -> None:
+        body = self._read_body()
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        response = self.server.hub._handle(method, self.path, headers, body)
+        response.headers.setdefault("X-Request-Id", headers.get("x-amzn-trace-id") or str(uuid.uuid4()))
+        self.send_response(response.status)
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        if "Content-Length" not in response.headers:
+            self.send_header("Content-Length", str(len(response.body)))
+        self.end_headers()
+        if method != "HEAD":
+            self.wfile.write(response.body)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # idle keep-alive connections must not keep the process alive
+    block_on_close = False
+
+    def handle_error(self, request, client_address):
+        """Clients hanging up (or stop() closing their sockets) is normal; report anything else."""
+        exc = traceback.format_exc()
+        if not any(name in exc for name in ("ConnectionResetError", "BrokenPipeError", "ConnectionAbortedError")):
+            self.hub.server_errors.append(exc)
+
+
+# --------------------------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------------------------
+class HubServer:
+    """In-process Hub. Binds at construction (so ``url`` is known), serves after ``start()``."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        if host not in ("127.0.0.1", "localhost"):
+            raise ValueError("HubServer only listens on loopback")
+        self._httpd = _Server((host, port), _Handler)
+        self._httpd.hub = self
+        self.url = f"http://{host}:{self._httpd.server_address[1]}"
+        self._lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self._users: dict[str, User] = {}  # by name
+        self._tokens: dict[str, str] = {}  # token -> user name
+        self._repos: dict[tuple[str, str], Repo] = {}
+        self._lfs_store: dict[str, bytes] = {}  # sha256 -> content of every LFS object ever stored
+        self._faults: list[_Fault] = []
+        self._counter = 0
+        self.requests_log: list[tuple[str, str]] = []  # (method, raw path without query)
+        self.server_errors: list[str] = []  # tracebacks of handler crashes (answered with 500)
+        self._routes = self._build_routes()
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="hub-server", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join(5)
+            self._thread = None
+        with self._lock:
+            for conn in list(self._connections):  # end keep-alive connections still held by clients
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self._httpd.server_close()
+
+    def __enter__(self) -> "HubServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _track_connection(self, conn: socket.socket, add: bool) -> None:
+        with self._lock:
+            (self._connections.add if add else self._connections.discard)(conn)
+
+    # ---- seeding and fault injection ----------------------------------------------------------
+    def add_user(self, name: str, token: str, orgs: tuple[str, ...] = (), *, role: str = "write") -> None:
+        """Register ``token`` for user ``name`` (member of ``orgs``). ``role="read"`` makes a read-only token."""
+        with self._lock:
+            self._users[name] = User(name, tuple(orgs), role)
+            self._tokens[token] = name
+
+    def create_repo(self, repo_id: str, *, owner_token: str | None = None, private: bool = False,
+                    gated: bool | str = False, files: dict[str, bytes] | None = None, repo_type: str = "model",
+                    card_data: dict | None = None) -> str:
+        """Create a repo whose ``main`` holds exactly ``files`` in one commit; returns that commit's sha.
+
+        ``gated=True`` means ``"auto"``. ``card_data`` is served as ``cardData`` when no README.md front
+        matter provides one. Files are stored as LFS by the same rule as uploads (``is_lfs_path``).
+        """
+        if repo_id.count("/") != 1:
+            raise ValueError("repo_id must be 'namespace/name'")
+        with self._lock:
+            if (repo_type, repo_id) in self._repos:
+                raise ValueError(f"{repo_type} {repo_id} already exists")
+            author = self._tokens.get(owner_token or "", repo_id.split("/")[0])
+            repo = self._new_repo(repo_type, repo_id, private, gated, card_data)
+            tree = {path: self._stored_blob(repo, path, data) for path, data in (files or {}).items()}
+            commit = self._add_commit(repo, [], tree, "initial commit", "", author)
+            repo.refs["refs/heads/main"] = commit.id
+            return commit.id
+
+    def commit_files(self, repo_id: str, files: dict[str, bytes], *, message: str = "update",
+                     revision: str = "main", delete: tuple[str, ...] = (), author: str | None = None,
+                     repo_type: str = "model") -> str:
+        """Commit directly to a branch or PR ref, bypassing HTTP (e.g. a concurrent push). Returns the sha."""
+        with self._lock:
+            repo = self._repo(repo_type, repo_id)
+            ref, sha = repo.resolve(revision)
+            if ref is None:
+                raise ValueError("revision must be a branch or a PR ref")
+            tree = dict(repo.commits[sha].tree)
+            for path in delete:
+                tree.pop(path)
+            for path, data in files.items():
+                tree[path] = self._stored_blob(repo, path, data)
+            commit = self._add_commit(repo, [sha], tree, message, "", author or repo.namespace)
+            repo.refs[ref] = commit.id
+            return commit.id
+
+    def grant(self, repo_id: str, user: str, repo_type: str = "model") -> None:
+        """Give ``user`` access to the files of a gated repo."""
+        with self._lock:
+            self._repo(repo_type, repo_id).granted.add(user)
+
+    def fail_next(self, method: str, path_regex: str, status: int = 500, times: int = 1) -> None:
+        """The next ``times`` requests whose method matches (``"*"`` = any) and whose path (raw or
+        percent-decoded, without query string) matches ``path_regex`` (``re.search``) get ``status``."""
+        with self._lock:
+            self._faults.append(_Fault(method.upper(), re.compile(path_regex), status, times))
+
+    def reset_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    # ---- introspection -----------------------------------------------------------------------
+    def commits(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> list[dict]:
+        """First-parent history of ``revision``, newest first."""
+        with self._lock:
+            repo = self._repo(repo_type, repo_id)
+            return [{"id": c.id, "title": c.title, "message": c.message, "parents": list(c.parents)}
+                    for c in repo.history(repo.resolve(revision)[1])]
+
+    def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
+        with self._lock:
+            repo = self._repo(repo_type, repo_id)
+            return {path: blob.data for path, blob in repo.commits[repo.resolve(revision)[1]].tree.items()}
+
+    def head(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> str:
+        with self._lock:
+            return self._repo(repo_type, repo_id).resolve(revision)[1]
+
+    def repo_exists(self, repo_id: str, repo_type: str = "model") -> bool:
+        with self._lock:
+            return (repo_type, repo_id) in self._repos
+
+    def discussions(self, repo_id: str, repo_type: str = "model") -> list[dict]:
+        with self._lock:
+            return [{"num": d.num, "title": d.title, "status": d.status, "is_pull_request": d.is_pull_request,
+                     "author": d.author, "git_reference": d.git_reference,
+                     "comments": [e["data"]["latest"]["raw"] for e in d.events if e["type"] == "comment"]}
+                    for d in self._repo(repo_type, repo_id).discussions]
+
+    # ---- internals shared by both APIs ---------------------------------------------------------
+    def _repo(self, repo_type: str, repo_id: str) -> Repo:
+        try:
+            return self._repos[(repo_type, repo_id)]
+        except KeyError:
+            raise KeyError(f"no {repo_type} repo {repo_id!r}") from None
+
+    def _stored_blob(self, repo: Repo, path: str, data: bytes) -> Blob:
+        """A blob for a file seeded from Python, registered in LFS storage when it is an LFS file."""
+        blob = Blob(bytes(data), is_lfs_path(path, len(data)))
+        if blob.lfs:
+            self._lfs_store[blob.sha256] = blob.data
+            repo.lfs_oids.add(blob.sha256)
+        return blob
+
+    def _new_repo(self, repo_type, repo_id, private, gated, card_data=None) -> Repo:
+        repo = Repo(repo_type, repo_id, bool(private), "auto" if gated is True else gated, card_data, now_iso())
+        self._repos[(repo_type, repo_id)] = repo
+        return repo
+
+    def _add_commit(self, repo: Repo, parents: list[str], tree: dict[str, Blob], title: str, message: str,
+                    author: str) -> Commit:
+        self._counter += 1
+        seed = json.dumps([repo.repo_id, parents, sorted((p, b.oid) for p, b in tree.items()), title, self._counter])
+        commit = Commit(hashlib.sha1(seed.encode()).hexdigest(), parents, tree, title, message, author, now_iso())
+        repo.commits[commit.id] = commit
+        return commit
+
+    def _repo_url(self, base_url: str, repo: Repo) -> str:
+        return f"{base_url}/{URL_PREFIX[repo.repo_type]}{repo.repo_id}"
+
+    # ---- auth --------------------------------------------------------------------------------
+    def _auth(self, req: Request) -> User | None:
+        """The caller, None when anonymous; 401 for a token we don't know."""
+        header = req.headers.get("authorization", "")
+        if not header:
+            return None
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        name = self._tokens.get(token)
+        if name is None:
+            raise HubError(401, "Invalid credentials in Authorization header")
+        return self._users[name]
+
+    def _is_member(self, user: User | None, repo: Repo) -> bool:
+        return user is not None and (repo.namespace == user.name or repo.namespace in user.orgs)
+
+    def _can_write(self, user: User | None, repo: Repo) -> bool:
+        return self._is_member(user, repo) and user.role == "write"
+
+    def _readable_repo(self, req: Request, t: str, ns: str, name: str) -> tuple[Repo, User | None]:
+        """The repo if the caller may see it; hidden repos answer exactly like missing ones."""
+        user = self._auth(req)
+        repo = self._repos.get((PLURAL.get(t, t), f"{unquote(ns)}/{unquote(name)}"))
+        if repo is None or (repo.private and not self._is_member(user, repo)):
+            raise HubError(401 if user is None else 404, "Repository not found", "RepoNotFound")
+        return repo, user
+
+    def _writable_repo(self, req: Request, t: str, ns: str, name: str) -> tuple[Repo, User]:
+        repo, user = self._readable_repo(req, t, ns, name)
+        self._require_write(user, repo)
+        return repo, user
+
+    def _require_write(self, user: User | None, repo: Repo) -> None:
+        if user is None:
+            raise HubError(401, "You must be authenticated to write to this repository")
+        if not self._can_write(user, repo):
+            raise HubError(403, f"You don't have the rights to write to {repo.repo_type} {repo.repo_id}. "
+                                "Pass create_pr=1 to open a pull request instead.")
+
+    def _check_gate(self, user: User | None, repo: Repo) -> None:
+        if not repo.gated or self._is_member(user, repo) or (user is not None and user.name in repo.granted):
+            return
+        if user is None:
+            raise HubError(401, f"Access to {repo.repo_type} {repo.repo_id} is restricted. You must have access "
+                                "to it and be authenticated to access it. Please log in.", "GatedRepo")
+        raise HubError(403, f"Access to {repo.repo_type} {repo.repo_id} is restricted and you are not in the "
+                            f"authorized list. Visit {self.url}/{repo.repo_id} to ask for access.", "GatedRepo")
+
+    # ---- dispatch ----------------------------------------------------------------------------
+    def _build_routes(self) -> list[tuple[str, re.Pattern, object]]:
+        table = [
+            ("GET", r"/api/whoami-v2", self._whoami),
+            ("POST", r"/api/repos/create", self._create_repo),
+            ("POST", r"/api/validate-yaml", self._validate_yaml),
+            ("GET", rf"/api/{_REPO}/refs", self._refs),
+            ("GET", rf"/api/{_REPO}/commits/(?P<rev>.+)", self._list_commits),
+            ("GET", rf"/api/{_REPO}/tree/(?P<rest>.+)", self._tree),
+            ("POST", rf"/api/{_REPO}/paths-info/(?P<rev>.+)", self._paths_info),
+            ("POST", rf"/api/{_REPO}/preupload/(?P<rev>.+)", self._preupload),
+            ("POST", rf"/api/{_REPO}/commit/(?P<rev>.+)", self._commit),
+            ("POST", rf"/api/{_REPO}/branch/(?P<branch>.+)", self._create_branch),
+            ("DELETE", rf"/api/{_REPO}/branch/(?P<branch>.+)", self._delete_branch),
+            ("GET", rf"/api/{_REPO}/discussions", self._list_discussions),
+            ("POST", rf"/api/{_REPO}/discussions", self._create_discussion),
+            ("GET", rf"/api/{_REPO}/discussions/(?P<num>\d+)", self._discussion_details),
+            ("POST", rf"/api/{_REPO}/discussions/(?P<num>\d+)/(?P<action>comment|status)", self._discussion_action),
+            ("PATCH", rf"/api/{_REPO}/discussions/(?P<num>\d+)/(?P<action>status)", self._discussion_action),
+            ("GET", rf"/api/{_REPO}(?:/revision/(?P<rev>.+))?", self._repo_info),
+            ("POST", rf"/{_WEB_REPO}\.git/info/lfs/objects/batch", self._lfs_batch),
+            ("PUT", rf"/lfs-upload/{_REPO}/(?P<oid>[0-9a-f]{{64}})", self._lfs_upload),
+            ("POST", rf"/lfs-verify/{_REPO}", self._lfs_verify),
+            ("GET", rf"/{_WEB_REPO}/resolve/(?P<rest>.+)", self._resolve),
+            ("HEAD", rf"/{_WEB_REPO}/resolve/(?P<rest>.+)", self._resolve),
+        ]
+        return [(method, re.compile(f"^{pattern}$"), fn) for method, pattern, fn in table]
+
+    def _handle(self, method: str, raw_path: str, headers: dict[str, str], body: bytes) -> Response:
+        path, _, query = raw_path.partition("?")
+        host = headers.get("host")
+        req = Request(method, path, parse_qs(query, keep_blank_values=True), headers, body,
+                      f"http://{host}" if host else self.url)
+        with self._lock:
+            self.requests_log.append((method, path))
+            try:
+                fault = self._take_fault(method, path)
+                if fault is not None:
+                    raise HubError(fault.status, f"Injected fault ({fault.status}) for {method} {path}")
+                for route_method, pattern, fn in self._routes:
+                    match = pattern.match(path)
+                    if match and route_method == method:
+                        return fn(req, **{k: v for k, v in match.groupdict().items()})
+                raise HubError(404, f"Not found: {method} {path}")
+            except HubError as err:
+                return self._error_response(err)
+            except Exception:
+                self.server_errors.append(traceback.format_exc())
+                return self._error_response(HubError(500, "Internal error in the test Hub server"))
+
+    def _take_fault(self, method: str, path: str) -> _Fault | None:
+        for fault in self._faults:
+            if fault.method in ("*", method) and (fault.pattern.search(path) or fault.pattern.search(unquote(path))):
+                fault.remaining -= 1
+                if fault.remaining <= 0:
+                    self._faults.remove(fault)
+                return fault
+        return None
+
+    @staticmethod
+    def _error_response(err: HubError) -> Response:
+        headers = {"X-Error-Message": re.sub(r"[\r\n]+", " ", err.message).encode("latin-1", "replace").decode(
+            "latin-1"), **err.headers}
+        if err.code:
+            headers["X-Error-Code"] = err.code
+        return Response.of_json({"error": err.message, **err.extra}, err.status, headers)
+
+    # ---- account and repo management -------------------------------------------------------------
+    def _whoami(self, req: Request) -> Response:
+        """GET /api/whoami-v2: the token's user, 401 without a valid token."""
+        user = self._auth(req)
+        if user is None:
+            raise HubError(401, "Invalid credentials in Authorization header")
+        return Response.of_json({
+            "type": "user", "id": hashlib.md5(user.name.encode()).hexdigest()[:24], "name": user.name,
+            "fullname": user.name, "email": f"{user.name}@example.com", "emailVerified": True, "isPro": False,
+            "orgs": [{"type": "org", "name": org, "roleInOrg": "write"} for org in user.orgs],
+            "auth": {"type": "access_token", "accessToken": {"displayName": "test-token", "role": user.role}},
+        })
+
+    def _create_repo(self, req: Request) -> Response:
+        """POST /api/repos/create {name, organization, visibility|private, type}; 409 (with url) if taken."""
+        user = self._auth(req)
+        if user is None:
+            raise HubError(401, "You must be authenticated to create a repository")
+        body = req.json()
+        repo_type = body.get("type") or "model"
+        if repo_type not in URL_PREFIX or not body.get("name"):
+            raise HubError(400, "Invalid repo type or name")
+        namespace = body.get("organization") or user.name
+        repo_id = f"{namespace}/{body['name']}"
+        if (namespace != user.name and namespace not in user.orgs) or user.role != "write":
+            raise HubError(403, f'You don\'t have the rights to create a {repo_type} under the namespace "{namespace}"')
+        url = f"{req.base_url}/{URL_PREFIX[repo_type]}{repo_id}"
+        if (repo_type, repo_id) in self._repos:
+            raise HubError(409, f"You already created this {repo_type} repo", extra={"url": url})
+        private = body.get("visibility") == "private" or bool(body.get("private"))
+        repo = self._new_repo(repo_type, repo_id, private, False)
+        # like the Hub, a new repo starts with one commit holding a .gitattributes
+        attributes = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES).encode()
+        commit = self._add_commit(repo, [], {".gitattributes": Blob(attributes, False)}, "initial commit", "",
+                                  user.name)
+        repo.refs["refs/heads/main"] = commit.id
+        return Response.of_json({"url": url, "name": repo_id, "id": repo_id})
+
+    def _validate_yaml(self, req: Request) -> Response:
+        """POST /api/validate-yaml: the client checks README.md metadata before committing it."""
+        try:
+            parse_card_data(req.json().get("content", "").encode())
+        except Exception as exc:  # yaml.YAMLError
+            return Response.of_json({"errors": [{"message": str(exc)}], "warnings": []}, 400)
+        return Response.of_json({"errors": [], "warnings": []})
+
+    # ---- repo metadata ---------------------------------------------------------------------------
+    def _card_data(self, repo: Repo, commit: Commit) -> dict | None:
+        readme = commit.tree.get("README.md")
+        card = None
+        if readme is not None:
+            try:
+                card = parse_card_data(readme.data)
+            except Exception:
+                card = None
+        return card if card is not None else repo.card_data
+
+    def _repo_info(self, req: Request, t, ns, name, rev=None) -> Response:
+        """GET /api/{type}s/{id}[/revision/{rev}]: model/dataset/space info (``blobs=true`` adds sizes)."""
+        repo, _ = self._readable_repo(req, t, ns, name)
+        _, sha = repo.resolve(unquote(rev) if rev else "main")
+        commit = repo.commits[sha]
+        card = self._card_data(repo, commit)
+        siblings = []
+        for path in sorted(commit.tree):
+            sibling = {"rfilename": path}
+            if req.flag("blobs"):
+                blob = commit.tree[path]
+                sibling.update(size=blob.size, blobId=blob.oid)
+                if blob.lfs:
+                    sibling["lfs"] = blob.lfs_json("sha256")
+            siblings.append(sibling)
+        tags = list((card or {}).get("tags") or [])
+        info = {
+            "_id": hashlib.md5(repo.repo_id.encode()).hexdigest()[:24], "id": repo.repo_id,
+            "author": repo.namespace, "sha": sha, "private": repo.private, "gated": repo.gated,
+            "disabled": False, "downloads": 0, "likes": 0, "tags": tags, "siblings": siblings,
+            "lastModified": commit.date, "createdAt": repo.created_at, "usedStorage": sum(
+                b.size for b in commit.tree.values()),
+        }
+        if card is not None:
+            info["cardData"] = card
+            for key in ("library_name", "pipeline_tag"):
+                if key in card:
+                    info[key] = card[key]
+        if repo.repo_type == "space":
+            info["sdk"] = (card or {}).get("sdk", "static")
+        expand = req.query.get("expand") or req.query.get("expand[]")
+        if expand:
+            info = {k: v for k, v in info.items() if k in expand or k in ("_id", "id")}
+        return Response.of_json(info)
+
+    def _refs(self, req: Request, t, ns, name) -> Response:
+        """GET /api/{type}s/{id}/refs[?include_prs=1]."""
+        repo, _ = self._readable_repo(req, t, ns, name)
+
+        def refs(prefix: str, strip: bool) -> list[dict]:
+            return [{"name": ref[len(prefix):] if strip else ref, "ref": ref, "targetCommit": sha}
+                    for ref, sha in sorted(repo.refs.items()) if ref.startswith(prefix)]
+
+        data = {"branches": refs("refs/heads/", True), "converts": [], "tags": refs("refs/tags/", True)}
+        if req.flag("include_prs"):
+            data["pullRequests"] = refs("refs/pr/", False)
+        return Response.of_json(data)
+
+    def _list_commits(self, req: Request, t, ns, name, rev) -> Response:
+        """GET /api/{type}s/{id}/commits/{rev}: first-parent history, newest first, one page."""
+        repo, _ = self._readable_repo(req, t, ns, name)
+        _, sha = repo.resolve(unquote(rev))
+        formatted = "formatted" in (req.query.get("expand[]") or [])
+        items = []
+        for c in repo.history(sha):
+            item = {"id": c.id, "title": c.title, "message": c.message, "date": c.date,
+                    "authors": [{"user": c.author, "avatar": None}]}
+            if formatted:
+                item["formatted"] = {"title": html.escape(c.title), "message": html.escape(c.message)}
+            items.append(item)
+        return Response.of_json(items)
+
+    def _path_entry(self, repo: Repo, commit: Commit, path: str, expand: bool) -> dict:
+        """One tree / paths-info entry for a file or directory of ``commit``."""
+        blob = commit.tree.get(path)
+        if blob is not None:
+            entry = {"type": "file", "oid": blob.oid, "size": blob.size, "path": path}
+            if blob.lfs:
+                entry["lfs"] = blob.lfs_json("oid")
+        else:
+            prefix = path + "/"
+            content = sorted((p, b.oid) for p, b in commit.tree.items() if p.startswith(prefix))
+            entry = {"type": "directory", "oid": hashlib.sha1(json.dumps(content).encode()).hexdigest(),
+                     "size": 0, "path": path}
+        if expand:
+            last = self._last_commit_touching(repo, commit, path)
+            entry["lastCommit"] = {"id": last.id, "title": last.title, "date": last.date}
+        return entry
+
+    @staticmethod
+    def _last_commit_touching(repo: Repo, commit: Commit, path: str) -> Commit:
+        def state(c: Commit):
+            return sorted((p, b.oid) for p, b in c.tree.items() if p == path or p.startswith(path + "/"))
+
+        while commit.parents:
+            parent = repo.commits[commit.parents[0]]
+            if state(parent) != state(commit):
+                return commit
+            commit = parent
+        return commit
+
+    def _tree(self, req: Request, t, ns, name, rest) -> Response:
+        """GET /api/{type}s/{id}/tree/{rev}[/{path}]?recursive=&expand=: directories first, one page."""
+        repo, _ = self._readable_repo(req, t, ns, name)
+        rev, path = _split_revision(rest)
+        commit = repo.commits[repo.resolve(rev)[1]]
+        path = path.strip("/")
+        prefix = f"{path}/" if path else ""
+        below = [p for p in sorted(commit.tree) if p.startswith(prefix)]
+        if path and not below:
+            raise HubError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit.id})
+        recursive, dirs, files = req.flag("recursive"), set(), []
+        for p in below:
+            parts = p[len(prefix):].split("/")
+            for depth in range(1, len(parts) if recursive else min(2, len(parts))):
+                dirs.add(prefix + "/".join(parts[:depth]))
+            if recursive or len(parts) == 1:
+                files.append(p)
+        expand = req.flag("expand")
+        entries = [self._path_entry(repo, commit, p, expand) for p in sorted(dirs) + files]
+        return Response.of_json(entries)
+
+    def _paths_info(self, req: Request, t, ns, name, rev) -> Response:
+        """POST /api/{type}s/{id}/paths-info/{rev} (form: paths=..., expand=...): entries that exist."""
+        repo, _ = self._readable_repo(req, t, ns, name)
+        commit = repo.commits[repo.resolve(unquote(rev))[1]]
+        form = parse_qs(req.body.decode(), keep_blank_values=True)
+        expand = (form.get("expand") or ["false"])[0].lower() in ("1", "true")
+        out = []
+        for path in form.get("paths", []):
+            path = path.strip("/")
+            if path in commit.tree or any(p.startswith(path + "/") for p in commit.tree):
+                out.append(self._path_entry(repo, commit, path, expand))
+        return Response.of_json(out)
+
+    # ---- files ---------------------------------------------------------------------------------
+    def _resolve(self, req: Request, t, ns, name, rest) -> Response:
+        """HEAD/GET /[{type}s/]{id}/resolve/{rev}/{path}: file content and metadata headers (Range ok)."""
+        repo, user = self._readable_repo(req, t or "models", ns, name)
+        rev, path = _split_revision(rest)
+        _, sha = repo.resolve(rev)
+        self._check_gate(user, repo)
+        blob = repo.commits[sha].tree.get(path)
+        if blob is None:
+            raise HubError(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": sha})
+        filename = re.sub(r'[^\x20-\x7e]|"', "_", path.rsplit("/", 1)[-1])  # header-safe
+        headers = {"X-Repo-Commit": sha, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
+                   "Content-Disposition": f'inline; filename="{filename}";'}
+        if blob.lfs:
+            headers.update({"ETag": f'"{blob.sha256}"', "X-Linked-Etag": f'"{blob.sha256}"',
+                            "X-Linked-Size": str(blob.size)})
+        else:
+            headers["ETag"] = f'"{blob.oid}"'
+        status, body = 200, blob.data
+        byte_range = req.headers.get("range")
+        if byte_range:
+            match = re.fullmatch(r"bytes=(\d*)-(\d*)", byte_range.strip())
+            start = int(match.group(1)) if match and match.group(1) else None
+            end = int(match.group(2)) if match and match.group(2) else blob.size - 1
+            if match and start is None and match.group(2):  # suffix range: the last N bytes
+                start, end = max(blob.size - int(match.group(2)), 0), blob.size - 1
+            if start is None or start >= blob.size or start > end:
+                raise HubError(416, "Requested range not satisfiable",
+                               headers={"Content-Range": f"bytes */{blob.size}", **headers})
+            end = min(end, blob.size - 1)
+            status, body = 206, blob.data[start:end + 1]
+            headers["Content-Range"] = f"bytes {start}-{end}/{blob.size}"
+        headers["Content-Length"] = str(len(body))
+        return Response(status, body, headers)
+
+    # ---- uploads and commits ---------------------------------------------------------------------
+    def _preupload(self, req: Request, t, ns, name, rev) -> Response:
+        """POST /api/{type}s/{id}/preupload/{rev} {files:[{path,size,sample}]}: lfs or regular, remote oid."""
+        repo, user = self._readable_repo(req, t, ns, name)
+        if user is None:
+            raise HubError(401, "You must be authenticated to upload files")
+        commit = repo.commits[repo.resolve(unquote(rev))[1]]
+        files = []
+        for f in req.json().get("files", []):
+            info = {"path": f["path"], "uploadMode": "lfs" if is_lfs_path(f["path"], int(f.get("size", 0)))
+                    else "regular", "shouldIgnore": False}
+            existing = commit.tree.get(f["path"])
+            if existing is not None:  # lets the client skip unchanged files
+                info["oid"] = existing.sha256 if existing.lfs else existing.oid
+            files.append(info)
+        return Response.of_json({"files": files, "commitOid": commit.id})
+
+    def _lfs_batch(self, req: Request, t, ns, name) -> Response:
+        """POST /[{type}s/]{id}.git/info/lfs/objects/batch: upload actions for objects not stored yet."""
+        repo, user = self._readable_repo(req, t or "models", ns, name)
+        if user is None:
+            raise HubError(401, "You must be authenticated to upload files")
+        body = req.json()
+        if body.get("operation") != "upload":
+            raise HubError(400, "Only the 'upload' operation is supported")
+        ref = (body.get("ref") or {}).get("name")
+        if ref and not ref.startswith("refs/pr/"):
+            self._require_write(user, repo)
+        base = f"{req.base_url}/lfs-%s/{repo.repo_type}s/{repo.repo_id}"
+        objects = []
+        for obj in body.get("objects", []):
+            oid, size = obj.get("oid"), obj.get("size")
+            if not (isinstance(oid, str) and re.fullmatch(r"[0-9a-f]{64}", oid)) or not isinstance(size, int):
+                objects.append({"oid": str(oid), "size": size if isinstance(size, int) else 0,
+                                "error": {"code": 422, "message": "Invalid oid or size"}})
+            elif oid in repo.lfs_oids:
+                objects.append({"oid": oid, "size": size, "authenticated": True})
+            else:
+                objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {
+                    "upload": {"href": f"{base % 'upload'}/{oid}?size={size}"},
+                    "verify": {"href": base % "verify", "header": {}}}})
+        return Response.of_json({"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
+                                content_type="application/vnd.git-lfs+json")
+
+    def _upload_target(self, t: str, ns: str, name: str) -> Repo:
+        """Upload/verify hrefs work like pre-signed URLs: no auth, the repo is in the path."""
+        repo = self._repos.get((PLURAL[t], f"{unquote(ns)}/{unquote(name)}"))
+        if repo is None:
+            raise HubError(404, "Repository not found", "RepoNotFound")
+        return repo
+
+    def _lfs_upload(self, req: Request, t, ns, name, oid) -> Response:
+        """PUT /lfs-upload/{type}s/{id}/{oid}?size=N: the object bytes (checked against oid and size)."""
+        repo = self._upload_target(t, ns, name)
+        if hashlib.sha256(req.body).hexdigest() != oid:
+            raise HubError(400, "Uploaded content does not match its sha256 oid")
+        if req.param("size") is not None and int(req.param("size")) != len(req.body):
+            raise HubError(400, "Uploaded content does not match the announced size")
+        self._lfs_store[oid] = req.body
+        repo.lfs_oids.add(oid)
+        return Response(200)
+
+    def _lfs_verify(self, req: Request, t, ns, name) -> Response:
+        """POST /lfs-verify/{type}s/{id} {oid, size}: 200 once the object is stored."""
+        repo = self._upload_target(t, ns, name)
+        body = req.json()
+        data = self._lfs_store.get(body.get("oid", ""))
+        if body.get("oid") not in repo.lfs_oids or data is None or len(data) != body.get("size"):
+            raise HubError(404, "LFS object not found")
+        return Response.of_json({"success": True})
+
+    def _commit(self, req: Request, t, ns, name, rev) -> Response:
+        """POST /api/{type}s/{id}/commit/{rev}[?create_pr=1] with an NDJSON body; all or nothing."""
+        repo, user = self._readable_repo(req, t, ns, name)
+        if user is None:
+            raise HubError(401, "You must be authenticated to commit")
+        try:
+            lines = [json.loads(line) for line in req.body.splitlines() if line.strip()]
+        except ValueError:
+            raise HubError(400, "Invalid NDJSON commit payload")
+        if not lines or lines[0].get("key") != "header":
+            raise HubError(400, "The first line of a commit payload must be its header")
+        header = lines[0].get("value") or {}
+        summary, description = header.get("summary") or "", header.get("description") or ""
+        if not summary.strip():
+            raise HubError(400, "Commit summary must not be empty")
+        parent = header.get("parentCommit")
+        create_pr = req.flag("create_pr")
+        ref, head = repo.resolve(unquote(rev))
+        pr: Discussion | None = None
+        if create_pr:
+            if ref is None or not ref.startswith("refs/heads/"):
+                raise HubError(404, f"Invalid rev id: {unquote(rev)} (a pull request needs a branch)",
+                               "RevisionNotFound")
+            if parent:
+                matches = [sha for sha in repo.commits if sha.startswith(parent.lower())]
+                if len(matches) != 1:
+                    raise HubError(412, f"Parent commit {parent} not found in this repository")
+                head = matches[0]
+        else:
+            if ref is None or ref.startswith("refs/tags/"):
+                raise HubError(400, f"Cannot commit to '{unquote(rev)}': use a branch or a pull request ref")
+            if ref.startswith("refs/pr/"):
+                pr = repo.discussion(int(ref.rsplit("/", 1)[1]))
+                if pr.status not in ("open", "draft"):
+                    raise HubError(403, f"Pull request #{pr.num} is {pr.status}")
+                if not (self._can_write(user, repo) or user.name == pr.author):
+                    raise HubError(403, "Only the author of a pull request or a repo writer can push to it")
+            else:
+                self._require_write(user, repo)
+            if parent and not head.startswith(parent.lower()):
+                raise HubError(412, "A commit has happened since. Please refresh and try again.")
+        tree = self._apply_operations(repo, dict(repo.commits[head].tree), lines[1:])
+        # everything is valid: only now change state
+        commit = self._add_commit(repo, [head], tree, summary, description, user.name)
+        result = {"success": True, "commitOid": commit.id, "hookOutput": "",
+                  "commitUrl": f"{self._repo_url(req.base_url, repo)}/commit/{commit.id}"}
+        if create_pr:
+            pr = self._open_discussion(repo, user, summary, description, True, "open", ref, head)
+            repo.refs[pr.git_reference] = commit.id
+            pr.events.append(self._event("commit", user.name, {"subject": summary, "oid": commit.id}))
+            result["pullRequestUrl"] = f"{self._repo_url(req.base_url, repo)}/discussions/{pr.num}"
+        elif pr is not None:
+            repo.refs[ref] = commit.id
+            pr.status = "open"
+            pr.events.append(self._event("commit", user.name, {"subject": summary, "oid": commit.id}))
+        else:
+            repo.refs[ref] = commit.id
+        return Response.of_json(result)
+
+    def _apply_operations(self, repo: Repo, tree: dict[str, Blob], operations: list[dict]) -> dict[str, Blob]:
+        """Apply commit payload lines to a copy of a tree; raises before touching any shared state."""
+        for op in operations:
+            key, value = op.get("key"), op.get("value") or {}
+            path = value.get("path", "")
+            if not path or path.startswith("/") or ".." in path.split("/"):
+                raise HubError(400, f"Invalid path in commit: {path!r}")
+            if key == "file":
+                try:
+                    data = base64.b64decode(value.get("content", ""), validate=True) \
+                        if value.get("encoding", "base64") == "base64" else value.get("content", "").encode()
+                except ValueError:
+                    raise HubError(400, f"Invalid base64 content for {path}")
+                if len(data) > LFS_THRESHOLD:
+                    raise HubError(400, "Your push was rejected because it contains files larger than 10 MiB. "
+                                        f"Please use LFS to store large files ({path}).")
+                tree[path] = Blob(data, lfs=False)
+            elif key == "lfsFile":
+                oid = value.get("oid", "")
+                data = self._lfs_store.get(oid)
+                if data is None or oid not in repo.lfs_oids:  # never uploaded to this repo
+                    raise HubError(400, f"Your push was rejected because an LFS pointer pointed to a file that "
+                                        f"does not exist: {path} (oid {oid})")
+                if value.get("size") is not None and value["size"] != len(data):
+                    raise HubError(400, f"LFS object size mismatch for {path}")
+                tree[path] = Blob(data, lfs=True)
+            elif key == "deletedFile":
+                if tree.pop(path, None) is None:
+                    raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
+            elif key == "deletedFolder":
+                prefix = path.rstrip("/") + "/"
+                doomed = [p for p in tree if p.startswith(prefix)]
+                if not doomed:
+                    raise HubError(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
+                for p in doomed:
+                    del tree[p]
+            else:
+                raise HubError(400, f"Unknown commit operation {key!r}")
+        return tree
+
+    def _create_branch(self, req: Request, t, ns, name, branch) -> Response:
+        """POST /api/{type}s/{id}/branch/{branch} {startingPoint}; 409 if it exists."""
+        repo, _ = self._writable_repo(req, t, ns, name)
+        branch = unquote(branch)
+        if branch.startswith("refs/") or not branch:
+            raise HubError(400, f"Invalid branch name: {branch}")
+        if f"refs/heads/{branch}" in repo.refs:
+            raise HubError(409, f"Branch {branch} already exists")
+        _, sha = repo.resolve((req.json() if req.body else {}).get("startingPoint") or "main")
+        repo.refs[f"refs/heads/{branch}"] = sha
+        return Response.of_json({})
+
+    def _delete_branch(self, req: Request, t, ns, name, branch) -> Response:
+        """DELETE /api/{type}s/{id}/branch/{branch}."""
+        repo, _ = self._writable_repo(req, t, ns, name)
+        ref = f"refs/heads/{unquote(branch)}"
+        if ref not in repo.refs:
+            raise HubError(404, f"Invalid rev id: {unquote(branch)}", "RevisionNotFound")
+        if ref == "refs/heads/main":
+            raise HubError(403, "Cannot delete the default branch")
+        del repo.refs[ref]
+        return Response.of_json({})
+
+    # ---- discussions and pull requests -----------------------------------------------------------
+    def _event(self, kind: str, author: str, data: dict) -> dict:
+        return {"id": uuid.uuid4().hex[:24], "type": kind, "createdAt": now_iso(),
+                "author": {"name": author, "type": "user"}, "data": data}
+
+    def _comment_event(self, author: str, text: str) -> dict:
+        at = now_iso()
+        return self._event("comment", author, {
+            "edited": False, "hidden": False, "numEdits": 0, "editors": [author], "reactions": [],
+            "latest": {"raw": text, "html": f"<p>{html.escape(text)}</p>", "updatedAt": at,
+                       "author": {"name": author, "type": "user"}},
+            "history": []})
+
+    def _open_discussion(self, repo: Repo, user: User, title: str, description: str, is_pr: bool,
+                         status: str, base_ref: str | None = None, base_commit: str | None = None) -> Discussion:
+        num = max((d.num for d in repo.discussions), default=0) + 1
+        d = Discussion(num, title, user.name, is_pr, status, now_iso(), base_ref=base_ref, base_commit=base_commit)
+        d.events.append(self._comment_event(user.name, description or title))
+        repo.discussions.append(d)
+        return d
+
+    def _discussion_json(self, repo: Repo, d: Discussion) -> dict:
+        return {"num": d.num, "title": d.title, "status": d.status, "createdAt": d.created_at,
+                "isPullRequest": d.is_pull_request, "author": {"name": d.author, "type": "user"},
+                "repo": {"name": repo.repo_id, "type": repo.repo_type}, "pinned": False, "topReactions": [],
+                "numComments": sum(e["type"] == "comment" for e in d.events)}
+
+    def _list_discussions(self, req: Request, t, ns, name) -> Response:
+        """GET /api/{type}s/{id}/discussions?p=&type=&status=&author=: newest first, 50 a page."""
+        repo, _ = self._readable_repo(req, t, ns, name)
+        kind, status, author = req.param("type", "all"), req.param("status", "all"), req.param("author")
+        selected = [d for d in reversed(repo.discussions)
+                    if (kind == "all" or (kind == "pull_request") == d.is_pull_request)
+                    and (status == "all" or (d.status in ("open", "draft")) == (status == "open"))
+                    and (author is None or d.author == author)]
+        start = int(req.param("p", "0")) * DISCUSSIONS_PAGE_SIZE
+        return Response.of_json({
+            "discussions": [self._discussion_json(repo, d) for d in selected[start:start + DISCUSSIONS_PAGE_SIZE]],
+            "count": len(selected), "start": start,
+            "numClosedDiscussions": sum(d.status in ("closed", "merged") for d in repo.discussions)})
+
+    def _discussion_details(self, req: Request, t, ns, name, num) -> Response:
+        """GET /api/{type}s/{id}/discussions/{num}: events, and for PRs base ref, conflicts and diff."""
+        repo, _ = self._readable_repo(req, t, ns, name)
+        d = repo.discussion(int(num))
+        data = {**self._discussion_json(repo, d), "events": d.events}
+        if d.is_pull_request:
+            old, new = repo.commits[d.base_commit].tree, repo.commits[repo.refs[d.git_reference]].tree
+            changed = sorted(p for p in set(old) | set(new) if _oid(old, p) != _oid(new, p))
+            data.update(changes={"base": d.base_ref}, filesWithConflicts=[],
+                        diff="".join(f"diff --git a/{p} b/{p}\n" for p in changed))
+        return Response.of_json(data)
+
+    def _create_discussion(self, req: Request, t, ns, name) -> Response:
+        """POST /api/{type}s/{id}/discussions {title, description, pullRequest}; PRs start as drafts."""
+        repo, user = self._readable_repo(req, t, ns, name)
+        if user is None:
+            raise HubError(401, "You must be authenticated to open a discussion")
+        body = req.json()
+        if not (body.get("title") or "").strip():
+            raise HubError(400, "A discussion needs a title")
+        is_pr = bool(body.get("pullRequest"))
+        d = self._open_discussion(repo, user, body["title"].strip(), body.get("description") or "", is_pr,
+                                  "draft" if is_pr else "open", "refs/heads/main" if is_pr else None,
+                                  repo.refs["refs/heads/main"] if is_pr else None)
+        if is_pr:
+            repo.refs[d.git_reference] = d.base_commit
+        return Response.of_json({"num": d.num, "pullRequest": is_pr,
+                                 "url": f"{self._repo_url(req.base_url, repo)}/discussions/{d.num}"})
+
+    def _discussion_action(self, req: Request, t, ns, name, num, action) -> Response:
+        """POST .../discussions/{num}/comment {comment} | .../status {status, comment} (PATCH ok too)."""
+        repo, user = self._readable_repo(req, t, ns, name)
+        if user is None:
+            raise HubError(401, "You must be authenticated to take part in discussions")
+        d = repo.discussion(int(num))
+        body = req.json() if req.body else {}
+        if action == "comment":
+            if not (body.get("comment") or "").strip():
+                raise HubError(400, "A comment can't be empty")
+            event = self._comment_event(user.name, body["comment"])
+            d.events.append(event)
+            return Response.of_json({"newMessage": event})
+        if action == "status":
+            if body.get("status") not in ("open", "closed"):
+                raise HubError(400, "Status must be 'open' or 'closed'")
+            if not (self._can_write(user, repo) or user.name == d.author):
+                raise HubError(403, "Only the author or a repo writer can change the status")
+            if d.status == "merged":
+                raise HubError(400, "A merged pull request can't change status")
+            if (body.get("comment") or "").strip():
+                d.events.append(self._comment_event(user.name, body["comment"]))
+            d.status = body["status"]
+            event = self._event("status-change", user.name, {"status": d.status})
+            d.events.append(event)
+            return Response.of_json({"newStatus": event})
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+def _split_revision(rest: str) -> tuple[str, str]:
+    """Split ``{rev}/{path}`` from a raw URL tail; the revision is one encoded segment, except that a
+    literal ``refs/pr/N`` (or ``refs/heads/x``...) spelled with slashes is accepted too."""
+    parts = rest.split("/")
+    if unquote(parts[0]) == "refs" and len(parts) >= 3:
+        return "/".join(unquote(p) for p in parts[:3]), unquote("/".join(parts[3:]))
+    return unquote(parts[0]), unquote("/".join(parts[1:]))
+
+
+def _oid(tree: dict[str, Blob], path: str) -> str | None:
+    blob = tree.get(path)
+    return blob.oid if blob is not None else None
