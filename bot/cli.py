@@ -1,4 +1,4 @@
-"""python -m bot merge ...: the terminal face of merge-bot.
+"""python -m bot merge|push|run|batch ...: the terminal face of merge-bot.
 
 Only this module prints. Known failures (``MergeBotError``) become one ``Error: ...``
 line on stderr and their exit code; anything else is a bug and keeps its traceback.
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from bot import __version__
-from bot.errors import MergeBotError, OutputError, redact
+from bot.errors import MergeBotError, OutputError, UsageError, redact
 from bot.spec import DEVICES, DTYPES, MergeSpec, parse_size, parse_source_ref
 
 
@@ -31,7 +31,33 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     merge.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    push = sub.add_parser("push", help="publish a merged folder to the Hub (new repo or pull request, one commit)")
+    push.add_argument("folder", type=Path, help="folder written by `python -m bot merge`")
+    _add_target_args(push)
+
+    run = sub.add_parser("run", help="resolve, merge and publish in one go")
+    run.add_argument("adapter", help="adapter folder, or Hub repo id with optional @revision")
+    _add_target_args(run)
+    run.add_argument("--base", help="base model folder or Hub id (default: the one named in adapter_config.json)")
+    run.add_argument("--dtype", default="auto", help=f"output dtype: {', '.join(DTYPES)} (auto keeps the base's)")
+    run.add_argument("--device", default="auto", help=f"where to do the arithmetic: {', '.join(DEVICES)}")
+    run.add_argument("--verify", action="store_true", help="compare merged logits with PEFT's unmerged model")
+    run.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    run.add_argument("--work-dir", type=Path, default=None, help="where to build the merged folder (default: temp)")
+
+    batch = sub.add_parser("batch", help="run the publish jobs listed in a YAML file")
+    batch.add_argument("file", type=Path, help="YAML file: jobs: [{adapter, repo, pr, private, base, dtype}, ...]")
+    batch.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
+    batch.add_argument("--work-dir", type=Path, default=None, help="where to build merged folders (default: temp)")
     return parser
+
+
+def _add_target_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo", required=True, help="target Hub repo, OWNER/NAME")
+    parser.add_argument("--pr", action="store_true", help="open a pull request on an existing repo")
+    parser.add_argument("--private", action="store_true", help="create the new repo as private")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
 
 
 class _Progress:
@@ -58,6 +84,7 @@ class _Progress:
 def run_merge(args: argparse.Namespace) -> int:
     from bot.merge import check_output_dir, execute_plan
     from bot.plan import resolve_plan
+    from bot.preflight import preflight
 
     spec = MergeSpec(
         adapter=parse_source_ref(args.adapter, what="adapter"),
@@ -71,7 +98,10 @@ def run_merge(args: argparse.Namespace) -> int:
         token=args.token or os.environ.get("HF_TOKEN") or None,
     )
     check_output_dir(Path(spec.out), overwrite=spec.overwrite)  # fail before any download
-    plan = resolve_plan(spec)
+    checked = preflight(spec)
+    if checked.base_note:
+        print(f"note: {checked.base_note}", file=sys.stderr)
+    plan = resolve_plan(checked.pinned_spec(spec))
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if plan.fallback_reason:
@@ -96,7 +126,70 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"merge": run_merge}
+def hub_token(args: argparse.Namespace) -> str | None:
+    """--token, else HF_TOKEN, else the stored login (huggingface_hub's own lookup)."""
+    if getattr(args, "token", None):
+        return args.token
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from bot.hub import PublishTarget, parse_repo_id
+    from bot.jobs import publish_merged_folder
+
+    if not args.folder.is_dir():
+        raise UsageError(f"{args.folder} is not a folder; give the output folder of `python -m bot merge`")
+    target = PublishTarget(parse_repo_id(args.repo), pr=args.pr, private=args.private)
+    result = publish_merged_folder(args.folder, target, token=hub_token(args))
+    print(result.describe())
+    return 0
+
+
+def _job_from_args(args: argparse.Namespace):
+    from bot.jobs import PublishJob
+
+    return PublishJob(adapter=args.adapter, repo=args.repo, pr=args.pr, private=args.private, base=args.base,
+                      dtype=args.dtype, verify=args.verify, device=args.device, max_shard_size=args.max_shard_size)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from bot.jobs import run_publish_job
+
+    job = _job_from_args(args)
+    result = run_publish_job(job, token=hub_token(args), work_dir=args.work_dir, on_event=_say)
+    print(result.describe())
+    return 0
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    from bot.batch import load_batch, run_batch_jobs
+
+    jobs = load_batch(args.file)
+    if not jobs:
+        print(f"{args.file}: no jobs; nothing to do")
+        return 0
+    outcomes = run_batch_jobs(jobs, token=hub_token(args), work_dir=args.work_dir, on_event=_say)
+    print(format_outcomes(outcomes))
+    failed = sum(not o.ok for o in outcomes)
+    if failed:
+        print(f"Error: {failed} of {len(outcomes)} jobs failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def format_outcomes(outcomes) -> str:
+    rows = [("#", "adapter", "repo", "result", "detail")]
+    rows += [(str(i + 1), o.job.adapter, o.job.repo, o.status, o.detail) for i, o in enumerate(outcomes)]
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    return "\n".join("  ".join(r[c].ljust(widths[c]) for c in range(4)) + "  " + r[4] for r in rows)
+
+
+COMMANDS = {"merge": run_merge, "push": run_push, "run": run_run, "batch": run_batch}
 
 
 def main(argv: list[str] | None = None) -> int:

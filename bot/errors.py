@@ -72,6 +72,18 @@ class VerificationError(MergeBotError):
     exit_code = 10
 
 
+class AuthenticationError(MergeBotError):
+    """No token, or the Hub rejected it (HTTP 401)."""
+
+    exit_code = 11
+
+
+class RepoConflictError(PublishError):
+    """The target repo exists and holds something else (HTTP 409), or moved under us."""
+
+    exit_code = 12
+
+
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{6,}")
 
 

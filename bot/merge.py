@@ -14,6 +14,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from bot import __version__
+from bot.card import CARD_NAME, build_card
 from bot.checkpoint import read_base_tensor
 from bot.errors import OutputError
 from bot.plan import MergePlan, TensorJob
+from bot.preflight import check_free_space
+from bot.provenance import fingerprint, output_options, pin_source
 from bot.shards import DTYPE_FROM_CODE, TensorInfo, ShardWriter, index_json, layout_shards, shard_file_names
 from bot.sources import is_tokenizer_file
 from bot.tuners import apply_op, apply_op_tensors, row_slice_tensors
@@ -33,7 +37,6 @@ log = logging.getLogger(__name__)
 
 REPORT_NAME = "merge_report.json"
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what)
-_DISK_MARGIN = 64 * 1024 * 1024
 
 
 @dataclass
@@ -62,15 +65,7 @@ def check_output_dir(out: Path, *, overwrite: bool) -> None:
 
 
 def check_disk_space(out: Path, needed: int) -> None:
-    probe = out.parent if not out.exists() else out
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed + _DISK_MARGIN:
-        raise OutputError(
-            f"not enough free disk space for the merged model at {probe}: needs {needed / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB free; free space or choose another --out"
-        )
+    check_free_space(out if out.exists() else out.parent, needed, what="the merged model", hint="choose another --out")
 
 
 @contextmanager
@@ -182,13 +177,20 @@ def build_report(plan: MergePlan, result: MergeResult) -> dict[str, Any]:
     def source(s):
         return {"ref": str(s.ref), "repo_id": s.repo_id, "revision": s.sha, "path": None if s.repo_id else str(s.path)}
 
+    options = output_options(plan.spec.dtype, plan.spec.max_shard_bytes)
+    scales = Counter(round(job_op.scaling, 6) for job in plan.jobs for job_op, on_bias in job.ops if not on_bias)
+
     return {
         "merge_bot_version": __version__,
+        "fingerprint": fingerprint(pin_source(plan.adapter), pin_source(plan.base), options),
         "adapter": source(plan.adapter),
         "base": source(plan.base),
+        "base_note": plan.spec.base_note,
+        "architecture": (plan.config_updates.get("architectures") or plan.base_config.get("architectures") or [None])[0],
         "peft_type": plan.adapter_config.peft_type,
         "task_type": plan.adapter_config.task_type,
-        "options": {"dtype": plan.spec.dtype, "device": plan.spec.device, "max_shard_bytes": plan.spec.max_shard_bytes},
+        "options": {**options, "device": plan.spec.device},
+        "scaling": {str(k): n for k, n in sorted(scales.items())},
         "method": "peft-merge_and_unload" if result.fallback else "streaming",
         "output_dtype": plan.config_updates.get("dtype"),
         "module_counts": result.module_counts,
@@ -272,5 +274,6 @@ def execute_plan(plan: MergePlan, *, on_progress: ProgressFn | None = None,
             result.verification = verify(plan, tmp)
         result.report = build_report(plan, result)
         write_report(result, tmp)
-        result.files = sorted(set(result.files) | {REPORT_NAME})
+        (tmp / CARD_NAME).write_text(build_card(result.report, plan.adapter.path, plan.base.path), encoding="utf-8")
+        result.files = sorted(set(result.files) | {REPORT_NAME, CARD_NAME})
     return result

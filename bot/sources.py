@@ -9,6 +9,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,34 +73,12 @@ def is_network_error(error: BaseException) -> bool:
         cls.__module__.split(".")[0] in _NETWORK_MODULES for cls in type(error).__mro__)
 
 
-def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpoint: str | None = None) -> ResolvedSource:
-    """Local folder as is; Hub repo pinned to a SHA and the needed files downloaded."""
-    if ref.local:
-        return ResolvedSource(ref=ref, path=Path(ref.name))
-    from huggingface_hub import HfApi, snapshot_download
-
+@contextmanager
+def hub_read_errors(what: str, ref: SourceRef) -> Iterator[None]:
+    """Turn huggingface_hub's read failures into one-line merge-bot errors naming the repo."""
     errors = _hub_errors()
-    api = HfApi(endpoint=endpoint, token=token)
     try:
-        info = api.model_info(ref.name, revision=ref.revision, files_metadata=False)
-        sha = info.sha
-        files = [s.rfilename for s in (info.siblings or [])]
-        if what == "adapter":
-            wanted = [f for f in files if "/" not in f and any(fnmatch.fnmatch(f, p) for p in ADAPTER_FILES)]
-            if "adapter_model.safetensors" not in files and "adapter_model.bin" in files:
-                wanted.append("adapter_model.bin")
-        else:
-            wanted = [f for f in files if "/" not in f and any(fnmatch.fnmatch(f, p) for p in BASE_CONFIG_FILES)]
-            index = None
-            for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-                if index_name in files:
-                    index_path = api.hf_hub_download(ref.name, index_name, revision=sha)
-                    index = json.loads(Path(index_path).read_text())
-                    wanted.append(index_name)
-                    break
-            wanted += pick_base_weight_files(files, index)
-        path = snapshot_download(ref.name, revision=sha, allow_patterns=sorted(set(wanted)), token=token,
-                                 endpoint=endpoint)
+        yield
     except errors.GatedRepoError as e:
         raise AccessDeniedError(
             f"{what} repo {ref.name} is gated and your token's account has no access; "
@@ -110,6 +90,8 @@ def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpo
         raise SourceNotFoundError(
             f"{what} repo {ref.name} not found on the Hub (or it is private and your token cannot see it)"
         ) from e
+    except errors.EntryNotFoundError as e:
+        raise SourceNotFoundError(f"{what} repo {ref.name} lacks a file it needs: {e.__class__.__name__}") from e
     except errors.HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status in (401, 403):
@@ -121,4 +103,40 @@ def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpo
                 f"could not reach the Hub to download {what} {ref.name}; check your connection (or HF_HUB_OFFLINE)"
             ) from e
         raise
+
+
+def files_to_download(files: list[str], what: str, read_index: Callable[[str], dict]) -> list[str]:
+    """The repo files a merge needs; ``read_index(name)`` fetches a weight index when there is one."""
+    if what == "adapter":
+        wanted = [f for f in files if "/" not in f and any(fnmatch.fnmatch(f, p) for p in ADAPTER_FILES)]
+        if "adapter_model.safetensors" not in files and "adapter_model.bin" in files:
+            wanted.append("adapter_model.bin")
+        return sorted(set(wanted))
+    wanted = [f for f in files if "/" not in f and any(fnmatch.fnmatch(f, p) for p in BASE_CONFIG_FILES)]
+    index = None
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if index_name in files:
+            index = read_index(index_name)
+            wanted.append(index_name)
+            break
+    return sorted(set(wanted + pick_base_weight_files(files, index)))
+
+
+def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpoint: str | None = None) -> ResolvedSource:
+    """Local folder as is; Hub repo pinned to a SHA and the needed files downloaded."""
+    if ref.local:
+        return ResolvedSource(ref=ref, path=Path(ref.name))
+    from huggingface_hub import HfApi, snapshot_download
+
+    api = HfApi(endpoint=endpoint, token=token)
+    with hub_read_errors(what, ref):
+        info = api.model_info(ref.name, revision=ref.revision, files_metadata=False)
+        sha = info.sha
+        files = [s.rfilename for s in (info.siblings or [])]
+
+        def read_index(name: str) -> dict:
+            return json.loads(Path(api.hf_hub_download(ref.name, name, revision=sha)).read_text())
+
+        wanted = files_to_download(files, what, read_index)
+        path = snapshot_download(ref.name, revision=sha, allow_patterns=wanted, token=token, endpoint=endpoint)
     return ResolvedSource(ref=ref, path=Path(path), repo_id=ref.name, sha=sha)

@@ -73,6 +73,7 @@ class MergeSpec:
     overwrite: bool = False
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     token: str | None = field(default=None, repr=False)
+    base_note: str | None = None  # why the base is not the one adapter_config.json names (pre-flight)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -1,0 +1,65 @@
+"""``python -m bot batch FILE.yaml``: many publish jobs, validated up front, run in order.
+
+The file is ``jobs: [...]`` (or a bare list) of mappings with the keys of ``PublishJob``.
+Every entry is checked before the first job starts, so a typo in job 7 fails in a second,
+not after six merges. A failing job is reported and the batch goes on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.errors import MergeBotError, OutputError, UsageError, redact
+from bot.jobs import EventFn, PublishJob, job_from_mapping, run_publish_job
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job: PublishJob
+    ok: bool
+    status: str  # created / pr-opened / unchanged / ..., or "failed (exit N)"
+    detail: str  # URL, or the one-line error
+
+
+def load_batch(path: Path) -> list[PublishJob]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"batch file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"batch file {path} is not valid YAML{where}; fix its syntax") from e
+    if data is None:
+        return []
+    entries = data.get("jobs") if isinstance(data, dict) else data
+    if isinstance(data, dict) and set(data) - {"jobs"}:
+        raise UsageError(f"batch file {path}: unknown top-level key(s) {', '.join(map(str, set(data) - {'jobs'}))}; "
+                         f"expected only jobs:")
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise UsageError(f"batch file {path}: jobs must be a list of mappings (adapter, repo, pr, private, base, dtype)")
+    return [job_from_mapping(entry, f"{path.name} job {i + 1}") for i, entry in enumerate(entries)]
+
+
+def run_batch_jobs(jobs: list[PublishJob], *, token: str | None, endpoint: str | None = None,
+                   work_dir: Path | None = None, on_event: EventFn = lambda _: None) -> list[JobOutcome]:
+    outcomes = []
+    for i, job in enumerate(jobs, 1):
+        on_event(f"[{i}/{len(jobs)}] {job.adapter} -> {job.repo}{' (pull request)' if job.pr else ''}")
+        try:
+            result = run_publish_job(job, token=token, endpoint=endpoint, work_dir=work_dir, on_event=on_event)
+        except MergeBotError as e:
+            on_event(f"[{i}/{len(jobs)}] failed: {e}")
+            outcomes.append(JobOutcome(job, False, f"failed (exit {e.exit_code})", str(e)))
+        except OSError as e:  # disk full, permissions: this job fails, the batch goes on
+            message = redact(f"{e.strerror or e} ({e.filename})" if e.filename else f"{e.strerror or e}", token)
+            on_event(f"[{i}/{len(jobs)}] failed: {message}")
+            outcomes.append(JobOutcome(job, False, f"failed (exit {OutputError.exit_code})", message))
+        else:
+            outcomes.append(JobOutcome(job, True, result.action, result.url))
+    return outcomes

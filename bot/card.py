@@ -1,0 +1,131 @@
+"""The merged repo's model card (README.md), built from the merge report and the input cards.
+
+Metadata goes through huggingface_hub's ``ModelCardData`` so the Hub reads it: the base
+as ``base_model`` (relation ``finetune``: the merged weights are the base fine-tuned by
+the adapter), license / language / datasets inherited from the adapter's card, else the
+base's, and a ``merge_bot`` block with the provenance fingerprint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CARD_NAME = "README.md"
+HUB_URL = "https://huggingface.co"
+
+# Architecture class-name suffix -> (Auto class, pipeline tag), first match wins.
+_TASKS = (
+    ("ForCausalLM", "AutoModelForCausalLM", "text-generation"),
+    ("ForConditionalGeneration", "AutoModelForSeq2SeqLM", "text2text-generation"),
+    ("ForSequenceClassification", "AutoModelForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering", "question-answering"),
+)
+_INHERITED = ("license", "license_name", "license_link", "language", "datasets")
+
+
+def auto_class_and_pipeline(architecture: str | None) -> tuple[str, str | None]:
+    for suffix, auto_class, pipeline in _TASKS:
+        if architecture and architecture.endswith(suffix):
+            return auto_class, pipeline
+    return "AutoModel", "feature-extraction" if architecture else None
+
+
+def read_card_data(folder: Path | None) -> dict[str, Any]:
+    """The YAML metadata of ``folder/README.md``; empty when there is none or it does not parse."""
+    path = Path(folder) / CARD_NAME if folder else None
+    if path is None or not path.is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
+    except Exception:  # a broken upstream card must not stop a merge; we just inherit nothing
+        return {}
+
+
+def inherited_metadata(adapter_card: dict[str, Any], base_card: dict[str, Any]) -> dict[str, Any]:
+    """license, language, datasets: the adapter's if its card says, else the base's."""
+    out = {}
+    for key in _INHERITED:
+        value = adapter_card.get(key) or base_card.get(key)
+        if value:
+            out[key] = value
+    return out
+
+
+def _link(source: dict[str, Any]) -> str:
+    if source.get("repo_id") and source.get("revision"):
+        repo, sha = source["repo_id"], source["revision"]
+        return f"[{repo}]({HUB_URL}/{repo}/tree/{sha}) at `{sha[:12]}`"
+    return f"local folder `{Path(source.get('path') or source.get('ref') or '?').name}`"
+
+
+def _method_line(report: dict[str, Any]) -> str:
+    peft_type = report.get("peft_type", "?")
+    scales = report.get("scaling") or {}
+    scale_text = ", ".join(f"{k} ({n} tensors)" for k, n in scales.items()) if scales else "per PEFT's merge"
+    how = ("streamed tensor by tensor, float32 arithmetic rounded once" if report.get("method") == "streaming"
+           else "PEFT's merge_and_unload")
+    return f"{peft_type} folded into the base weights ({how}); scale: {scale_text}"
+
+
+def build_card(report: dict[str, Any], adapter_folder: Path | None, base_folder: Path | None) -> str:
+    """README.md text for a merged model folder."""
+    from huggingface_hub import ModelCardData
+
+    adapter, base = report.get("adapter", {}), report.get("base", {})
+    auto_class, pipeline = auto_class_and_pipeline(report.get("architecture"))
+    peft_type = str(report.get("peft_type", "lora")).lower()
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=pipeline,
+        base_model=base.get("repo_id") or None,
+        base_model_relation="finetune" if base.get("repo_id") else None,
+        tags=sorted({"merge", "peft-merge", "merge-bot", peft_type}),
+        merge_bot={"fingerprint": report.get("fingerprint"), "adapter": adapter.get("repo_id"),
+                   "adapter_revision": adapter.get("revision"), "base_revision": base.get("revision")},
+        **inherited_metadata(read_card_data(adapter_folder), read_card_data(base_folder)),
+    )
+    name = (adapter.get("repo_id") or Path(adapter.get("path") or "model").name).split("/")[-1]
+    lines = [
+        "---", data.to_yaml(), "---", "",
+        f"# {name} (merged)", "",
+        "This is a standalone model: a PEFT adapter merged into its base model by merge-bot. "
+        "It loads with `transformers` alone; PEFT is not needed.", "",
+        "## What was merged", "",
+        f"- **Adapter:** {_link(adapter)}",
+        f"- **Base model:** {_link(base)}",
+    ]
+    if report.get("base_note"):
+        lines.append(f"- **Base note:** {report['base_note']}")
+    counts = {k: v for k, v in (report.get("module_counts") or {}).items() if k != "merged_modules"}
+    lines += [
+        f"- **Method:** {_method_line(report)}",
+        f"- **Modules:** {', '.join(f'{n} {k}' for k, n in counts.items()) or 'see merge_report.json'}",
+        f"- **Output dtype:** {report.get('output_dtype') or 'as the base'}",
+        f"- **Provenance fingerprint:** `{report.get('fingerprint')}` (full record in `merge_report.json`)",
+    ]
+    verification = report.get("verification")
+    if verification:
+        lines += ["", "## Verification", "",
+                  f"On a fixed input, the merged model's logits differ from the base with the adapter attached "
+                  f"(PEFT, unmerged) by at most {verification['max_abs_logit_delta']:.3g} "
+                  f"(largest logit {verification['max_abs_logit']:.3g})."]
+    lines += ["", "## Usage", "", "```python",
+              f"from transformers import {auto_class}, AutoTokenizer", "",
+              'repo = "REPO_ID"',
+              "tokenizer = AutoTokenizer.from_pretrained(repo)",
+              f"model = {auto_class}.from_pretrained(repo)", "```", "",
+              "## License", ""]
+    licence = data.license
+    lines.append(f"Released under `{licence}`, as declared by the adapter or base model card. The base model's "
+                 "license and terms of use apply to this merged model." if licence else
+                 "No license was declared on the adapter or base card; the base model's license and terms of use "
+                 "apply to this merged model.")
+    return "\n".join(lines) + "\n"
+
+
+def with_repo_id(card: str, repo_id: str) -> str:
+    """Fill the usage snippet's placeholder once the target repo is known."""
+    return card.replace('repo = "REPO_ID"', f'repo = "{repo_id}"')

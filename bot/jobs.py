@@ -1,0 +1,157 @@
+"""One publish job end to end: pre-flight → (skip if already published) → merge → publish.
+
+``PublishJob`` is the validated request, whichever door it came through (CLI ``run``,
+a batch file, the Space form, a Hub discussion). ``run_publish_job`` is the one
+implementation all of them call.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from bot.errors import UsageError
+from bot.hub import (PublishResult, PublishTarget, check_can_publish, find_existing, hub_write_errors,
+                     parse_repo_id, publish_folder)
+from bot.spec import DTYPES, MergeSpec, parse_size, parse_source_ref
+
+EventFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PublishJob:
+    adapter: str
+    repo: str
+    pr: bool = False
+    private: bool = False
+    base: str | None = None
+    dtype: str = "auto"
+    verify: bool = False
+    device: str = "auto"
+    max_shard_size: str = "5GB"
+
+    def __post_init__(self) -> None:
+        parse_repo_id(self.repo)
+        if self.dtype not in DTYPES:
+            raise UsageError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        parse_size(self.max_shard_size)
+        if self.pr and self.private:
+            raise UsageError("--private applies to new repos; a pull request keeps the target repo's visibility")
+
+    def merge_spec(self, out: Path, token: str | None) -> MergeSpec:
+        return MergeSpec(
+            adapter=parse_source_ref(self.adapter, what="adapter"),
+            base=parse_source_ref(self.base, what="base") if self.base else None,
+            out=out, dtype=self.dtype, device=self.device, verify=self.verify, overwrite=True,
+            max_shard_bytes=parse_size(self.max_shard_size), token=token,
+        )
+
+
+_JOB_FIELDS = {f.name: f for f in fields(PublishJob)}
+_BOOL_FIELDS = {"pr", "private", "verify"}
+
+
+def job_from_mapping(entry: Any, where: str) -> PublishJob:
+    """Validate one job from YAML/JSON; errors name the entry (``where``) and the bad key."""
+    if not isinstance(entry, dict):
+        raise UsageError(f"{where}: each job must be a mapping with at least adapter and repo")
+    unknown = sorted(set(entry) - set(_JOB_FIELDS))
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(_JOB_FIELDS)}")
+    for key in ("adapter", "repo"):
+        if not isinstance(entry.get(key), str) or not entry[key].strip():
+            raise UsageError(f"{where}: {key} is required and must be a string")
+    for key, value in entry.items():
+        if key in _BOOL_FIELDS and not isinstance(value, bool):
+            raise UsageError(f"{where}: {key} must be true or false, not {value!r}")
+        if key not in _BOOL_FIELDS and value is not None and not isinstance(value, str):
+            raise UsageError(f"{where}: {key} must be a string, not {value!r}")
+    try:
+        job = PublishJob(**{k: v for k, v in entry.items() if v is not None})
+        job.merge_spec(Path("."), None)  # checks adapter/base syntax now, not mid-batch
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from e
+    return job
+
+
+def commit_text(report: dict[str, Any]) -> tuple[str, str]:
+    """(title, description) of the commit or pull request, from a merge report."""
+    def at(source: dict[str, Any]) -> str:
+        if source.get("repo_id"):
+            return f"{source['repo_id']}@{(source.get('revision') or '')[:12]}"
+        return f"local {Path(source.get('path') or '?').name}"
+
+    adapter, base = report.get("adapter", {}), report.get("base", {})
+    title = f"Merge {report.get('peft_type', 'adapter')} adapter {at(adapter)} into {at(base)}"
+    options = report.get("options", {})
+    lines = [
+        "Merged by merge-bot.", "",
+        f"- adapter: {adapter.get('repo_id') or at(adapter)} at `{adapter.get('revision')}`",
+        f"- base: {base.get('repo_id') or at(base)} at `{base.get('revision')}`",
+        f"- method: {report.get('method')} ({report.get('peft_type')}), output dtype {report.get('output_dtype')}",
+        f"- options: {json.dumps(options, sort_keys=True)}",
+        f"- merge-bot {report.get('merge_bot_version')}",
+    ]
+    if report.get("base_note"):
+        lines.append(f"- note: {report['base_note']}")
+    if report.get("verification"):
+        lines.append(f"- verification: max |delta logits| {report['verification']['max_abs_logit_delta']:.3g}")
+    return title, "\n".join(lines)
+
+
+def read_report(folder: Path) -> dict[str, Any]:
+    from bot.hub import REPORT_NAME, read_folder_fingerprint
+
+    read_folder_fingerprint(folder)
+    return json.loads((Path(folder) / REPORT_NAME).read_text())
+
+
+def publish_merged_folder(folder: Path, target: PublishTarget, *, token: str | None,
+                          endpoint: str | None = None) -> PublishResult:
+    report = read_report(folder)
+    title, description = commit_text(report)
+    return publish_folder(folder, target, title=title, description=description,
+                          fingerprint=report["fingerprint"], token=token, endpoint=endpoint)
+
+
+def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None = None,
+                    work_dir: Path | None = None, on_event: EventFn = lambda _: None,
+                    on_progress=None) -> PublishResult:
+    """Pre-flight, skip if the target already has this merge, else merge into a temp folder and publish."""
+    from huggingface_hub import HfApi
+
+    from bot.merge import execute_plan
+    from bot.plan import resolve_plan
+    from bot.preflight import preflight
+
+    target = PublishTarget(parse_repo_id(job.repo), pr=job.pr, private=job.private)
+    api = HfApi(endpoint=endpoint, token=token)
+    check_can_publish(api, target)  # a bad token or foreign namespace is known before any download
+    work = Path(tempfile.mkdtemp(prefix="merge-bot-", dir=work_dir))
+    try:
+        spec = job.merge_spec(work / "merged", token)
+        checked = preflight(spec, endpoint=endpoint)
+        on_event(f"pre-flight: {checked.summary()}")
+        if checked.base_note:
+            on_event(f"note: {checked.base_note}")
+        fp = checked.fingerprint(spec)
+        with hub_write_errors(f"checking {target.repo_id}", target.repo_id):
+            existing = find_existing(api, target, fp)
+        if existing is not None:
+            return existing
+        plan = resolve_plan(checked.pinned_spec(spec))
+        for warning in plan.warnings:
+            on_event(f"warning: {warning}")
+        verify = None
+        if job.verify:
+            from bot.verify import verify_merge
+
+            verify = verify_merge
+        result = execute_plan(plan, on_progress=on_progress, verify=verify)
+        on_event(f"merged {result.tensors_merged} tensors in {result.seconds:.1f}s; publishing")
+        return publish_merged_folder(result.out_dir, target, token=token, endpoint=endpoint)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

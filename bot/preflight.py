@@ -1,0 +1,217 @@
+"""Pre-flight: pin the adapter and base to commits and find every refusal before any weight moves.
+
+``preflight(spec)`` reads only metadata and small files (model info, adapter_config.json,
+the base's config.json) and answers: which exact adapter and base will be merged, whether
+the caller's token can read them, whether the tuner is mergeable, whether the base is
+quantized (and, for QLoRA adapters, which 16-bit original to use instead), and how many
+bytes will be downloaded and written. The CLI, the Space and the bot all call it first.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bot.adapter import AdapterConfig, read_adapter_config
+from bot.errors import AdapterConfigError, IncompatibleBaseError, OutputError
+from bot.plan import base_ref_for, check_not_quantized, check_peft_can_merge, suggest_unquantized
+from bot.provenance import Pinned, fingerprint, output_options, pin_local
+from bot.sources import files_to_download, hub_read_errors
+from bot.spec import MergeSpec, SourceRef
+
+log = logging.getLogger(__name__)
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+_DISK_MARGIN = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What a merge will do, decided from metadata only."""
+
+    adapter: SourceRef  # pinned: local folder, or repo at a commit SHA
+    base: SourceRef
+    adapter_pin: Pinned
+    base_pin: Pinned
+    peft_type: str
+    task_type: str | None
+    base_note: str | None  # set when the base differs from the one adapter_config.json names
+    download_bytes: int  # what the Hub will send (0 for local folders; cached files included)
+    output_bytes: int  # estimate of the merged weights on disk
+    private: tuple[str, ...] = ()  # inputs that are private repos
+    gated: tuple[str, ...] = ()  # inputs that are gated repos (the caller has access)
+
+    def pinned_spec(self, spec: MergeSpec) -> MergeSpec:
+        return replace(spec, adapter=self.adapter, base=self.base, base_note=self.base_note)
+
+    def fingerprint(self, spec: MergeSpec) -> str:
+        return fingerprint(self.adapter_pin, self.base_pin, output_options(spec.dtype, spec.max_shard_bytes))
+
+    def summary(self) -> str:
+        gib = 1024**3
+        parts = [f"{self.peft_type} adapter {self.adapter_pin.name}@{self.adapter_pin.revision[:12]}",
+                 f"base {self.base_pin.name}@{self.base_pin.revision[:12]}",
+                 f"download ~{self.download_bytes / gib:.2f} GiB, output ~{self.output_bytes / gib:.2f} GiB"]
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class _RepoFacts:
+    ref: SourceRef  # pinned to the SHA
+    sizes: dict[str, int]
+    card_data: dict[str, Any]
+    private: bool
+    gated: bool
+
+
+def _hub_api(token: str | None, endpoint: str | None):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint, token=token)
+
+
+def _repo_facts(api, ref: SourceRef, what: str) -> _RepoFacts:
+    with hub_read_errors(what, ref):
+        info = api.model_info(ref.name, revision=ref.revision, files_metadata=True)
+    sizes = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
+    card = info.card_data.to_dict() if info.card_data is not None else {}
+    return _RepoFacts(ref=SourceRef(name=ref.name, revision=info.sha), sizes=sizes, card_data=card,
+                      private=bool(info.private), gated=bool(info.gated))
+
+
+def _fetch(api, facts: _RepoFacts, filename: str, what: str) -> Path:
+    """Download one small file at the pinned SHA; this is also the access check for gated repos."""
+    if filename not in facts.sizes:
+        raise (AdapterConfigError if what == "adapter" else IncompatibleBaseError)(
+            f"{what} repo {facts.ref.name} has no {filename}; "
+            + ("is it a PEFT adapter?" if what == "adapter" else "is it a transformers model?"))
+    with hub_read_errors(what, facts.ref):
+        return Path(api.hf_hub_download(facts.ref.name, filename, revision=facts.ref.revision))
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise IncompatibleBaseError(f"{what} {path.name} is not valid JSON") from e
+    if not isinstance(value, dict):
+        raise IncompatibleBaseError(f"{what} {path.name} must hold a JSON object")
+    return value
+
+
+def original_of_quantized(card_data: dict[str, Any]) -> str | None:
+    """The 16-bit repo a quantized re-upload names in its card (``base_model``, relation quantized)."""
+    relation = card_data.get("base_model_relation")
+    base = card_data.get("base_model")
+    if isinstance(base, list):
+        base = base[0] if len(base) == 1 else None
+    if isinstance(base, str) and base and relation in (None, "quantized"):
+        return base
+    return None
+
+
+def _download_files(api, facts: _RepoFacts, what: str) -> list[str]:
+    def read_index(name: str) -> dict:
+        return _read_json(_fetch(api, facts, name, what), what)
+
+    return files_to_download(list(facts.sizes), what, read_index)
+
+
+def estimate_output_bytes(weight_bytes: int, base_config: dict[str, Any], dtype: str) -> int:
+    stored = str(base_config.get("dtype") or base_config.get("torch_dtype") or "float32")
+    if dtype == "auto" or stored not in _ITEMSIZE:
+        return weight_bytes
+    return weight_bytes * _ITEMSIZE[dtype] // _ITEMSIZE[stored]
+
+
+def check_free_space(path: Path, needed: int, *, what: str, hint: str) -> None:
+    """Refuse early when the file system holding ``path`` cannot take ``needed`` bytes (plus a margin)."""
+    if needed <= 0:
+        return
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed + _DISK_MARGIN:
+        raise OutputError(f"not enough free disk space for {what} at {probe}: needs {needed / 1e9:.2f} GB, "
+                          f"{free / 1e9:.2f} GB free; free space or {hint}")
+
+
+def _resolve_adapter(api_factory, spec: MergeSpec) -> tuple[SourceRef, Pinned, AdapterConfig, int, _RepoFacts | None]:
+    if spec.adapter.local:
+        folder = Path(spec.adapter.name)
+        return spec.adapter, pin_local(folder), read_adapter_config(folder), 0, None
+    api = api_factory()
+    facts = _repo_facts(api, spec.adapter, "adapter")
+    acfg = read_adapter_config(_fetch(api, facts, "adapter_config.json", "adapter").parent)
+    size = sum(facts.sizes.get(f, 0) for f in _download_files(api, facts, "adapter"))
+    return facts.ref, Pinned(facts.ref.name, facts.ref.revision, True), acfg, size, facts
+
+
+def _resolve_base(api_factory, ref: SourceRef, *, explicit: bool, named_by: str):
+    """(pinned ref, Pinned, config, weight bytes, download bytes, note, facts) with QLoRA bases swapped."""
+    if ref.local:
+        folder = Path(ref.name)
+        config = _read_json(folder / "config.json", "base") if (folder / "config.json").is_file() else {}
+        if not config:
+            raise IncompatibleBaseError(f"base {folder} has no config.json; is it a transformers model?")
+        weights = sum(p.stat().st_size for p in folder.glob("*.safetensors")) or \
+            sum(p.stat().st_size for p in folder.glob("*.bin"))
+        return ref, pin_local(folder), config, weights, 0, None, None
+    api = api_factory()
+    facts = _repo_facts(api, ref, "base")
+    config = _read_json(_fetch(api, facts, "config.json", "base"), "base")
+    note = None
+    if config.get("quantization_config"):
+        original = None if explicit else original_of_quantized(facts.card_data)
+        if original is None or original == ref.name:
+            from bot.sources import ResolvedSource
+
+            check_not_quantized(config, ResolvedSource(ref=ref, path=Path(ref.name), repo_id=ref.name))
+        note = (f"{named_by} names {ref.name}, a quantized model; merged into its 16-bit original {original} "
+                f"(named by {ref.name}'s model card) instead. Pass --base to choose another")
+        log.warning(note)
+        facts = _repo_facts(api, SourceRef(name=original), "base (16-bit original of a quantized base)")
+        config = _read_json(_fetch(api, facts, "config.json", "base"), "base")
+        if config.get("quantization_config"):
+            raise IncompatibleBaseError(
+                f"{ref.name}'s card names {original} as its original, but that is quantized too; pass a 16-bit "
+                f"base with --base (likely {suggest_unquantized(original) or 'the original release'})")
+    files = _download_files(api, facts, "base")
+    download = sum(facts.sizes.get(f, 0) for f in files)
+    weights = sum(facts.sizes.get(f, 0) for f in files if f.endswith((".safetensors", ".bin")))
+    return facts.ref, Pinned(facts.ref.name, facts.ref.revision, True), config, weights, download, note, facts
+
+
+def preflight(spec: MergeSpec, *, endpoint: str | None = None, check_disk: bool = True) -> Preflight:
+    """Pin, check access, mergeability and quantization, and size the job; raises on any refusal."""
+    api_cache: list[Any] = []
+
+    def api_factory():
+        if not api_cache:
+            api_cache.append(_hub_api(spec.token, endpoint))
+        return api_cache[0]
+
+    adapter_ref, adapter_pin, acfg, adapter_download, adapter_facts = _resolve_adapter(api_factory, spec)
+    if not acfg.is_native:
+        check_peft_can_merge(acfg)
+    named_by = "--base" if spec.base is not None else "adapter_config.json"
+    base_ref, base_pin, base_config, weight_bytes, base_download, note, base_facts = _resolve_base(
+        api_factory, base_ref_for(spec, acfg), explicit=spec.base is not None, named_by=named_by)
+    output = estimate_output_bytes(weight_bytes, base_config, spec.dtype)
+    download = adapter_download + base_download
+    if check_disk:
+        from huggingface_hub import constants
+
+        check_free_space(Path(constants.HF_HUB_CACHE), download, what="the download", hint="set HF_HOME elsewhere")
+        check_free_space(Path(spec.out).resolve().parent, output, what="the merged model", hint="choose another --out")
+    facts = [f for f in (adapter_facts, base_facts) if f is not None]
+    return Preflight(
+        adapter=adapter_ref, base=base_ref, adapter_pin=adapter_pin, base_pin=base_pin,
+        peft_type=acfg.peft_type, task_type=acfg.task_type, base_note=note,
+        download_bytes=download, output_bytes=output,
+        private=tuple(f.ref.name for f in facts if f.private), gated=tuple(f.ref.name for f in facts if f.gated),
+    )

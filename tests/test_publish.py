@@ -1,0 +1,322 @@
+"""Publishing end to end: the real huggingface_hub client against the loopback test Hub.
+
+Every test drives ``python -m bot ...`` through ``bot.cli.main`` (one through a child
+process) and then inspects the server's state: commits, files, pull requests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard, snapshot_download
+from peft import LoraConfig
+
+from bot import cli, hub as bot_hub
+from factory import build_adapter, build_base, merged_outputs, reference_outputs, sample_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+ALICE = "hf_aliceTESTtoken0000000000000000000001"
+BOB = "hf_bobTESTtoken00000000000000000000000002"
+CAROL = "hf_carolTESTtoken000000000000000000000003"
+BASE_CARD = "---\nlicense: apache-2.0\nlanguage:\n- en\ndatasets:\n- bob/pretraining\n---\n# tiny llama\n"
+ADAPTER_CARD = "---\nlicense: mit\ndatasets:\n- alice/chat-data\nlibrary_name: peft\n---\n# tiny lora\n"
+
+
+def folder_files(folder: Path, **extra: bytes) -> dict[str, bytes]:
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    files.update(extra)
+    return files
+
+
+def adapter_files(folder: Path, base_id: str, card: str = ADAPTER_CARD) -> dict[str, bytes]:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base_id
+    return folder_files(folder, **{"adapter_config.json": json.dumps(config).encode(), "README.md": card.encode()})
+
+
+def quantized_files(base: Path, card: str | None) -> dict[str, bytes]:
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    files = {"config.json": json.dumps(config).encode(), "model.safetensors": b"not really 4-bit weights"}
+    if card:
+        files["README.md"] = card.encode()
+    return files
+
+
+@pytest.fixture(scope="module")
+def models(hub, cache_dir):
+    """Bases and adapters on the test Hub, plus their local copies for reference outputs."""
+    hub.add_user("alice", ALICE, orgs=("lab",))
+    hub.add_user("bob", BOB)
+    hub.add_user("carol", CAROL)
+    base = build_base(cache_dir, "llama")
+    adapter = build_adapter(cache_dir, "publish-lora", base, "llama", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    hub.create_repo("bob/tiny-llama", owner_token=BOB, files=folder_files(base, **{"README.md": BASE_CARD.encode()}))
+    hub.create_repo("alice/tiny-lora", owner_token=ALICE, files=adapter_files(adapter, "bob/tiny-llama"))
+    hub.create_repo("bob/gated-llama", owner_token=BOB, gated="manual", files=folder_files(base))
+    hub.create_repo("alice/lora-on-gated", owner_token=ALICE, files=adapter_files(adapter, "bob/gated-llama"))
+    card = "---\nbase_model: bob/tiny-llama\nbase_model_relation: quantized\n---\n"
+    hub.create_repo("bob/tiny-llama-bnb-4bit", owner_token=BOB, files=quantized_files(base, card))
+    hub.create_repo("alice/qlora", owner_token=ALICE, files=adapter_files(adapter, "bob/tiny-llama-bnb-4bit"))
+    hub.create_repo("bob/bare-bnb-4bit", owner_token=BOB, files=quantized_files(base, None))
+    hub.create_repo("alice/qlora-bare", owner_token=ALICE, files=adapter_files(adapter, "bob/bare-bnb-4bit"))
+    prompt = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 8,
+              "base_model_name_or_path": "bob/tiny-llama"}
+    hub.create_repo("alice/prompt-tuning", owner_token=ALICE,
+                    files={"adapter_config.json": json.dumps(prompt).encode()})
+    return {"base": base, "adapter": adapter}
+
+
+def run_cli(capsys, *argv: str, token: str | None = ALICE) -> tuple[int, str, str]:
+    code = cli.main([*argv, *(["--token", token] if token else [])])
+    out, err = capsys.readouterr()
+    for secret in (ALICE, BOB, CAROL):
+        assert secret not in out and secret not in err, "a token was printed"
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    """The one ``Error:`` line a failure prints (progress lines may precede it)."""
+    lines = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err
+    return lines[0]
+
+
+def our_commits(hub, repo_id: str, revision: str = "main") -> list[dict]:
+    return [c for c in hub.commits(repo_id, revision) if c["title"].startswith("Merge ")]
+
+
+def test_run_publishes_new_repo_in_one_commit_with_peft_equal_logits(hub, models, capsys, tmp_path):
+    code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/tiny-merged", "--verify")
+    assert code == 0, err
+    assert "published alice/tiny-merged in one commit" in out
+    assert len(our_commits(hub, "alice/tiny-merged")) == 1
+    files = hub.files("alice/tiny-merged")
+    assert {"config.json", "model.safetensors", "README.md", "merge_report.json"} <= set(files)
+    assert not any("adapter" in name for name in files)
+    report = json.loads(files["merge_report.json"])
+    assert report["adapter"]["repo_id"] == "alice/tiny-lora"
+    assert report["adapter"]["revision"] == hub.commits("alice/tiny-lora")[0]["id"]
+    assert report["base"]["revision"] == hub.commits("bob/tiny-llama")[0]["id"]
+
+    local = snapshot_download("alice/tiny-merged", cache_dir=tmp_path / "dl")
+    inputs = sample_inputs()
+    expected = reference_outputs(models["base"], models["adapter"], auto_class="AutoModelForCausalLM", inputs=inputs)
+    got = merged_outputs(Path(local), auto_class="AutoModelForCausalLM", inputs=inputs)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    # The same job again: found by its fingerprint before any merge, no new commit.
+    code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/tiny-merged", "--verify")
+    assert code == 0, err
+    assert "already holds this exact merge; nothing to do" in out
+    assert len(our_commits(hub, "alice/tiny-merged")) == 1
+
+
+def test_model_card_metadata_and_body(hub, models, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "lab/card-check", "--dtype", "bfloat16")
+    assert code == 0, err
+    card_path = tmp_path / "README.md"
+    card_path.write_bytes(hub.files("lab/card-check")["README.md"])
+    card = ModelCard.load(card_path)
+    data = card.data.to_dict()
+    assert data["base_model"] == "bob/tiny-llama"
+    assert data["base_model_relation"] == "finetune"
+    assert data["library_name"] == "transformers"
+    assert data["pipeline_tag"] == "text-generation"
+    assert data["license"] == "mit"  # the adapter's card wins
+    assert data["datasets"] == ["alice/chat-data"]
+    assert data["language"] == ["en"]  # the adapter says nothing, so the base's
+    assert {"merge", "lora", "peft-merge"} <= set(data["tags"])
+    adapter_sha = hub.commits("alice/tiny-lora")[0]["id"]
+    assert f"alice/tiny-lora/tree/{adapter_sha}" in card.text
+    assert "AutoModelForCausalLM.from_pretrained" in card.text and 'repo = "lab/card-check"' in card.text
+    report = json.loads(hub.files("lab/card-check")["merge_report.json"])
+    assert data["merge_bot"]["fingerprint"] == report["fingerprint"]
+    assert report["output_dtype"] == "bfloat16"
+
+
+def test_pr_mode_opens_one_pr_and_leaves_main_untouched(hub, models, capsys):
+    hub.create_repo("bob/shared-model", owner_token=BOB, files={"README.md": b"# bob's model\n", "notes.txt": b"x"})
+    main_before = hub.commits("bob/shared-model")
+    code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "bob/shared-model", "--pr")
+    assert code == 0, err
+    assert "opened pull request on bob/shared-model" in out
+    prs = [d for d in hub.discussions("bob/shared-model") if d["is_pull_request"]]
+    assert len(prs) == 1 and prs[0]["status"] == "open"
+    assert prs[0]["title"].startswith("Merge LORA adapter alice/tiny-lora@")
+    assert hub.commits("bob/shared-model") == main_before
+    assert "model.safetensors" in hub.files("bob/shared-model", prs[0]["git_reference"])
+    assert "model.safetensors" not in hub.files("bob/shared-model")
+
+    code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "bob/shared-model", "--pr")
+    assert code == 0, err
+    assert "already proposes this exact merge" in out and f"/discussions/{prs[0]['num']}" in out
+    assert len([d for d in hub.discussions("bob/shared-model") if d["is_pull_request"]]) == 1
+
+
+def test_pr_on_missing_repo_is_a_clear_error(hub, models, capsys):
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/not-there", "--pr")
+    assert code == 3 and "does not exist" in err and "drop --pr" in err
+
+
+def test_existing_repo_without_pr_is_refused(hub, models, capsys):
+    hub.create_repo("alice/occupied", owner_token=ALICE, files={"weights.txt": b"something else"})
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/occupied")
+    assert code == 12 and "--pr" in err
+    assert set(hub.files("alice/occupied")) - {".gitattributes"} == {"weights.txt"}
+
+
+def test_gated_base_without_access_creates_nothing(hub, models, capsys):
+    code, _, err = run_cli(capsys, "run", "alice/lora-on-gated", "--repo", "alice/gated-merged")
+    assert code == 4
+    assert "bob/gated-llama is gated" in err and "request access" in err
+    assert "is gated" in error_line(err)
+    assert not hub.repo_exists("alice/gated-merged")
+    hub.grant("bob/gated-llama", "alice")
+    code, _, err = run_cli(capsys, "run", "alice/lora-on-gated", "--repo", "alice/gated-merged")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("adapter, message", [
+    ("alice/no-such-adapter", "adapter repo alice/no-such-adapter not found"),
+    ("alice/tiny-lora@v9.9", "adapter revision 'v9.9' does not exist in alice/tiny-lora"),
+    ("alice/prompt-tuning", "PROMPT_TUNING"),
+])
+def test_bad_adapters_fail_before_anything_is_created(hub, models, capsys, adapter, message):
+    target = "alice/bad-" + adapter.split("/")[1].replace("@", "-").replace(".", "-")
+    code, _, err = run_cli(capsys, "run", adapter, "--repo", target)
+    assert code in (3, 6), err
+    assert message in err
+    assert not hub.repo_exists(target)
+
+
+def test_foreign_namespace_and_bad_token(hub, models, capsys):
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "bob/for-bob")
+    assert code == 4 and "cannot write to namespace bob" in err
+    assert not hub.repo_exists("bob/for-bob")
+    bad = "hf_notARealToken0000000000000000000000"
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/x", token=bad)
+    assert code == 11 and "rejected the token" in err and bad not in err
+
+
+def test_server_403_on_commit_is_one_line(hub, models, capsys, monkeypatch):
+    # carol's pre-check passes (her namespace), the Hub still refuses the commit.
+    hub.fail_next("POST", r"/api/models/carol/refused/commit/", status=403)
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "carol/refused", token=CAROL)
+    assert code == 4 and "HTTP 403" in error_line(err) and "may not write to carol/refused" in err
+    assert not our_commits(hub, "carol/refused")
+
+
+def test_500_on_first_commit_is_retried(hub, models, capsys, monkeypatch, caplog):
+    monkeypatch.setattr(bot_hub, "RETRY_WAITS", (0.01, 0.01, 0.01))
+    hub.fail_next("POST", r"/api/models/alice/retried/commit/", status=500, times=1)
+    code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/retried")
+    assert code == 0, err
+    assert "transient Hub error while publishing to alice/retried (500); retrying" in caplog.text
+    assert len(our_commits(hub, "alice/retried")) == 1
+
+
+def test_failing_upload_leaves_no_commit_and_a_rerun_finishes(hub, models, capsys, monkeypatch):
+    monkeypatch.setattr(bot_hub, "RETRY_WAITS", (0.01,))
+    import huggingface_hub.utils._http as hf_http
+
+    monkeypatch.setattr(hf_http.time, "sleep", lambda seconds: None)  # the client's own LFS retries
+    hub.fail_next("PUT", r".*", status=500, times=1000)
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/half-done")
+    hub.reset_faults()
+    assert code == 9 and "nothing was committed" in err
+    assert not our_commits(hub, "alice/half-done")
+    code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/half-done")
+    assert code == 0, err
+    assert len(our_commits(hub, "alice/half-done")) == 1
+
+
+def test_qlora_adapter_is_merged_into_the_16_bit_original(hub, models, capsys):
+    code, out, err = run_cli(capsys, "run", "alice/qlora", "--repo", "alice/qlora-merged")
+    assert code == 0, err
+    assert "quantized" in err and "bob/tiny-llama" in err
+    report = json.loads(hub.files("alice/qlora-merged")["merge_report.json"])
+    assert report["base"]["repo_id"] == "bob/tiny-llama"
+    assert "bob/tiny-llama-bnb-4bit" in report["base_note"]
+    assert "bob/tiny-llama-bnb-4bit" in hub.files("alice/qlora-merged")["README.md"].decode()
+
+
+def test_quantized_base_with_no_original_is_refused_with_advice(hub, models, capsys):
+    code, _, err = run_cli(capsys, "run", "alice/qlora-bare", "--repo", "alice/qlora-bare-merged")
+    assert code == 7 and "--base" in err and "quantized" in err
+    assert not hub.repo_exists("alice/qlora-bare-merged")
+    code, _, err = run_cli(capsys, "run", "alice/qlora-bare", "--repo", "alice/qlora-bare-merged",
+                           "--base", "bob/tiny-llama")
+    assert code == 0, err
+
+
+def test_private_repo_is_private(hub, models, capsys):
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/secret-merge", "--private")
+    assert code == 0, err
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    assert HfApi(token=ALICE).model_info("alice/secret-merge").private
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(token=BOB).model_info("alice/secret-merge")
+
+
+def test_merge_then_push_then_push_again(hub, models, capsys, tmp_path):
+    out = tmp_path / "merged"
+    code, _, err = run_cli(capsys, "merge", "alice/tiny-lora", "--out", str(out), "--quiet")
+    assert code == 0, err
+    code, out_text, err = run_cli(capsys, "push", str(out), "--repo", "alice/pushed")
+    assert code == 0, err
+    assert "published alice/pushed" in out_text
+    code, out_text, err = run_cli(capsys, "push", str(out), "--repo", "alice/pushed")
+    assert code == 0 and "nothing to do" in out_text
+    assert len(our_commits(hub, "alice/pushed")) == 1
+    code, _, err = run_cli(capsys, "push", str(models["adapter"]), "--repo", "alice/not-a-merge")
+    assert code == 2 and "merge_report.json" in err
+
+
+def test_batch_runs_past_a_bad_job_and_reports_it(hub, models, capsys, tmp_path):
+    batch = tmp_path / "jobs.yaml"
+    batch.write_text(yaml.safe_dump({"jobs": [
+        {"adapter": "alice/tiny-lora", "repo": "alice/batch-one"},
+        {"adapter": "alice/missing-adapter", "repo": "alice/batch-two"},
+        {"adapter": "alice/tiny-lora", "repo": "alice/batch-three", "dtype": "float16"},
+    ]}))
+    code, out, err = run_cli(capsys, "batch", str(batch))
+    assert code == 1
+    assert "1 of 3 jobs failed" in err
+    lines = out.splitlines()
+    assert "created" in lines[1] and "failed (exit 3)" in lines[2] and "created" in lines[3]
+    assert hub.repo_exists("alice/batch-one") and hub.repo_exists("alice/batch-three")
+    assert not hub.repo_exists("alice/batch-two")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("jobs:\n  - adapter: a/b\n", "job 1: repo is required"),
+    ("jobs:\n  - {adapter: a/b, repo: c/d}\n  - {adapter: a/b, repo: c/d, dtype: int3}\n", "job 2: unsupported dtype"),
+    ("jobs:\n  - {adapter: a/b, repo: c/d, colour: red}\n", "unknown key(s) colour"),
+    ("jobs: [\n", "not valid YAML"),
+    ("jobs:\n  - {adapter: a/b, repo: c/d, pr: maybe}\n", "pr must be true or false"),
+])
+def test_batch_file_is_validated_before_any_job(hub, models, capsys, tmp_path, content, message):
+    batch = tmp_path / "jobs.yaml"
+    batch.write_text(content)
+    code, _, err = run_cli(capsys, "batch", str(batch))
+    assert code == 2 and message in err
+
+
+def test_python_m_bot_run_in_a_child_process(hub, models, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": ALICE}
+    proc = subprocess.run([sys.executable, "-m", "bot", "run", "alice/tiny-lora", "--repo", "alice/from-child"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "published alice/from-child" in proc.stdout
+    assert ALICE not in proc.stdout + proc.stderr
+    assert len(our_commits(hub, "alice/from-child")) == 1
