@@ -61,5 +61,5 @@ def run_batch_jobs(jobs: list[PublishJob], *, token: str | None, endpoint: str |
             on_event(f"[{i}/{len(jobs)}] failed: {message}")
             outcomes.append(JobOutcome(job, False, f"failed (exit {OutputError.exit_code})", message))
         else:
-            outcomes.append(JobOutcome(job, True, result.action, result.url))
+            outcomes.append(JobOutcome(job, True, result.publish.action, result.publish.url))
     return outcomes

@@ -82,7 +82,8 @@ class _Progress:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from bot.merge import check_output_dir, execute_plan
+    from bot.jobs import run_merge_plan
+    from bot.merge import check_output_dir
     from bot.plan import resolve_plan
     from bot.preflight import preflight
 
@@ -106,14 +107,9 @@ def run_merge(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if plan.fallback_reason:
         print(f"warning: {plan.fallback_reason}; using PEFT's in-memory merge (memory = whole model)", file=sys.stderr)
-    verify = None
-    if spec.verify:
-        from bot.verify import verify_merge
-
-        verify = verify_merge
     progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
     try:
-        result = execute_plan(plan, on_progress=progress, verify=verify)
+        result = run_merge_plan(plan, spec.verify, progress)
     finally:
         progress.close()
     modules = ", ".join(f"{n} {k}" for k, n in result.module_counts.items() if k != "merged_modules") or "none"

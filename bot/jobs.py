@@ -117,13 +117,43 @@ def publish_merged_folder(folder: Path, target: PublishTarget, *, token: str | N
                           fingerprint=report["fingerprint"], token=token, endpoint=endpoint)
 
 
+@dataclass
+class JobResult:
+    """What a job did: the publish outcome, and the merge report and card when a merge ran."""
+
+    publish: PublishResult
+    report: dict[str, Any] | None = None
+    card: str | None = None
+
+    def describe(self) -> str:
+        return self.publish.describe()
+
+
+MergeRunner = Callable[..., Any]  # (plan, verify: bool) -> MergeResult
+
+
+def run_merge_plan(plan, verify: bool, on_progress=None):
+    """The default merge step: stream the plan, optionally verifying against PEFT."""
+    from bot.merge import execute_plan
+
+    verify_fn = None
+    if verify:
+        from bot.verify import verify_merge
+
+        verify_fn = verify_merge
+    return execute_plan(plan, on_progress=on_progress, verify=verify_fn)
+
+
 def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None = None,
                     work_dir: Path | None = None, on_event: EventFn = lambda _: None,
-                    on_progress=None) -> PublishResult:
-    """Pre-flight, skip if the target already has this merge, else merge into a temp folder and publish."""
+                    on_progress=None, merge_runner: MergeRunner | None = None) -> JobResult:
+    """Pre-flight, skip if the target already has this merge, else merge into a temp folder and publish.
+
+    ``merge_runner(plan, verify)`` replaces the merge step (the Space runs it on a GPU worker).
+    """
     from huggingface_hub import HfApi
 
-    from bot.merge import execute_plan
+    from bot.card import CARD_NAME, with_repo_id
     from bot.plan import resolve_plan
     from bot.preflight import preflight
 
@@ -141,17 +171,19 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
         with hub_write_errors(f"checking {target.repo_id}", target.repo_id):
             existing = find_existing(api, target, fp)
         if existing is not None:
-            return existing
+            return JobResult(existing)
+        on_event("downloading the adapter and base")
         plan = resolve_plan(checked.pinned_spec(spec))
         for warning in plan.warnings:
             on_event(f"warning: {warning}")
-        verify = None
-        if job.verify:
-            from bot.verify import verify_merge
-
-            verify = verify_merge
-        result = execute_plan(plan, on_progress=on_progress, verify=verify)
-        on_event(f"merged {result.tensors_merged} tensors in {result.seconds:.1f}s; publishing")
-        return publish_merged_folder(result.out_dir, target, token=token, endpoint=endpoint)
+        on_event("merging")
+        if merge_runner is None:
+            result = run_merge_plan(plan, job.verify, on_progress)
+        else:
+            result = merge_runner(plan, job.verify)
+        on_event(f"merged {result.tensors_merged} tensors in {result.seconds:.1f}s; publishing to {target.repo_id}")
+        published = publish_merged_folder(result.out_dir, target, token=token, endpoint=endpoint)
+        card = with_repo_id((result.out_dir / CARD_NAME).read_text(encoding="utf-8"), target.repo_id)
+        return JobResult(published, result.report, card)
     finally:
         shutil.rmtree(work, ignore_errors=True)

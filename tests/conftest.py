@@ -45,3 +45,11 @@ def hub() -> HubServer:
     HUB.start()
     yield HUB
     HUB.stop()
+
+
+@pytest.fixture(scope="session")
+def models(hub, cache_dir) -> dict:
+    """Users alice (org lab), bob, carol, and bases/adapters on the test Hub (see hub_fixtures.py)."""
+    from hub_fixtures import publish_models
+
+    return publish_models(hub, cache_dir)

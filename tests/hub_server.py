@@ -583,6 +583,7 @@ class HubServer:
         return Response.of_json({
             "type": "user", "id": hashlib.md5(user.name.encode()).hexdigest()[:24], "name": user.name,
             "fullname": user.name, "email": f"{user.name}@example.com", "emailVerified": True, "isPro": False,
+            "avatarUrl": f"/avatars/{user.name}.svg",
             "orgs": [{"type": "org", "name": org, "roleInOrg": "write"} for org in user.orgs],
             "auth": {"type": "access_token", "accessToken": {"displayName": "test-token", "role": user.role}},
         })

@@ -15,64 +15,11 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard, snapshot_download
-from peft import LoraConfig
-
 from bot import cli, hub as bot_hub
-from factory import build_adapter, build_base, merged_outputs, reference_outputs, sample_inputs
+from factory import merged_outputs, reference_outputs, sample_inputs
+from hub_fixtures import ALICE, BOB, CAROL
 
 ROOT = Path(__file__).resolve().parents[1]
-ALICE = "hf_aliceTESTtoken0000000000000000000001"
-BOB = "hf_bobTESTtoken00000000000000000000000002"
-CAROL = "hf_carolTESTtoken000000000000000000000003"
-BASE_CARD = "---\nlicense: apache-2.0\nlanguage:\n- en\ndatasets:\n- bob/pretraining\n---\n# tiny llama\n"
-ADAPTER_CARD = "---\nlicense: mit\ndatasets:\n- alice/chat-data\nlibrary_name: peft\n---\n# tiny lora\n"
-
-
-def folder_files(folder: Path, **extra: bytes) -> dict[str, bytes]:
-    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-    files.update(extra)
-    return files
-
-
-def adapter_files(folder: Path, base_id: str, card: str = ADAPTER_CARD) -> dict[str, bytes]:
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = base_id
-    return folder_files(folder, **{"adapter_config.json": json.dumps(config).encode(), "README.md": card.encode()})
-
-
-def quantized_files(base: Path, card: str | None) -> dict[str, bytes]:
-    config = json.loads((base / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
-    files = {"config.json": json.dumps(config).encode(), "model.safetensors": b"not really 4-bit weights"}
-    if card:
-        files["README.md"] = card.encode()
-    return files
-
-
-@pytest.fixture(scope="module")
-def models(hub, cache_dir):
-    """Bases and adapters on the test Hub, plus their local copies for reference outputs."""
-    hub.add_user("alice", ALICE, orgs=("lab",))
-    hub.add_user("bob", BOB)
-    hub.add_user("carol", CAROL)
-    base = build_base(cache_dir, "llama")
-    adapter = build_adapter(cache_dir, "publish-lora", base, "llama", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    hub.create_repo("bob/tiny-llama", owner_token=BOB, files=folder_files(base, **{"README.md": BASE_CARD.encode()}))
-    hub.create_repo("alice/tiny-lora", owner_token=ALICE, files=adapter_files(adapter, "bob/tiny-llama"))
-    hub.create_repo("bob/gated-llama", owner_token=BOB, gated="manual", files=folder_files(base))
-    hub.create_repo("alice/lora-on-gated", owner_token=ALICE, files=adapter_files(adapter, "bob/gated-llama"))
-    card = "---\nbase_model: bob/tiny-llama\nbase_model_relation: quantized\n---\n"
-    hub.create_repo("bob/tiny-llama-bnb-4bit", owner_token=BOB, files=quantized_files(base, card))
-    hub.create_repo("alice/qlora", owner_token=ALICE, files=adapter_files(adapter, "bob/tiny-llama-bnb-4bit"))
-    hub.create_repo("bob/bare-bnb-4bit", owner_token=BOB, files=quantized_files(base, None))
-    hub.create_repo("alice/qlora-bare", owner_token=ALICE, files=adapter_files(adapter, "bob/bare-bnb-4bit"))
-    prompt = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 8,
-              "base_model_name_or_path": "bob/tiny-llama"}
-    hub.create_repo("alice/prompt-tuning", owner_token=ALICE,
-                    files={"adapter_config.json": json.dumps(prompt).encode()})
-    return {"base": base, "adapter": adapter}
-
-
 def run_cli(capsys, *argv: str, token: str | None = ALICE) -> tuple[int, str, str]:
     code = cli.main([*argv, *(["--token", token] if token else [])])
     out, err = capsys.readouterr()

@@ -1,0 +1,139 @@
+"""The Gradio Space: handlers called with OAuth objects, and the running app through gradio_client.
+
+The browser test (headless Chromium) lives in test_space_browser.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import gradio as gr
+import pytest
+
+from hub_fixtures import ALICE, CAROL
+from space import handlers
+
+
+def profile(name: str) -> gr.OAuthProfile:
+    return gr.OAuthProfile({"preferred_username": name, "name": name, "profile": f"https://hf.co/{name}",
+                            "picture": ""})
+
+
+def token(value: str) -> gr.OAuthToken:
+    return gr.OAuthToken(token=value, scope="openid profile read-repos write-repos manage-repos", expires_at=0)
+
+
+def no_progress(*args, **kwargs) -> None:
+    return None
+
+
+@pytest.fixture
+def on_a_space(monkeypatch):
+    """Behave as on a Space: only the OAuth token counts, never HF_TOKEN."""
+    monkeypatch.setenv("SPACE_ID", "merge-bot/merge-bot")
+    monkeypatch.setenv("HF_TOKEN", CAROL)
+
+
+def test_preflight_view_shows_plan_and_suggests_a_repo(hub, models, on_a_space):
+    text, repo = handlers.preflight_view("alice/tiny-lora", "", "auto", "", profile("alice"), token(ALICE))
+    adapter_sha = hub.commits("alice/tiny-lora")[0]["id"][:12]
+    base_sha = hub.commits("bob/tiny-llama")[0]["id"][:12]
+    assert "Ready to merge" in text and "LORA" in text
+    assert f"`alice/tiny-lora` at `{adapter_sha}`" in text and f"`bob/tiny-llama` at `{base_sha}`" in text
+    assert repo == "alice/tiny-lora-merged"
+
+
+@pytest.mark.parametrize("adapter, user, expected", [
+    ("alice/prompt-tuning", ALICE, "PROMPT_TUNING"),
+    ("alice/lora-on-gated", CAROL, "bob/gated-llama is gated"),
+    ("alice/qlora-bare", ALICE, "--base"),
+    ("alice/nothing-here", ALICE, "not found"),
+])
+def test_preflight_view_explains_refusals_at_once(hub, models, on_a_space, adapter, user, expected):
+    text, _ = handlers.preflight_view(adapter, "", "auto", "", None, token(user))
+    assert text.startswith("**Will be refused:**") and expected in text
+    assert user not in text
+
+
+def test_merge_and_publish_with_the_users_oauth_token(hub, models, on_a_space):
+    result, card = handlers.merge_and_publish("alice/tiny-lora", "", "", False, False, "auto", True,
+                                              profile("alice"), token(ALICE), progress=no_progress)
+    assert "alice/tiny-lora-merged" in result and "Verification: max |Δ logits|" in result
+    assert "base_model: bob/tiny-llama" in card and 'repo = "alice/tiny-lora-merged"' in card
+    commits = [c for c in hub.commits("alice/tiny-lora-merged") if c["title"].startswith("Merge ")]
+    assert len(commits) == 1
+    report = json.loads(hub.files("alice/tiny-lora-merged")["merge_report.json"])
+    assert report["verification"]["max_abs_logit_delta"] < 1e-4
+
+
+def test_space_never_falls_back_to_a_shared_token(hub, models, on_a_space):
+    with pytest.raises(gr.Error, match="Sign in with Hugging Face first"):
+        handlers.merge_and_publish("alice/tiny-lora", "", "carol/should-not-exist", False, False, "auto", False,
+                                   None, None, progress=no_progress)
+    assert not hub.repo_exists("carol/should-not-exist")
+
+
+def test_errors_are_one_line_gr_errors_without_the_token(hub, models, on_a_space):
+    with pytest.raises(gr.Error) as caught:
+        handlers.merge_and_publish("alice/tiny-lora", "", "bob/not-yours", False, False, "auto", False,
+                                   profile("alice"), token(ALICE), progress=no_progress)
+    message = caught.value.message
+    assert "cannot write to namespace bob" in message and "\n" not in message and ALICE not in message
+
+
+def test_local_mode_uses_hf_token_and_ignores_the_mock(monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    assert handlers.user_token(token("mock-oauth-token-for-local-dev")) == ALICE
+    assert handlers.user_token(None) == ALICE
+    monkeypatch.setenv("SPACE_ID", "x/y")
+    assert handlers.user_token(None) is None
+
+
+def test_gpu_duration_grows_with_the_model():
+    class Plan:
+        output_bytes = 0
+
+    small, big = Plan(), Plan()
+    big.output_bytes = 16 * 10**9
+    assert 60 <= handlers.gpu_seconds(small, False) < handlers.gpu_seconds(big, False) < handlers.gpu_seconds(big, True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def running_app(hub, models):
+    """space/app.py launched on 127.0.0.1 in local mode (token from HF_TOKEN, Hub from HF_ENDPOINT)."""
+    saved = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = ALICE
+    os.environ.pop("SPACE_ID", None)
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    from space.app import build_app
+
+    demo = build_app()
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+    if saved is None:
+        os.environ.pop("HF_TOKEN", None)
+    else:
+        os.environ["HF_TOKEN"] = saved
+
+
+def test_gradio_client_runs_a_full_merge(hub, running_app):
+    from gradio_client import Client
+
+    client = Client(running_app, verbose=False)
+    preflight, repo = client.predict("alice/tiny-lora", "", "auto", "", api_name="/preflight")
+    assert "Ready to merge" in preflight and repo == "alice/tiny-lora-merged"
+    result, card = client.predict("alice/tiny-lora", "", "alice/from-gradio-client", False, False, "bfloat16", False,
+                                  api_name="/merge")
+    assert f"{hub.url}/alice/from-gradio-client" in result
+    assert "library_name: transformers" in card
+    assert json.loads(hub.files("alice/from-gradio-client")["merge_report.json"])["output_dtype"] == "bfloat16"
