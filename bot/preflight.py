@@ -83,12 +83,18 @@ def _repo_facts(api, ref: SourceRef, what: str) -> _RepoFacts:
 
 
 def _fetch(api, facts: _RepoFacts, filename: str, what: str) -> Path:
-    """Download one small file at the pinned SHA; this is also the access check for gated repos."""
+    """Download one small file at the pinned SHA, after checking this caller may read it."""
     if filename not in facts.sizes:
         raise (AdapterConfigError if what == "adapter" else IncompatibleBaseError)(
             f"{what} repo {facts.ref.name} has no {filename}; "
             + ("is it a PEFT adapter?" if what == "adapter" else "is it a transformers model?"))
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
     with hub_read_errors(what, facts.ref):
+        # Always ask the Hub: a cached copy (a Space's cache is shared by its users) must not
+        # stand in for this caller's access to a gated or private repo.
+        get_hf_file_metadata(hf_hub_url(facts.ref.name, filename, revision=facts.ref.revision, endpoint=api.endpoint),
+                             token=api.token)
         return Path(api.hf_hub_download(facts.ref.name, filename, revision=facts.ref.revision))
 
 

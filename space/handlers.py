@@ -35,6 +35,11 @@ def user_token(oauth_token: gr.OAuthToken | None) -> str | None:
     return get_token()
 
 
+def read_token(oauth_token: gr.OAuthToken | None) -> str | bool | None:
+    """Token for reads: the user's, or on a Space explicitly none (False), never the Space's own secret."""
+    return user_token(oauth_token) or (False if on_space() else None)
+
+
 def user_name(profile: gr.OAuthProfile | None, token: str | None) -> str | None:
     if profile is not None and getattr(profile, "username", None):
         return profile.username
@@ -70,15 +75,15 @@ def preflight_view(adapter: str, base: str, dtype: str, repo: str, profile: gr.O
     adapter = (adapter or "").strip()
     if not adapter:
         return "Enter an adapter id (`owner/name`, optionally `@revision`).", repo
-    token = user_token(oauth_token)
-    suggestion = repo or default_target(user_name(profile, token), adapter)
+    token = read_token(oauth_token)
+    suggestion = repo or default_target(user_name(profile, token or None), adapter)
     try:
         spec = MergeSpec(adapter=parse_source_ref(adapter, what="adapter"),
                          base=parse_source_ref(base.strip(), what="base") if base and base.strip() else None,
                          out=Path(tempfile.gettempdir()) / "merge-bot-preflight", dtype=dtype or "auto", token=token)
         checked = preflight(spec)
     except MergeBotError as e:
-        return f"**Will be refused:** {_one_line(e, token)}", suggestion
+        return f"**Will be refused:** {_one_line(e, token or None)}", suggestion
     access = []
     for name in checked.private:
         access.append(f"`{name}` is private; your account can read it")

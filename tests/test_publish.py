@@ -129,6 +129,10 @@ def test_gated_base_without_access_creates_nothing(hub, models, capsys):
     hub.grant("bob/gated-llama", "alice")
     code, _, err = run_cli(capsys, "run", "alice/lora-on-gated", "--repo", "alice/gated-merged")
     assert code == 0, err
+    # The base is now in the shared cache; carol still has no access and must not get it from there.
+    code, _, err = run_cli(capsys, "run", "alice/lora-on-gated", "--repo", "carol/gated-merged", token=CAROL)
+    assert code == 4 and "bob/gated-llama is gated" in error_line(err)
+    assert not hub.repo_exists("carol/gated-merged")
 
 
 @pytest.mark.parametrize("adapter, message", [

@@ -82,6 +82,14 @@ def test_errors_are_one_line_gr_errors_without_the_token(hub, models, on_a_space
     assert "cannot write to namespace bob" in message and "\n" not in message and ALICE not in message
 
 
+def test_anonymous_preflight_on_a_space_does_not_use_the_spaces_token(hub, models, on_a_space):
+    # HF_TOKEN (the Space's own secret) is carol's here; an anonymous visitor must not read as carol.
+    hub.create_repo("carol/private-lora", owner_token=CAROL, private=True,
+                    files={"adapter_config.json": b'{"peft_type": "LORA", "base_model_name_or_path": "bob/tiny-llama"}'})
+    text, _ = handlers.preflight_view("carol/private-lora", "", "auto", "", None, None)
+    assert text.startswith("**Will be refused:**") and "not found" in text
+
+
 def test_local_mode_uses_hf_token_and_ignores_the_mock(monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.setenv("HF_TOKEN", ALICE)
