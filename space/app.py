@@ -62,7 +62,6 @@ def build_app() -> gr.Blocks:
         checks = dict(fn=preflight_view, inputs=[adapter, base, dtype, repo], outputs=[preflight, repo],
                       concurrency_limit=4, api_name=False)
         adapter.submit(**checks)
-        adapter.blur(**checks)
         base.submit(**checks)
         check.click(**{**checks, "api_name": "preflight"})
         run.click(merge_and_publish, inputs=[adapter, base, repo, private, pr_mode, dtype, verify],

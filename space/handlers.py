@@ -147,11 +147,11 @@ def merge_and_publish(adapter: str, base: str, repo: str, private: bool, pr_mode
 
     token = user_token(oauth_token)
     if not token:
-        raise gr.Error("Sign in with Hugging Face first: the merge is published under your account.")
+        raise gr.Error("Sign in with Hugging Face first: the merge is published under your account.", duration=None)
     adapter, repo = (adapter or "").strip(), (repo or "").strip()
     repo = repo or default_target(user_name(profile, token), adapter)
     if dtype not in DTYPES:
-        raise gr.Error(f"dtype must be one of {', '.join(DTYPES)}")
+        raise gr.Error(f"dtype must be one of {', '.join(DTYPES)}", duration=None)
     steps: list[str] = []
 
     def event(message: str) -> None:
@@ -166,9 +166,9 @@ def merge_and_publish(adapter: str, base: str, repo: str, private: bool, pr_mode
             result = run_publish_job(job, token=token, work_dir=Path(work), on_event=event,
                                      merge_runner=_merge_runner(progress))
     except MergeBotError as e:
-        raise gr.Error(_one_line(e, token)) from None
+        raise gr.Error(_one_line(e, token), duration=None) from None
     except OSError as e:
-        raise gr.Error(_one_line(f"{e.strerror or e}", token)) from None
+        raise gr.Error(_one_line(f"{e.strerror or e}", token), duration=None) from None
     return result_markdown(result), result.card or ""
 
 

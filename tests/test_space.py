@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+from pathlib import Path
 
 import gradio as gr
 import pytest
@@ -145,3 +147,68 @@ def test_gradio_client_runs_a_full_merge(hub, running_app):
     assert f"{hub.url}/alice/from-gradio-client" in result
     assert "library_name: transformers" in card
     assert json.loads(hub.files("alice/from-gradio-client")["merge_report.json"])["output_dtype"] == "bfloat16"
+
+
+ARTIFACTS = Path(os.environ.get("MERGEBOT_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+
+
+def chromium_path() -> str:
+    """Debian's chromium (installed by scripts/setup.sh), or MERGEBOT_CHROMIUM."""
+    for candidate in (os.environ.get("MERGEBOT_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate:
+            return candidate
+    pytest.fail("no Chromium found: run `bash scripts/setup.sh` (installs Debian's chromium) or set MERGEBOT_CHROMIUM")
+
+
+@pytest.fixture(scope="module")
+def page(running_app):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), headless=True,
+                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(60_000)
+        yield page
+        browser.close()
+
+
+def enter_adapter(page, url: str, adapter: str) -> None:
+    page.goto(url)
+    box = page.locator("#adapter textarea, #adapter input").first
+    box.fill(adapter)
+    box.press("Enter")
+
+
+def test_browser_preflight_merge_and_link(hub, running_app, page):
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    enter_adapter(page, running_app, "alice/tiny-lora")
+    expect(page.locator("#preflight")).to_contain_text("Ready to merge")
+    expect(page.locator("#preflight")).to_contain_text("bob/tiny-llama")
+    expect(page.locator("#repo textarea, #repo input").first).to_have_value("alice/tiny-lora-merged")
+    page.locator("#repo textarea, #repo input").first.fill("alice/from-browser")
+    page.locator("#merge").click()
+    link = page.locator("#result a")
+    expect(link).to_have_attribute("href", f"{hub.url}/alice/from-browser", timeout=120_000)
+    expect(page.locator("#result")).to_contain_text("Verification: max |Δ logits|")
+    page.screenshot(path=str(ARTIFACTS / "space-merge.png"), full_page=True)
+    assert hub.repo_exists("alice/from-browser")
+
+
+def test_browser_refusal_is_a_clear_message(hub, running_app, page):
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    enter_adapter(page, running_app, "alice/prompt-tuning")
+    expect(page.locator("#preflight")).to_contain_text("Will be refused")
+    expect(page.locator("#preflight")).to_contain_text("PROMPT_TUNING")
+    page.locator("#repo textarea, #repo input").first.fill("alice/never-created")
+    page.locator("#merge").click()
+    toast = page.locator(".toast-body").filter(has_text="cannot be merged")
+    expect(toast).to_be_visible()
+    expect(toast).to_contain_text("PROMPT_TUNING")
+    page.screenshot(path=str(ARTIFACTS / "space-refusal.png"))  # viewport: the error toast is fixed-position
+    assert "Traceback" not in page.content()
+    assert not hub.repo_exists("alice/never-created")
