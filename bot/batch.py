@@ -6,11 +6,18 @@ not after six merges. A failing job is reported and the batch goes on.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from bot.errors import MergeBotError, OutputError, UsageError, redact
 from bot.jobs import EventFn, PublishJob, job_from_mapping, run_publish_job
+
+log = logging.getLogger(__name__)
+
+
+MAX_BATCH_BYTES = 256 * 1024
+MAX_BATCH_JOBS = 500
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,8 @@ def load_batch(path: Path) -> list[PublishJob]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"batch file {path} does not exist")
+    if path.stat().st_size > MAX_BATCH_BYTES:
+        raise UsageError(f"batch file {path} is larger than {MAX_BATCH_BYTES // 1024} KiB; split it")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -37,12 +46,14 @@ def load_batch(path: Path) -> list[PublishJob]:
         return []
     entries = data.get("jobs") if isinstance(data, dict) else data
     if isinstance(data, dict) and set(data) - {"jobs"}:
-        raise UsageError(f"batch file {path}: unknown top-level key(s) {', '.join(map(str, set(data) - {'jobs'}))}; "
-                         f"expected only jobs:")
+        extra = ", ".join(sorted(str(k)[:40] for k in set(data) - {"jobs"}))
+        raise UsageError(f"batch file {path}: unknown top-level key(s) {extra}; expected only jobs:")
     if entries is None:
         return []
     if not isinstance(entries, list):
         raise UsageError(f"batch file {path}: jobs must be a list of mappings (adapter, repo, pr, private, base, dtype)")
+    if len(entries) > MAX_BATCH_JOBS:
+        raise UsageError(f"batch file {path} lists {len(entries)} jobs; at most {MAX_BATCH_JOBS} per file")
     return [job_from_mapping(entry, f"{path.name} job {i + 1}") for i, entry in enumerate(entries)]
 
 
@@ -60,6 +71,11 @@ def run_batch_jobs(jobs: list[PublishJob], *, token: str | None, endpoint: str |
             message = redact(f"{e.strerror or e} ({e.filename})" if e.filename else f"{e.strerror or e}", token)
             on_event(f"[{i}/{len(jobs)}] failed: {message}")
             outcomes.append(JobOutcome(job, False, f"failed (exit {OutputError.exit_code})", message))
+        except Exception as e:  # a bug must not cost the other jobs; it is reported, with its type
+            log.debug("job %d failed unexpectedly", i, exc_info=True)
+            message = redact(f"internal error {e.__class__.__name__}: {' '.join(str(e).split())[:200]}", token)
+            on_event(f"[{i}/{len(jobs)}] failed: {message}")
+            outcomes.append(JobOutcome(job, False, "failed (internal error)", message))
         else:
             outcomes.append(JobOutcome(job, True, result.publish.action, result.publish.url))
     return outcomes

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 CARD_NAME = "README.md"
-HUB_URL = "https://huggingface.co"
 
 # Architecture class-name suffix -> (Auto class, pipeline tag), first match wins.
 _TASKS = (
@@ -24,11 +23,25 @@ _TASKS = (
 _INHERITED = ("license", "license_name", "license_link", "language", "datasets")
 
 
-def auto_class_and_pipeline(architecture: str | None) -> tuple[str, str | None]:
+# PEFT task_type -> (Auto class, pipeline tag): what the adapter was trained for decides.
+_TASK_TYPES = {
+    "CAUSAL_LM": ("AutoModelForCausalLM", "text-generation"),
+    "SEQ_2_SEQ_LM": ("AutoModelForSeq2SeqLM", "text2text-generation"),
+    "SEQ_CLS": ("AutoModelForSequenceClassification", "text-classification"),
+    "TOKEN_CLS": ("AutoModelForTokenClassification", "token-classification"),
+    "QUESTION_ANS": ("AutoModelForQuestionAnswering", "question-answering"),
+    "FEATURE_EXTRACTION": ("AutoModel", "feature-extraction"),
+}
+
+
+def auto_class_and_pipeline(architecture: str | None, task_type: str | None = None) -> tuple[str, str | None]:
+    if task_type in _TASK_TYPES:
+        return _TASK_TYPES[task_type]
     for suffix, auto_class, pipeline in _TASKS:
-        if architecture and architecture.endswith(suffix):
+        # *ForConditionalGeneration is also vision-language and speech models: only trust it with a task type.
+        if architecture and architecture.endswith(suffix) and suffix != "ForConditionalGeneration":
             return auto_class, pipeline
-    return "AutoModel", "feature-extraction" if architecture else None
+    return "AutoModel", None
 
 
 def read_card_data(folder: Path | None) -> dict[str, Any]:
@@ -44,20 +57,40 @@ def read_card_data(folder: Path | None) -> dict[str, Any]:
         return {}
 
 
+def _clean(key: str, value: Any) -> Any:
+    """Keep only what the Hub's metadata schema accepts: a short string, or (language, datasets) a list of them."""
+    def ok(v: Any) -> bool:
+        return isinstance(v, str) and 0 < len(v) <= 200 and "\n" not in v
+
+    if ok(value):
+        return value
+    if key in ("language", "datasets") and isinstance(value, list):
+        kept = [v for v in value if ok(v)][:50]
+        return kept or None
+    return None
+
+
 def inherited_metadata(adapter_card: dict[str, Any], base_card: dict[str, Any]) -> dict[str, Any]:
-    """license, language, datasets: the adapter's if its card says, else the base's."""
+    """license, language, datasets: the adapter's if its card says, else the base's; malformed values dropped."""
     out = {}
     for key in _INHERITED:
-        value = adapter_card.get(key) or base_card.get(key)
+        value = _clean(key, adapter_card.get(key)) or _clean(key, base_card.get(key))
         if value:
             out[key] = value
     return out
 
 
+def hub_url() -> str:
+    """The Hub the links should point at (HF_ENDPOINT when set)."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT.rstrip("/")
+
+
 def _link(source: dict[str, Any]) -> str:
     if source.get("repo_id") and source.get("revision"):
         repo, sha = source["repo_id"], source["revision"]
-        return f"[{repo}]({HUB_URL}/{repo}/tree/{sha}) at `{sha[:12]}`"
+        return f"[{repo}]({hub_url()}/{repo}/tree/{sha}) at `{sha[:12]}`"
     return f"local folder `{Path(source.get('path') or source.get('ref') or '?').name}`"
 
 
@@ -75,7 +108,7 @@ def build_card(report: dict[str, Any], adapter_folder: Path | None, base_folder:
     from huggingface_hub import ModelCardData
 
     adapter, base = report.get("adapter", {}), report.get("base", {})
-    auto_class, pipeline = auto_class_and_pipeline(report.get("architecture"))
+    auto_class, pipeline = auto_class_and_pipeline(report.get("architecture"), report.get("task_type"))
     peft_type = str(report.get("peft_type", "lora")).lower()
     data = ModelCardData(
         library_name="transformers",

@@ -137,6 +137,8 @@ def run_push(args: argparse.Namespace) -> int:
 
     if not args.folder.is_dir():
         raise UsageError(f"{args.folder} is not a folder; give the output folder of `python -m bot merge`")
+    if args.pr and args.private:
+        raise UsageError("--private applies to new repos; a pull request keeps the target repo's visibility")
     target = PublishTarget(parse_repo_id(args.repo), pr=args.pr, private=args.private)
     result = publish_merged_folder(args.folder, target, token=hub_token(args))
     print(result.describe())

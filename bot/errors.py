@@ -84,7 +84,9 @@ class RepoConflictError(PublishError):
     exit_code = 12
 
 
-_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{6,}")
+# User access tokens are hf_ + 34 letters/digits; OAuth tokens hf_oauth_ + more. Short hf_ names
+# (repo names like hf_dataset) are left alone.
+_TOKEN_RE = re.compile(r"hf_(?:oauth_)?[A-Za-z0-9]{20,}")
 
 
 def redact(text: str, *secrets: str | None) -> str:

@@ -9,6 +9,7 @@ with their own exit codes (see ``bot.errors``).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import time
@@ -146,25 +147,36 @@ def with_retries(attempt: Callable[[], PublishResult], *, doing: str, repo_id: s
     raise AssertionError("unreachable")
 
 
-def account_of(api) -> tuple[str, set[str]]:
-    """(user name, namespaces it can write to) for the API's token; 401 → AuthenticationError."""
+@dataclass(frozen=True)
+class Account:
+    name: str
+    namespaces: frozenset[str]  # lower-cased: the user and orgs where it may create repos
+
+
+def account_of(api) -> Account:
+    """Who the API's token is, and where it may create repos; refuses missing, invalid or read-only tokens."""
     if not api.token:
         raise AuthenticationError("publishing needs a Hub token with write access: pass --token, set HF_TOKEN, "
                                   "or run `hf auth login`")
     with hub_write_errors("checking the token", "your account"):
-        me = api.whoami()
-    orgs = {o.get("name") for o in me.get("orgs", []) if isinstance(o, dict)}
-    return me["name"], {me["name"], *orgs}
+        me = api.whoami(cache=True)
+    access = (me.get("auth") or {}).get("accessToken") or {}
+    if access.get("role") == "read":
+        raise AuthenticationError("the token is read-only; publishing needs a token with write access "
+                                  "(create one at https://huggingface.co/settings/tokens)")
+    orgs = {o.get("name") for o in me.get("orgs") or [] if isinstance(o, dict)
+            and str(o.get("roleInOrg", "write")).lower() not in ("read", "contributor")}
+    return Account(me["name"], frozenset(n.lower() for n in {me["name"], *orgs} if isinstance(n, str)))
 
 
-def check_can_publish(api, target: PublishTarget) -> str:
+def check_can_publish(api, target: PublishTarget) -> Account:
     """The token works, and a new repo would be in one of its namespaces (anyone may open a PR)."""
-    user, namespaces = account_of(api)
+    account = account_of(api)
     owner = target.repo_id.split("/")[0]
-    if not target.pr and owner not in namespaces:
-        raise AccessDeniedError(f"the token's account {user} cannot write to namespace {owner}; publish under "
-                                f"{user}/... or an org you belong to")
-    return user
+    if not target.pr and owner.lower() not in account.namespaces:
+        raise AccessDeniedError(f"the token's account {account.name} cannot write to namespace {owner}; publish "
+                                f"under {account.name}/... or an org where you have write access")
+    return account
 
 
 def _remote_fingerprint(api, repo_id: str, revision: str) -> str | None:
@@ -175,32 +187,58 @@ def _remote_fingerprint(api, repo_id: str, revision: str) -> str | None:
     except EntryNotFoundError:
         return None
     try:
-        return json.loads(Path(path).read_text()).get("fingerprint")
-    except (ValueError, AttributeError):
+        report = json.loads(Path(path).read_text())
+    except ValueError:
         return None
+    return report.get("fingerprint") if isinstance(report, dict) else None
 
 
-def _repo_state(api, repo_id: str) -> tuple[str, list[str]] | None:
-    """(head SHA of main, files on main), or None when the repo does not exist."""
+@dataclass(frozen=True)
+class RepoState:
+    sha: str | None
+    files: tuple[str, ...]
+    private: bool
+
+    @property
+    def is_empty(self) -> bool:
+        return not set(self.files) - _EMPTY_REPO_FILES
+
+
+def repo_state(api, repo_id: str) -> RepoState | None:
+    """Head of main, its files and visibility; None when the repo does not exist (or is hidden from us)."""
     from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
         info = api.model_info(repo_id)
     except RepositoryNotFoundError:
         return None
-    return info.sha, [s.rfilename for s in (info.siblings or [])]
+    return RepoState(info.sha, tuple(s.rfilename for s in (info.siblings or [])), bool(info.private))
 
 
-def find_existing(api, target: PublishTarget, fp: str) -> PublishResult | None:
-    """This exact merge already on main, or (with --pr) in an open pull request."""
-    state = _repo_state(api, target.repo_id)
+def check_target(target: PublishTarget, state: RepoState | None) -> None:
+    """Refusals that depend on the target repo, known before anything is merged or uploaded."""
+    if target.pr and state is None:
+        raise SourceNotFoundError(f"{target.repo_id} does not exist (or your token cannot see it), so no pull "
+                                  f"request can be opened; drop --pr to create it")
+    if not target.pr and state is not None:
+        if not state.is_empty:
+            raise RepoConflictError(f"{target.repo_id} already exists and holds other files; pass --pr to propose "
+                                    f"this merge as a pull request, or choose another --repo")
+        if target.private and not state.private:
+            raise RepoConflictError(f"{target.repo_id} already exists and is public, so --private cannot be honoured; "
+                                    f"make it private in its settings first, or choose another --repo")
+
+
+def find_existing(api, target: PublishTarget, fp: str, *, author: str | None = None) -> PublishResult | None:
+    """This exact merge already on main, or (with --pr) in an open pull request opened by ``author``."""
+    state = repo_state(api, target.repo_id)
     if state is None:
         return None
-    sha, files = state
-    if REPORT_NAME in files and _remote_fingerprint(api, target.repo_id, sha) == fp:
-        return PublishResult(target.repo_id, "unchanged", f"{api.endpoint}/{target.repo_id}", sha)
+    if REPORT_NAME in state.files and _remote_fingerprint(api, target.repo_id, state.sha) == fp:
+        return PublishResult(target.repo_id, "unchanged", f"{api.endpoint}/{target.repo_id}", state.sha)
     if target.pr:
-        for discussion in api.get_repo_discussions(target.repo_id, discussion_type="pull_request",
+        # Only our own account's PRs count: anyone can open a PR carrying the marker.
+        for discussion in api.get_repo_discussions(target.repo_id, author=author, discussion_type="pull_request",
                                                    discussion_status="open"):
             if not discussion.title.startswith(TITLE_PREFIX):
                 continue  # only merge-bot's own titles can carry the marker; skip the details call
@@ -211,32 +249,48 @@ def find_existing(api, target: PublishTarget, fp: str) -> PublishResult | None:
     return None
 
 
-def _operations(folder: Path, repo_id: str):
-    from huggingface_hub import CommitOperationAdd
+# Files that decide what transformers (or PEFT) loads. A pull request that replaces a model
+# deletes the ones the merge does not write, so old shards or adapter files cannot win.
+_LOADABLE = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf",
+             "*.safetensors.index.json", "*.bin.index.json", "adapter_config.json", "config.json",
+             "generation_config.json")
 
-    ops = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+
+def _is_loadable(name: str) -> bool:
+    from bot.sources import is_tokenizer_file
+
+    return "/" not in name and (is_tokenizer_file(name) or any(fnmatch.fnmatch(name, p) for p in _LOADABLE))
+
+
+def _operations(folder: Path, repo_id: str, replaced: tuple[str, ...] = ()):
+    """Add every file of ``folder``; delete the loadable files of ``replaced`` that the folder does not have."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    ops, names = [], set()
+    for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if rel.startswith(".") or "/." in rel:
-            continue  # hidden files (.cache from local_dir downloads, editor files) are not part of the model
+        if path.is_symlink() or not path.is_file() or rel.startswith(".") or "/." in rel:
+            continue  # no hidden files (.cache, editor files) and never what a symlink points at
+        names.add(rel)
         if rel == CARD_NAME:
             ops.append(CommitOperationAdd(rel, with_repo_id(path.read_text(encoding="utf-8"), repo_id).encode()))
         else:
             ops.append(CommitOperationAdd(rel, str(path)))
+    ops += [CommitOperationDelete(name) for name in sorted(replaced) if name not in names and _is_loadable(name)]
     return ops
 
 
-def read_folder_fingerprint(folder: Path) -> str:
+def read_folder_report(folder: Path) -> dict:
     report = Path(folder) / REPORT_NAME
     if not report.is_file():
         raise UsageError(f"{folder} has no {REPORT_NAME}; publish a folder written by `python -m bot merge`")
     try:
-        fp = json.loads(report.read_text()).get("fingerprint")
-    except ValueError as e:
+        data = json.loads(report.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
         raise UsageError(f"{report} is not valid JSON; re-run the merge") from e
-    if not fp:
+    if not isinstance(data, dict) or not isinstance(data.get("fingerprint"), str) or not data["fingerprint"]:
         raise UsageError(f"{report} has no fingerprint; re-run the merge with this merge-bot version")
-    return fp
+    return data
 
 
 def publish_folder(folder: Path, target: PublishTarget, *, title: str, description: str, fingerprint: str,
@@ -245,31 +299,29 @@ def publish_folder(folder: Path, target: PublishTarget, *, title: str, descripti
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
-    check_can_publish(api, target)
+    account = check_can_publish(api, target)
     folder = Path(folder)
     description = f"{description}\n\n{marker_line(fingerprint)}\n"
 
     def attempt() -> PublishResult:
-        existing = find_existing(api, target, fingerprint)
+        existing = find_existing(api, target, fingerprint, author=account.name)
         if existing is not None:
             return existing
-        state = _repo_state(api, target.repo_id)
+        state = repo_state(api, target.repo_id)
+        check_target(target, state)
         if target.pr:
-            if state is None:
-                raise SourceNotFoundError(f"{target.repo_id} does not exist, so no pull request can be opened; "
-                                          f"drop --pr to create it")
-            info = api.create_commit(target.repo_id, _operations(folder, target.repo_id), commit_message=title,
-                                     commit_description=description, create_pr=True, parent_commit=state[0])
+            info = api.create_commit(target.repo_id, _operations(folder, target.repo_id, state.files),
+                                     commit_message=title, commit_description=description, create_pr=True,
+                                     parent_commit=state.sha)
             return PublishResult(target.repo_id, "pr-opened", info.pr_url or info.commit_url, info.oid)
         action = "committed"
         if state is None:
-            api.create_repo(target.repo_id, private=target.private, exist_ok=True)
-            state, action = _repo_state(api, target.repo_id), "created"
-        elif set(state[1]) - _EMPTY_REPO_FILES:
-            raise RepoConflictError(f"{target.repo_id} already exists and holds other files; pass --pr to propose "
-                                    f"this merge as a pull request, or choose another --repo")
+            # private=None lets an org's default visibility apply; a 409 (someone else was faster) is re-checked.
+            api.create_repo(target.repo_id, private=True if target.private else None, exist_ok=True)
+            state, action = repo_state(api, target.repo_id), "created"
+            check_target(PublishTarget(target.repo_id, private=target.private), state)
         info = api.create_commit(target.repo_id, _operations(folder, target.repo_id), commit_message=title,
-                                 commit_description=description, parent_commit=state[0] if state else None)
+                                 commit_description=description, parent_commit=state.sha if state else None)
         return PublishResult(target.repo_id, action, f"{api.endpoint}/{target.repo_id}", info.oid)
 
     return with_retries(attempt, doing=f"publishing to {target.repo_id}", repo_id=target.repo_id)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bot.errors import UsageError
-from bot.hub import (PublishResult, PublishTarget, check_can_publish, find_existing, hub_write_errors,
-                     parse_repo_id, publish_folder)
+from bot.hub import (PublishResult, PublishTarget, check_can_publish, check_target, find_existing,
+                     hub_write_errors, parse_repo_id, publish_folder, repo_state)
 from bot.spec import DTYPES, MergeSpec, parse_size, parse_source_ref
 
 EventFn = Callable[[str], None]
@@ -54,21 +54,30 @@ _JOB_FIELDS = {f.name: f for f in fields(PublishJob)}
 _BOOL_FIELDS = {"pr", "private", "verify"}
 
 
+def _short(value: Any) -> str:
+    """A value for an error message: never the expansion of a YAML alias bomb."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+    return f"a {type(value).__name__}"
+
+
 def job_from_mapping(entry: Any, where: str) -> PublishJob:
     """Validate one job from YAML/JSON; errors name the entry (``where``) and the bad key."""
     if not isinstance(entry, dict):
         raise UsageError(f"{where}: each job must be a mapping with at least adapter and repo")
-    unknown = sorted(set(entry) - set(_JOB_FIELDS))
+    unknown = sorted((str(k) for k in set(entry) - set(_JOB_FIELDS)))
     if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(_JOB_FIELDS)}")
+        raise UsageError(f"{where}: unknown key(s) {', '.join(k[:40] for k in unknown)}; "
+                         f"allowed: {', '.join(_JOB_FIELDS)}")
     for key in ("adapter", "repo"):
         if not isinstance(entry.get(key), str) or not entry[key].strip():
             raise UsageError(f"{where}: {key} is required and must be a string")
     for key, value in entry.items():
         if key in _BOOL_FIELDS and not isinstance(value, bool):
-            raise UsageError(f"{where}: {key} must be true or false, not {value!r}")
+            raise UsageError(f"{where}: {key} must be true or false, not {_short(value)}")
         if key not in _BOOL_FIELDS and value is not None and not isinstance(value, str):
-            raise UsageError(f"{where}: {key} must be a string, not {value!r}")
+            raise UsageError(f"{where}: {key} must be a string, not {_short(value)}")
     try:
         job = PublishJob(**{k: v for k, v in entry.items() if v is not None})
         job.merge_spec(Path("."), None)  # checks adapter/base syntax now, not mid-batch
@@ -103,10 +112,9 @@ def commit_text(report: dict[str, Any]) -> tuple[str, str]:
 
 
 def read_report(folder: Path) -> dict[str, Any]:
-    from bot.hub import REPORT_NAME, read_folder_fingerprint
+    from bot.hub import read_folder_report
 
-    read_folder_fingerprint(folder)
-    return json.loads((Path(folder) / REPORT_NAME).read_text())
+    return read_folder_report(folder)
 
 
 def publish_merged_folder(folder: Path, target: PublishTarget, *, token: str | None,
@@ -159,7 +167,7 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
 
     target = PublishTarget(parse_repo_id(job.repo), pr=job.pr, private=job.private)
     api = HfApi(endpoint=endpoint, token=token)
-    check_can_publish(api, target)  # a bad token or foreign namespace is known before any download
+    account = check_can_publish(api, target)  # a bad token or foreign namespace is known before any download
     work = Path(tempfile.mkdtemp(prefix="merge-bot-", dir=work_dir))
     try:
         spec = job.merge_spec(work / "merged", token)
@@ -169,9 +177,10 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
             on_event(f"note: {checked.base_note}")
         fp = checked.fingerprint(spec)
         with hub_write_errors(f"checking {target.repo_id}", target.repo_id):
-            existing = find_existing(api, target, fp)
-        if existing is not None:
-            return JobResult(existing)
+            existing = find_existing(api, target, fp, author=account.name)
+            if existing is not None:
+                return JobResult(existing)
+            check_target(target, repo_state(api, target.repo_id))  # refuse now, not after the merge
         on_event("downloading the adapter and base")
         plan = resolve_plan(checked.pinned_spec(spec))
         for warning in plan.warnings:

@@ -90,7 +90,8 @@ def base_ref_for(spec: MergeSpec, acfg: AdapterConfig) -> SourceRef:
         return spec.base
     if not acfg.base_model:
         raise UsageError("adapter_config.json names no base model (base_model_name_or_path); pass --base")
-    ref = parse_source_ref(acfg.base_model, what="base model named in adapter_config.json (override with --base)")
+    ref = parse_source_ref(acfg.base_model, what="base model named in adapter_config.json (override with --base)",
+                           allow_local=spec.adapter.local)
     if acfg.base_revision and not ref.local and not ref.revision:
         ref = SourceRef(name=ref.name, revision=acfg.base_revision)
     return ref

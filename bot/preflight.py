@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from bot.adapter import AdapterConfig, read_adapter_config
-from bot.errors import AdapterConfigError, IncompatibleBaseError, OutputError
+from bot.errors import AdapterConfigError, IncompatibleBaseError, MergeBotError, OutputError
 from bot.plan import base_ref_for, check_not_quantized, check_peft_can_merge, suggest_unquantized
 from bot.provenance import Pinned, fingerprint, output_options, pin_local
 from bot.sources import files_to_download, hub_read_errors
-from bot.spec import MergeSpec, SourceRef
+from bot.spec import MergeSpec, SourceRef, parse_source_ref
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,12 @@ def original_of_quantized(card_data: dict[str, Any]) -> str | None:
     base = card_data.get("base_model")
     if isinstance(base, list):
         base = base[0] if len(base) == 1 else None
-    if isinstance(base, str) and base and relation in (None, "quantized"):
-        return base
-    return None
+    if not (isinstance(base, str) and base and relation in (None, "quantized")):
+        return None
+    try:
+        return parse_source_ref(base, what="base_model in the quantized repo's card", allow_local=False).name
+    except MergeBotError:  # a URL or junk in someone's card: treat as "no original named"
+        return None
 
 
 def _download_files(api, facts: _RepoFacts, what: str) -> list[str]:

@@ -4,7 +4,7 @@ The fingerprint hashes (adapter at its commit, base at its commit, the options t
 the output, merge-bot's version). It is stored in the published repo (``merge_report.json``
 and the card's metadata) and in pull-request descriptions, so re-running the same job can
 see that it is already done. Local folders have no commit; they are identified by a digest
-of their files (whole content for small files, size and first MiB for large ones).
+of their files (whole content for small files; size, mtime and first MiB for large ones).
 """
 from __future__ import annotations
 
@@ -36,8 +36,12 @@ def folder_digest(folder: Path) -> str:
     """Stable digest of a folder's top-level files (names, sizes, and content or its head)."""
     h = hashlib.sha256()
     for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
-        size = path.stat().st_size
-        h.update(f"{path.name}\0{size}\0".encode())
+        stat = path.stat()
+        size = stat.st_size
+        # Large files are identified by size, modification time and their first MiB (hashing
+        # gigabytes on every merge would cost more than the merge); small ones by content.
+        stamp = stat.st_mtime_ns if size > _SMALL_FILE else 0
+        h.update(f"{path.name}\0{size}\0{stamp}\0".encode())
         with path.open("rb") as f:
             h.update(f.read(size if size <= _SMALL_FILE else _HEAD_BYTES))
     return h.hexdigest()[:16]

@@ -27,23 +27,44 @@ class SourceRef:
         return f"{self.name}@{self.revision}" if self.revision else self.name
 
 
-def parse_source_ref(text: str, *, what: str = "adapter") -> SourceRef:
-    """``./folder`` or ``/abs/folder`` (must exist) or ``owner/name[@revision]``."""
+def parse_source_ref(text: str, *, what: str = "adapter", allow_local: bool = True) -> SourceRef:
+    """``./folder`` or ``/abs/folder`` (must exist) or ``owner/name[@revision]``.
+
+    ``allow_local=False`` is for names read from files that came from the Hub (an adapter's
+    ``base_model_name_or_path``): those must never reach into this machine's folders.
+    """
     text = (text or "").strip()
     if not text:
         raise UsageError(f"{what} is empty; give a local folder or a Hub repo id such as owner/name")
-    path = Path(text).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UsageError(f"{what} {text} is a file; give the folder that holds it")
-        return SourceRef(name=str(path.resolve()), local=True)
     name, _, revision = text.partition("@")
     looks_local = text.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in text
-    if looks_local:
-        raise SourceNotFoundError(f"{what} folder {text} does not exist; check the path")
-    if not _REPO_ID.match(name) or ".." in name or (revision and (not _REVISION.match(revision) or ".." in revision)):
+    if allow_local:
+        path = Path(text).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise UsageError(f"{what} {text} is a file; give the folder that holds it")
+            return SourceRef(name=str(path.resolve()), local=True)
+        if looks_local:
+            raise SourceNotFoundError(f"{what} folder {text} does not exist; check the path")
+    elif looks_local:
+        raise UsageError(f"{what} is the local path {text!r}, which a Hub adapter cannot use; pass --base with the "
+                         f"base model's Hub id or folder")
+    if not _REPO_ID.match(name) or ".." in name or (revision and (not _REVISION.match(revision) or ".." in revision)) \
+            or not _valid_for_hub(name):
         raise UsageError(f"{what} {text!r} is neither an existing folder nor a Hub repo id like owner/name[@revision]")
     return SourceRef(name=name, revision=revision or None)
+
+
+def _valid_for_hub(repo_id: str) -> bool:
+    """huggingface_hub's own repo-id rules (no trailing '-' or '.', no '--', no '.git', ...)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return True
 
 
 def parse_size(text: str | int) -> int:

@@ -177,7 +177,11 @@ def test_legacy_bin_adapter_merges(good, tmp_path):
 
 
 def test_token_is_redacted():
-    assert "hf_abcdefghijkl" not in errors.UsageError("bad token hf_abcdefghijkl given").args[0]
+    token = "hf_" + "aB3" * 11 + "x"  # the shape of a user access token: hf_ + 34 letters/digits
+    oauth = "hf_oauth_" + "Zy9" * 12
+    message = errors.UsageError(f"bad token {token} or {oauth} given for repo hf_dataset_tools").args[0]
+    assert token not in message and oauth not in message and "hf_***" in message
+    assert "hf_dataset_tools" in message  # repo names that merely start with hf_ stay readable
 
 
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}])

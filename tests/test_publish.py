@@ -17,7 +17,7 @@ import yaml
 from huggingface_hub import ModelCard, snapshot_download
 from bot import cli, hub as bot_hub
 from factory import merged_outputs, reference_outputs, sample_inputs
-from hub_fixtures import ALICE, BOB, CAROL
+from hub_fixtures import ALICE, BOB, CAROL, adapter_files
 
 ROOT = Path(__file__).resolve().parents[1]
 def run_cli(capsys, *argv: str, token: str | None = ALICE) -> tuple[int, str, str]:
@@ -271,3 +271,104 @@ def test_python_m_bot_run_in_a_child_process(hub, models, tmp_path):
     assert "published alice/from-child" in proc.stdout
     assert ALICE not in proc.stdout + proc.stderr
     assert len(our_commits(hub, "alice/from-child")) == 1
+
+
+def test_pr_replacing_a_model_deletes_its_stale_loadable_files(hub, models, capsys, tmp_path):
+    stale = {"model-00001-of-00002.safetensors": b"old shard", "model.safetensors.index.json": b"{}",
+             "adapter_config.json": b"{}", "pytorch_model.bin": b"old", "tokenizer.model": b"old",
+             "notes.txt": b"keep me", "README.md": b"# old card\n"}
+    hub.create_repo("bob/old-model", owner_token=BOB, files=stale)
+    code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "bob/old-model", "--pr")
+    assert code == 0, err
+    pr = [d for d in hub.discussions("bob/old-model") if d["is_pull_request"]][0]
+    head = hub.files("bob/old-model", pr["git_reference"])
+    assert not {"model-00001-of-00002.safetensors", "model.safetensors.index.json", "adapter_config.json",
+                "pytorch_model.bin", "tokenizer.model"} & set(head)
+    assert head["notes.txt"] == b"keep me" and "model.safetensors" in head
+    assert hub.files("bob/old-model") .keys() >= stale.keys()  # main untouched
+    local = snapshot_download("bob/old-model", revision=pr["git_reference"], cache_dir=tmp_path / "dl")
+    inputs = sample_inputs()
+    expected = reference_outputs(models["base"], models["adapter"], auto_class="AutoModelForCausalLM", inputs=inputs)
+    torch.testing.assert_close(merged_outputs(Path(local), auto_class="AutoModelForCausalLM", inputs=inputs),
+                               expected, atol=1e-5, rtol=1e-5)
+
+
+def test_someone_elses_pr_with_our_marker_is_not_reused(hub, models, capsys):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from bot.jobs import PublishJob
+    from bot.preflight import preflight
+    from bot.provenance import marker_line
+
+    hub.create_repo("alice/victim", owner_token=ALICE, files={"README.md": b"# mine\n"})
+    job = PublishJob(adapter="alice/tiny-lora", repo="alice/victim", pr=True)
+    spec = job.merge_spec(Path("unused"), ALICE)
+    fp = preflight(spec, check_disk=False).fingerprint(spec)
+    HfApi(token=BOB).create_commit("alice/victim", [CommitOperationAdd("evil.txt", b"x")],
+                                   commit_message="Merge LORA adapter (lookalike)",
+                                   commit_description=f"evil\n\n{marker_line(fp)}", create_pr=True)
+    code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/victim", "--pr")
+    assert code == 0, err
+    assert "opened pull request" in out
+    assert len([d for d in hub.discussions("alice/victim") if d["is_pull_request"]]) == 2
+
+
+def test_private_cannot_be_honoured_on_an_existing_public_repo(hub, models, capsys):
+    hub.create_repo("alice/empty-public", owner_token=ALICE, files={".gitattributes": b"*.bin filter=lfs\n"})
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/empty-public", "--private")
+    assert code == 12 and "is public" in error_line(err)
+    assert not our_commits(hub, "alice/empty-public")
+
+
+def test_read_only_token_is_refused_before_any_download(hub, models, capsys):
+    reader = "hf_readerTESTtoken00000000000000000000004"
+    hub.add_user("reader", reader, role="read")
+    before = len(hub.requests_log)
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "reader/x", token=reader)
+    assert code == 11 and "read-only" in error_line(err)
+    assert not [r for r in hub.requests_log[before:] if "/resolve/" in r[1]]
+
+
+def test_refusals_about_the_target_come_before_the_merge(hub, models, capsys):
+    before = len(hub.requests_log)
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/nowhere", "--pr")
+    assert code == 3
+    assert not [r for r in hub.requests_log[before:] if r[1].endswith("model.safetensors")]
+
+
+def test_hub_adapter_cannot_name_a_local_base(hub, models, capsys):
+    files = adapter_files(models["adapter"], str(models["base"]))
+    hub.create_repo("bob/sneaky-lora", owner_token=BOB, files=files)
+    code, _, err = run_cli(capsys, "run", "bob/sneaky-lora", "--repo", "alice/sneaky-merged")
+    assert code == 2 and "local path" in error_line(err)
+    assert not hub.repo_exists("alice/sneaky-merged")
+
+
+@pytest.mark.parametrize("repo", ["alice/model-", "alice/a--b", "alice/x.git"])
+def test_repo_ids_the_hub_rejects_are_usage_errors(hub, models, capsys, repo):
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", repo)
+    assert code == 2 and "owner/name" in error_line(err)
+
+
+def test_malformed_card_metadata_is_not_inherited(hub, models, capsys, tmp_path):
+    card = "---\nlicense: [mit, {x: 1}]\nlanguage: 5\ndatasets: {a: b}\n---\n# odd card\n"
+    hub.create_repo("alice/odd-card-lora", owner_token=ALICE,
+                    files=adapter_files(models["adapter"], "bob/tiny-llama", card=card))
+    code, _, err = run_cli(capsys, "run", "alice/odd-card-lora", "--repo", "alice/odd-card-merged")
+    assert code == 0, err
+    path = tmp_path / "README.md"
+    path.write_bytes(hub.files("alice/odd-card-merged")["README.md"])
+    data = ModelCard.load(path).data.to_dict()
+    assert data["license"] == "apache-2.0" and data["language"] == ["en"]  # the base's clean values
+    assert data["datasets"] == ["bob/pretraining"]
+
+
+def test_yaml_alias_bomb_gives_a_short_error(hub, capsys, tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}]"
+              for i in range(1, 8)]
+    lines += ["jobs:", "  - {adapter: a/b, repo: c/d, base: *a7}"]
+    batch = tmp_path / "bomb.yaml"
+    batch.write_text("\n".join(lines) + "\n")
+    code, _, err = run_cli(capsys, "batch", str(batch))
+    assert code == 2 and len(err) < 400
