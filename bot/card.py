@@ -132,6 +132,11 @@ def build_card(report: dict[str, Any], adapter_folder: Path | None, base_folder:
     ]
     if report.get("base_note"):
         lines.append(f"- **Base note:** {report['base_note']}")
+    if report.get("requested_by"):
+        author = (adapter.get("repo_id") or "").split("/")[0]
+        credit = f"; the adapter is the work of [@{author}]({hub_url()}/{author})" if author else ""
+        lines.append(f"- **Requested by:** [@{report['requested_by']}]({hub_url()}/{report['requested_by']}) "
+                     f"through merge-bot's self-service{credit}")
     counts = {k: v for k, v in (report.get("module_counts") or {}).items() if k != "merged_modules"}
     lines += [
         f"- **Method:** {_method_line(report)}",

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("file", type=Path, help="YAML file: jobs: [{adapter, repo, pr, private, base, dtype}, ...]")
     batch.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
     batch.add_argument("--work-dir", type=Path, default=None, help="where to build merged folders (default: temp)")
+
+    serve = sub.add_parser("serve", help="run the self-service webhook endpoint and worker (settings from env)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     return parser
 
 
@@ -187,7 +191,30 @@ def format_outcomes(outcomes) -> str:
     return "\n".join("  ".join(r[c].ljust(widths[c]) for c in range(4)) + "  " + r[4] for r in rows)
 
 
-COMMANDS = {"merge": run_merge, "push": run_push, "run": run_run, "batch": run_batch}
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from bot.service.config import ServiceConfig
+    from bot.service.webhook import WEBHOOK_PATH, create_app
+    from bot.service.worker import Service
+
+    config = ServiceConfig.from_env()
+    logging.getLogger("bot").setLevel(logging.INFO)
+    from bot.hub import hub_write_errors
+
+    with hub_write_errors("checking the bot's token", "the bot account"):
+        service = Service(config)
+    service.start()
+    print(f"merge-bot serving POST http://{args.host}:{args.port}{WEBHOOK_PATH} as {service.bot_name}; "
+          f"requests from {config.requests_repo_type} {config.requests_repo}; queue {config.db_path}", flush=True)
+    try:
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    finally:
+        service.stop()
+    return 0
+
+
+COMMANDS = {"merge": run_merge, "push": run_push, "run": run_run, "batch": run_batch, "serve": run_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ class PublishJob:
     verify: bool = False
     device: str = "auto"
     max_shard_size: str = "5GB"
+    requested_by: str | None = None
 
     def __post_init__(self) -> None:
         parse_repo_id(self.repo)
@@ -46,12 +47,13 @@ class PublishJob:
             adapter=parse_source_ref(self.adapter, what="adapter"),
             base=parse_source_ref(self.base, what="base") if self.base else None,
             out=out, dtype=self.dtype, device=self.device, verify=self.verify, overwrite=True,
-            max_shard_bytes=parse_size(self.max_shard_size), token=token,
+            max_shard_bytes=parse_size(self.max_shard_size), token=token, requested_by=self.requested_by,
         )
 
 
 _JOB_FIELDS = {f.name: f for f in fields(PublishJob)}
 _BOOL_FIELDS = {"pr", "private", "verify"}
+_BATCH_FIELDS = set(_JOB_FIELDS) - {"requested_by"}  # set by the self-service bot, not by batch files
 
 
 def _short(value: Any) -> str:
@@ -66,10 +68,10 @@ def job_from_mapping(entry: Any, where: str) -> PublishJob:
     """Validate one job from YAML/JSON; errors name the entry (``where``) and the bad key."""
     if not isinstance(entry, dict):
         raise UsageError(f"{where}: each job must be a mapping with at least adapter and repo")
-    unknown = sorted((str(k) for k in set(entry) - set(_JOB_FIELDS)))
+    unknown = sorted((str(k) for k in set(entry) - _BATCH_FIELDS))
     if unknown:
         raise UsageError(f"{where}: unknown key(s) {', '.join(k[:40] for k in unknown)}; "
-                         f"allowed: {', '.join(_JOB_FIELDS)}")
+                         f"allowed: {', '.join(sorted(_BATCH_FIELDS))}")
     for key in ("adapter", "repo"):
         if not isinstance(entry.get(key), str) or not entry[key].strip():
             raise UsageError(f"{where}: {key} is required and must be a string")

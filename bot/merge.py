@@ -186,6 +186,7 @@ def build_report(plan: MergePlan, result: MergeResult) -> dict[str, Any]:
         "adapter": source(plan.adapter),
         "base": source(plan.base),
         "base_note": plan.spec.base_note,
+        "requested_by": plan.spec.requested_by,
         "architecture": (plan.config_updates.get("architectures") or plan.base_config.get("architectures") or [None])[0],
         "peft_type": plan.adapter_config.peft_type,
         "task_type": plan.adapter_config.task_type,

@@ -95,6 +95,7 @@ class MergeSpec:
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     token: str | None = field(default=None, repr=False)
     base_note: str | None = None  # why the base is not the one adapter_config.json names (pre-flight)
+    requested_by: str | None = None  # Hub user who asked for this merge (self-service), credited in the card
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

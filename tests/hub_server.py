@@ -24,6 +24,7 @@ import json
 import re
 import socket
 import threading
+import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
@@ -214,6 +215,11 @@ class Response:
         return cls(status, json.dumps(obj).encode(), {"Content-Type": content_type, **(headers or {})})
 
 
+def user_id(name: str) -> str:
+    """The stable 24-hex id the Hub gives an account (what webhook payloads carry as author.id)."""
+    return hashlib.md5(name.encode()).hexdigest()[:24]
+
+
 @dataclass
 class _Fault:
     method: str
@@ -306,6 +312,7 @@ class HubServer:
         self._repos: dict[tuple[str, str], Repo] = {}
         self._lfs_store: dict[str, bytes] = {}  # sha256 -> content of every LFS object ever stored
         self._faults: list[_Fault] = []
+        self._delays: list[list] = []  # [method, pattern, seconds, remaining]
         self._counter = 0
         self.requests_log: list[tuple[str, str]] = []  # (method, raw path without query)
         self.server_errors: list[str] = []  # tracebacks of handler crashes (answered with 500)
@@ -397,9 +404,16 @@ class HubServer:
         with self._lock:
             self._faults.append(_Fault(method.upper(), re.compile(path_regex), status, times))
 
+    def delay_next(self, method: str, path_regex: str, seconds: float, times: int = 1) -> None:
+        """The next ``times`` matching requests wait ``seconds`` before being handled (a slow Hub:
+        the request still takes effect even if the client has gone away meanwhile)."""
+        with self._lock:
+            self._delays.append([method.upper(), re.compile(path_regex), seconds, times])
+
     def reset_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+            self._delays.clear()
 
     # ---- introspection -----------------------------------------------------------------------
     def commits(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> list[dict]:
@@ -541,7 +555,9 @@ class HubServer:
         req = Request(method, path, parse_qs(query, keep_blank_values=True), headers, body,
                       f"http://{host}" if host else self.url)
         with self._lock:
-            self.requests_log.append((method, path))
+            self.requests_log.append((method, path))  # logged on arrival, before any injected delay
+        time.sleep(self._take_delay(method, path))
+        with self._lock:
             try:
                 fault = self._take_fault(method, path)
                 if fault is not None:
@@ -556,6 +572,16 @@ class HubServer:
             except Exception:
                 self.server_errors.append(traceback.format_exc())
                 return self._error_response(HubError(500, "Internal error in the test Hub server"))
+
+    def _take_delay(self, method: str, path: str) -> float:
+        with self._lock:
+            for delay in self._delays:
+                if delay[0] in ("*", method) and (delay[1].search(path) or delay[1].search(unquote(path))):
+                    delay[3] -= 1
+                    if delay[3] <= 0:
+                        self._delays.remove(delay)
+                    return delay[2]
+        return 0.0
 
     def _take_fault(self, method: str, path: str) -> _Fault | None:
         for fault in self._faults:
@@ -581,7 +607,7 @@ class HubServer:
         if user is None:
             raise HubError(401, "Invalid credentials in Authorization header")
         return Response.of_json({
-            "type": "user", "id": hashlib.md5(user.name.encode()).hexdigest()[:24], "name": user.name,
+            "type": "user", "id": user_id(user.name), "name": user.name,
             "fullname": user.name, "email": f"{user.name}@example.com", "emailVerified": True, "isPro": False,
             "avatarUrl": f"/avatars/{user.name}.svg",
             "orgs": [{"type": "org", "name": org, "roleInOrg": "write"} for org in user.orgs],
@@ -988,7 +1014,7 @@ class HubServer:
     # ---- discussions and pull requests -----------------------------------------------------------
     def _event(self, kind: str, author: str, data: dict) -> dict:
         return {"id": uuid.uuid4().hex[:24], "type": kind, "createdAt": now_iso(),
-                "author": {"name": author, "type": "user"}, "data": data}
+                "author": {"name": author, "type": "user", "_id": user_id(author)}, "data": data}
 
     def _comment_event(self, author: str, text: str) -> dict:
         at = now_iso()

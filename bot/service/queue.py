@@ -1,0 +1,261 @@
+"""The persistent job queue: one SQLite file, safe across threads, crashes and restarts.
+
+Tables: ``jobs`` (one per distinct request; states queued → running → done | failed),
+``subscribers`` (every discussion that asked for a job, so duplicates get the same answer),
+``replies`` (an outbox: each reply is written here in the same transaction as the state
+change that causes it, then posted by a background thread, so none is lost or doubled),
+and ``seen_events`` (comment ids already handled, since the Hub redelivers webhooks).
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from bot.service.commands import MergeRequest
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
+    checked INTEGER NOT NULL DEFAULT 0,
+    requester_id TEXT NOT NULL,
+    requester TEXT,
+    adapter TEXT NOT NULL,
+    pr_repo TEXT,
+    dtype TEXT NOT NULL,
+    base TEXT,
+    target TEXT,
+    comment_id TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    result_url TEXT,
+    error TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_live_per_key ON jobs(key) WHERE state != 'failed';
+CREATE TABLE IF NOT EXISTS subscribers (
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    repo_type TEXT NOT NULL,
+    repo_id TEXT NOT NULL,
+    discussion INTEGER NOT NULL,
+    PRIMARY KEY (job_id, repo_type, repo_id, discussion)
+);
+CREATE TABLE IF NOT EXISTS replies (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,
+    repo_type TEXT NOT NULL,
+    repo_id TEXT NOT NULL,
+    discussion INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    created REAL NOT NULL,
+    sent REAL,
+    tries INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS seen_events (
+    event_id TEXT PRIMARY KEY,
+    created REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Where:
+    """A discussion: where a request came from and where its answers go."""
+
+    repo_type: str
+    repo_id: str
+    discussion: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.repo_type}:{self.repo_id}#{self.discussion}"
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    key: str
+    state: str
+    checked: bool
+    requester_id: str
+    requester: str | None
+    adapter: str
+    pr_repo: str | None
+    dtype: str
+    base: str | None
+    target: str | None
+    comment_id: str | None
+    created: float
+    started: float | None
+    finished: float | None
+    attempts: int
+    result_url: str | None
+    error: str | None
+
+    @property
+    def request(self) -> MergeRequest:
+        return MergeRequest(adapter=self.adapter, pr_repo=self.pr_repo, dtype=self.dtype, base=self.base)
+
+
+@dataclass(frozen=True)
+class Reply:
+    id: int
+    key: str
+    where: Where
+    body: str
+    tries: int
+
+
+class JobQueue:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._db().executescript(SCHEMA)  # executescript manages its own transaction
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # ---- receiving -------------------------------------------------------------------------
+    def first_sighting(self, event_id: str) -> bool:
+        """Record a webhook event id; False when it was handled before (a redelivery)."""
+        with self._tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO seen_events(event_id, created) VALUES (?, ?)",
+                             (event_id, time.time()))
+            return cur.rowcount == 1
+
+    def live_job(self, key: str) -> Job | None:
+        row = self._db().execute("SELECT * FROM jobs WHERE key = ? AND state != 'failed'", (key,)).fetchone()
+        return _job(row)
+
+    def active_count(self, requester_id: str | None = None) -> int:
+        sql = "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
+        args: tuple = ()
+        if requester_id is not None:
+            sql, args = sql + " AND requester_id = ?", (requester_id,)
+        return self._db().execute(sql, args).fetchone()[0]
+
+    def enqueue(self, request: MergeRequest, *, requester_id: str, comment_id: str | None, where: Where,
+                key: str | None = None) -> tuple[Job, bool]:
+        """(job, created): a new queued job, or the live job with the same key (then just subscribed)."""
+        key = key or request.key
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE key = ? AND state != 'failed'", (key,)).fetchone()
+            created = row is None
+            if created:
+                cur = db.execute(
+                    "INSERT INTO jobs(key, state, requester_id, adapter, pr_repo, dtype, base, comment_id, created) "
+                    "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                    (key, requester_id, request.adapter, request.pr_repo, request.dtype, request.base, comment_id,
+                     time.time()))
+                row = db.execute("SELECT * FROM jobs WHERE id = ?", (cur.lastrowid,)).fetchone()
+            db.execute("INSERT OR IGNORE INTO subscribers VALUES (?, ?, ?, ?)",
+                       (row["id"], where.repo_type, where.repo_id, where.discussion))
+        return _job(row), created
+
+    # ---- triage ----------------------------------------------------------------------------
+    def unchecked(self) -> list[Job]:
+        rows = self._db().execute("SELECT * FROM jobs WHERE state = 'queued' AND checked = 0 ORDER BY id").fetchall()
+        return [_job(r) for r in rows]
+
+    def accept(self, job_id: int, *, requester: str, target: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET checked = 1, requester = ?, target = ? WHERE id = ?", (requester, target, job_id))
+
+    def position(self, job_id: int) -> int:
+        """1 for the next job to run (a running job counts as ahead of everyone)."""
+        return self._db().execute(
+            "SELECT COUNT(*) FROM jobs WHERE (state = 'queued' AND id <= ?) OR state = 'running'", (job_id,)
+        ).fetchone()[0]
+
+    # ---- running ---------------------------------------------------------------------------
+    def recover(self) -> int:
+        """After a crash or restart: jobs left 'running' go back to the front of the queue."""
+        with self._tx() as db:
+            return db.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
+
+    def claim_next(self) -> Job | None:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT id FROM jobs WHERE state = 'queued' AND checked = 1 ORDER BY id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1 WHERE id = ?",
+                       (time.time(), row["id"]))
+            return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+
+    def finish(self, job_id: int, *, state: str, url: str | None = None, error: str | None = None,
+               reply: str, reply_kind: str) -> None:
+        """Set the outcome and write the reply to every subscriber, in one transaction."""
+        assert state in ("done", "failed")
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state = ?, finished = ?, result_url = ?, error = ? WHERE id = ?",
+                       (state, time.time(), url, error, job_id))
+            for sub in db.execute("SELECT * FROM subscribers WHERE job_id = ?", (job_id,)).fetchall():
+                where = Where(sub["repo_type"], sub["repo_id"], sub["discussion"])
+                _add_reply(db, f"{reply_kind}:{job_id}:{where.key}", where, reply)
+
+    # ---- replies ---------------------------------------------------------------------------
+    def add_reply(self, key: str, where: Where, body: str) -> None:
+        with self._tx() as db:
+            _add_reply(db, key, where, body)
+
+    def pending_replies(self, limit: int = 20) -> list[Reply]:
+        rows = self._db().execute("SELECT * FROM replies WHERE sent IS NULL ORDER BY id LIMIT ?", (limit,)).fetchall()
+        return [Reply(r["id"], r["key"], Where(r["repo_type"], r["repo_id"], r["discussion"]), r["body"], r["tries"])
+                for r in rows]
+
+    def mark_sent(self, reply_id: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE replies SET sent = ? WHERE id = ?", (time.time(), reply_id))
+
+    def mark_tried(self, reply_id: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE replies SET tries = tries + 1 WHERE id = ?", (reply_id,))
+
+    # ---- status ----------------------------------------------------------------------------
+    def jobs(self, limit: int = 100) -> list[Job]:
+        rows = self._db().execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def job(self, job_id: int) -> Job | None:
+        return _job(self._db().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+
+def _add_reply(db: sqlite3.Connection, key: str, where: Where, body: str) -> None:
+    db.execute("INSERT OR IGNORE INTO replies(key, repo_type, repo_id, discussion, body, created) "
+               "VALUES (?, ?, ?, ?, ?, ?)", (key, where.repo_type, where.repo_id, where.discussion, body, time.time()))
+
+
+def _job(row: sqlite3.Row | None) -> Job | None:
+    if row is None:
+        return None
+    values = dict(row)
+    values["checked"] = bool(values["checked"])
+    return Job(**values)

@@ -1,0 +1,277 @@
+"""The self-service bot: what it does with a webhook, and the threads that do the slow parts.
+
+``receive`` runs inside the webhook request and touches only the local queue (no Hub
+calls), so the Hub gets its answer at once. Three duties run in the background:
+*triage* (who asked, pre-flight with the bot's token, pick the target; reply accepted or
+refused), *work* (one merge at a time, through the same ``run_publish_job`` as the CLI),
+and *replies* (post the outbox to the discussions, exactly once).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bot.errors import MergeBotError, redact
+from bot.service.commands import SYNTAX, CommandError, find_command, parse_command
+from bot.service.config import ServiceConfig
+from bot.service.queue import Job, JobQueue, Where
+
+log = logging.getLogger(__name__)
+
+REPLY_MARKER = "merge-bot-reply:"  # hidden in every reply: the bot never answers itself, never posts twice
+MAX_ATTEMPTS = 3  # a job interrupted this many times (crash, restart) is failed instead of retried forever
+
+
+@dataclass(frozen=True)
+class Received:
+    status: str  # queued | duplicate | rejected | ignored
+    detail: str
+    job_id: int | None = None
+
+
+def reply_marker(key: str) -> str:
+    return f"<!-- {REPLY_MARKER} {key} -->"
+
+
+class Service:
+    def __init__(self, config: ServiceConfig, queue: JobQueue | None = None):
+        from huggingface_hub import HfApi
+
+        self.config = config
+        self.queue = queue or JobQueue(config.db_path)
+        self.api = HfApi(endpoint=config.endpoint, token=config.token)
+        me = self.api.whoami()
+        self.bot_name: str = me["name"]
+        self.bot_id: str = me.get("id", "")
+        self.namespace = config.namespace or self.bot_name
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ---- inside the webhook request: local only ---------------------------------------------
+    def receive(self, payload: Any) -> Received:
+        """Handle a validated ``huggingface_hub`` ``WebhookPayload``."""
+        scope, action = payload.event.scope, payload.event.action
+        if scope not in ("discussion", "discussion.comment") or action != "create":
+            return Received("ignored", f"event {scope}/{action} is not a new discussion or comment")
+        repo = payload.repo
+        if repo.name.lower() != self.config.requests_repo.lower() or repo.type != self.config.requests_repo_type:
+            return Received("ignored", "event from another repo")
+        comment, discussion = payload.comment, payload.discussion
+        if discussion is None or comment is None or comment.hidden:
+            return Received("ignored", "no visible comment")
+        if (self.bot_id and comment.author.id == self.bot_id) or REPLY_MARKER in (comment.content or ""):
+            return Received("ignored", "the bot's own comment")
+        line = find_command(comment.content) or find_command(discussion.title)
+        if line is None:
+            return Received("ignored", "no /merge command")
+        if not self.queue.first_sighting(comment.id):
+            return Received("ignored", "already handled (webhook redelivery)")
+        where = Where(repo.type, repo.name, discussion.num)
+        try:
+            request = parse_command(line)
+        except CommandError as e:
+            self._reply(f"syntax:{comment.id}", where,
+                        f"I could not read that request: {e}.\n\nWrite it like this:\n\n```\n{SYNTAX}\n```")
+            return Received("rejected", str(e))
+        existing = self.queue.live_job(request.key)
+        if existing is None:
+            if self.queue.active_count(comment.author.id) >= self.config.max_queued_per_user:
+                self._reply(f"limit:{comment.id}", where,
+                            f"You already have {self.config.max_queued_per_user} requests waiting, which is the limit "
+                            f"per person. Ask again when one of them is done.")
+                return Received("rejected", "per-user limit")
+            if self.queue.active_count() >= self.config.max_queue:
+                self._reply(f"full:{comment.id}", where,
+                            f"The queue is full ({self.config.max_queue} requests). Please ask again later.")
+                return Received("rejected", "queue full")
+        job, created = self.queue.enqueue(request, requester_id=comment.author.id, comment_id=comment.id, where=where)
+        self._wake.set()
+        if created:
+            return Received("queued", f"job {job.id}", job.id)
+        if job.state == "done":
+            self._reply(f"done-again:{comment.id}", where,
+                        f"This exact request was already done: {job.result_url}")
+        else:
+            self._reply(f"dup:{comment.id}", where,
+                        f"This exact request is already in the queue (job #{job.id}); I will answer here too when "
+                        f"it is done.")
+        return Received("duplicate", f"job {job.id}", job.id)
+
+    def _reply(self, key: str, where: Where, body: str) -> None:
+        self.queue.add_reply(key, where, body)
+        self._wake.set()
+
+    # ---- triage ----------------------------------------------------------------------------
+    def triage_once(self) -> int:
+        """Pre-flight every new job; accept (with queue position) or refuse it. Returns jobs handled."""
+        from bot.spec import MergeSpec, parse_source_ref
+
+        done = 0
+        for job in self.queue.unchecked():
+            done += 1
+            try:
+                requester = self._requester_name(job)
+                request = job.request
+                spec = MergeSpec(adapter=parse_source_ref(request.adapter, allow_local=False),
+                                 base=parse_source_ref(request.base, what="base", allow_local=False)
+                                 if request.base else None,
+                                 out=self.config.db_path.parent / "unused", dtype=request.dtype, token=self.config.token)
+                from bot.preflight import preflight
+
+                checked = preflight(spec, endpoint=self.config.endpoint, check_disk=False)
+                restricted = checked.private + checked.gated
+                if restricted:
+                    raise RefusedError(f"{', '.join(restricted)} is gated or private; the self-service bot only "
+                                       f"republishes public models. Use the merge-bot Space with your own account")
+                if checked.output_bytes > self.config.max_output_gb * 1e9:
+                    raise RefusedError(f"the merged model would be about {checked.output_bytes / 1e9:.0f} GB, over "
+                                       f"this bot's {self.config.max_output_gb:.0f} GB limit; run merge-bot yourself")
+                target = self._target(request, requester)
+            except (MergeBotError, RefusedError) as e:
+                self.queue.finish(job.id, state="failed", error=str(e), reply_kind="refused",
+                                  reply=f"I cannot do this merge: {redact(str(e), self.config.token)}")
+                continue
+            except Exception as e:  # the Hub is down or a bug: try again on the next round
+                log.warning("triage of job %d failed (%s); will retry", job.id, e.__class__.__name__)
+                continue
+            self.queue.accept(job.id, requester=requester, target=target)
+            what = f"a pull request on {target}" if request.pr_repo else f"a new repo {target}"
+            self.queue.add_reply(f"accepted:{job.id}", self._where_of(job),
+                                 f"Accepted: I will merge `{checked.adapter_pin.name}` "
+                                 f"(`{checked.adapter_pin.revision[:12]}`) into `{checked.base_pin.name}` and publish "
+                                 f"it as {what}. Queue position: {self.queue.position(job.id)}. I will reply here with "
+                                 f"the link.")
+        return done
+
+    def _where_of(self, job: Job) -> Where:
+        row = self.queue._db().execute("SELECT * FROM subscribers WHERE job_id = ? LIMIT 1", (job.id,)).fetchone()
+        return Where(row["repo_type"], row["repo_id"], row["discussion"])
+
+    def _requester_name(self, job: Job) -> str:
+        """Webhooks carry only the author's id; the discussion's events carry the name."""
+        where = self._where_of(job)
+        details = self.api.get_discussion_details(where.repo_id, where.discussion, repo_type=where.repo_type)
+        for event in details.events:
+            if event.id == job.comment_id:
+                return event.author
+        return details.author
+
+    def _target(self, request, requester: str) -> str:
+        if request.pr_repo:
+            owner = request.pr_repo.split("/")[0]
+            if owner.lower() != requester.lower() and not self._is_member(owner, requester):
+                raise RefusedError(f"a pull request on {request.pr_repo} needs its owner's say-so: only {owner} (or "
+                                   f"one of its members) can ask for one")
+            return request.pr_repo
+        owner, name = request.adapter.split("@")[0].split("/") if "/" in request.adapter else ("", request.adapter)
+        suffix = "" if request.dtype == "auto" else f"-{request.dtype}"
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{owner}-{name}" if owner else name).strip("-.")
+        stem = re.sub(r"-{2,}", "-", stem)[: 96 - len("-merged") - len(suffix)].rstrip("-.")
+        return f"{self.namespace}/{stem}-merged{suffix}"
+
+    def _is_member(self, org: str, user: str) -> bool:
+        try:
+            return any(m.username.lower() == user.lower() for m in self.api.list_organization_members(org))
+        except Exception:  # not an org, or the Hub will not say: no permission then
+            return False
+
+    # ---- work ------------------------------------------------------------------------------
+    def work_once(self) -> bool:
+        """Run the next accepted job, if any. Publishing is idempotent, so a re-run after a crash is safe."""
+        from bot.hub import repo_state
+        from bot.jobs import PublishJob, run_publish_job
+
+        job = self.queue.claim_next()
+        if job is None:
+            return False
+        if job.attempts > MAX_ATTEMPTS:
+            self.queue.finish(job.id, state="failed", error="interrupted too often", reply_kind="failed",
+                              reply=f"The merge was interrupted {MAX_ATTEMPTS} times; giving up. Please ask again.")
+            return True
+        request = job.request
+        try:
+            pr = bool(request.pr_repo)
+            if not pr:  # our own earlier merge of another revision: propose the new one as a PR on it
+                state = repo_state(self.api, job.target)
+                pr = state is not None and not state.is_empty
+            publish = PublishJob(adapter=request.adapter, repo=job.target, pr=pr, base=request.base,
+                                 dtype=request.dtype, requested_by=job.requester)
+            result = run_publish_job(publish, token=self.config.token, endpoint=self.config.endpoint,
+                                     on_event=lambda m: log.info("job %d: %s", job.id, m))
+        except MergeBotError as e:
+            message = redact(str(e), self.config.token)
+            self.queue.finish(job.id, state="failed", error=message, reply_kind="failed",
+                              reply=f"The merge failed: {message}")
+            return True
+        except Exception as e:
+            log.exception("job %d crashed", job.id)
+            self.queue.finish(job.id, state="failed", error=f"internal error ({e.__class__.__name__})",
+                              reply_kind="failed", reply="The merge failed with an internal error; the maintainers "
+                                                         "have the details. Sorry!")
+            return True
+        url = result.publish.url
+        self.queue.finish(job.id, state="done", url=url, reply_kind="done",
+                          reply=f"Done: {url}\n\n({result.publish.describe().split(':')[0]}.)")
+        return True
+
+    # ---- replies ---------------------------------------------------------------------------
+    def send_replies_once(self) -> int:
+        """Post pending replies; a reply already visible in its discussion (marker) is not posted again."""
+        sent = 0
+        for reply in self.queue.pending_replies():
+            marker = reply_marker(reply.key)
+            try:
+                details = self.api.get_discussion_details(reply.where.repo_id, reply.where.discussion,
+                                                          repo_type=reply.where.repo_type)
+                if not any(marker in (getattr(e, "content", "") or "") for e in details.events):
+                    self.api.comment_discussion(reply.where.repo_id, reply.where.discussion,
+                                                f"{reply.body}\n\n{marker}", repo_type=reply.where.repo_type)
+            except Exception as e:
+                log.warning("reply %s not sent yet (%s)", reply.key, e.__class__.__name__)
+                self.queue.mark_tried(reply.id)
+                continue
+            self.queue.mark_sent(reply.id)
+            sent += 1
+        return sent
+
+    # ---- threads ---------------------------------------------------------------------------
+    def start(self) -> None:
+        recovered = self.queue.recover()
+        if recovered:
+            log.warning("re-queued %d job(s) interrupted by a restart", recovered)
+        for name, duty in (("merge-bot-courier", self._courier), ("merge-bot-worker", self._worker)):
+            thread = threading.Thread(target=self._loop, args=(duty,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def _courier(self) -> bool:
+        return bool(self.triage_once() + self.send_replies_once())
+
+    def _worker(self) -> bool:
+        return self.work_once()
+
+    def _loop(self, duty) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = duty()
+            except Exception:
+                log.exception("background duty failed")
+                busy = False
+            if not busy:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+
+
+class RefusedError(Exception):
+    """A request the bot will not do (policy, not a failure)."""
