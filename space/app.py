@@ -33,44 +33,87 @@ def login_available() -> bool:
     return get_token() is not None
 
 
-def build_app() -> gr.Blocks:
+QUEUE_COLUMNS = ["job", "state", "adapter", "target", "requested by", "created (UTC)", "finished (UTC)", "link"]
+
+
+def build_app(service=None) -> gr.Blocks:
+    """The page; with a self-service ``service`` it also gets a Queue tab."""
     with gr.Blocks(title="merge-bot") as demo:
         gr.Markdown(INTRO)
         if login_available():
             gr.LoginButton()
         else:
             gr.Markdown("Local mode: set `HF_TOKEN` to act as your account.")
-        with gr.Row():
-            with gr.Column():
-                adapter = gr.Textbox(label="Adapter", placeholder="owner/adapter-name[@revision]", elem_id="adapter")
-                base = gr.Textbox(label="Base model override (optional)", placeholder="owner/base-model",
-                                  elem_id="base")
-                repo = gr.Textbox(label="Target repo", placeholder="you/adapter-name-merged", elem_id="repo")
-                with gr.Row():
-                    dtype = gr.Dropdown(list(DTYPES), value="auto", label="Output dtype", elem_id="dtype")
-                    private = gr.Checkbox(label="Private repo", value=False, elem_id="private")
-                    pr_mode = gr.Checkbox(label="Open a pull request on an existing repo", value=False,
-                                          elem_id="pr-mode")
-                    verify = gr.Checkbox(label="Verify against PEFT", value=True, elem_id="verify")
-                check = gr.Button("Check", elem_id="check")
-                run = gr.Button("Merge and publish", variant="primary", elem_id="merge")
-            with gr.Column():
-                preflight = gr.Markdown("Enter an adapter id to see what will happen.", elem_id="preflight")
-                result = gr.Markdown(elem_id="result")
-                card = gr.Code(label="Generated model card", language="markdown", elem_id="card")
-
-        checks = dict(fn=preflight_view, inputs=[adapter, base, dtype, repo], outputs=[preflight, repo],
-                      concurrency_limit=4, api_name=False)
-        adapter.submit(**checks)
-        base.submit(**checks)
-        check.click(**{**checks, "api_name": "preflight"})
-        run.click(merge_and_publish, inputs=[adapter, base, repo, private, pr_mode, dtype, verify],
-                  outputs=[result, card], concurrency_limit=1, concurrency_id="merge", api_name="merge")
+        with gr.Tab("Merge"):
+            _merge_tab()
+        if service is not None:
+            with gr.Tab("Queue"):
+                gr.Markdown(f"Requests written as `/merge owner/adapter` in the discussions of "
+                            f"`{service.config.requests_repo}` are answered there. Jobs, newest first:")
+                table = gr.Dataframe(headers=QUEUE_COLUMNS, value=service.queue.status_rows(), interactive=False,
+                                     elem_id="queue")
+                refresh = gr.Button("Refresh", elem_id="refresh-queue")
+                refresh.click(service.queue.status_rows, outputs=table, api_name=False, queue=False)
+                demo.load(service.queue.status_rows, outputs=table, api_name=False, queue=False)
     demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
     return demo
 
 
-demo = build_app()
+def _merge_tab() -> None:
+    with gr.Row():
+        with gr.Column():
+            adapter = gr.Textbox(label="Adapter", placeholder="owner/adapter-name[@revision]", elem_id="adapter")
+            base = gr.Textbox(label="Base model override (optional)", placeholder="owner/base-model", elem_id="base")
+            repo = gr.Textbox(label="Target repo", placeholder="you/adapter-name-merged", elem_id="repo")
+            with gr.Row():
+                dtype = gr.Dropdown(list(DTYPES), value="auto", label="Output dtype", elem_id="dtype")
+                private = gr.Checkbox(label="Private repo", value=False, elem_id="private")
+                pr_mode = gr.Checkbox(label="Open a pull request on an existing repo", value=False, elem_id="pr-mode")
+                verify = gr.Checkbox(label="Verify against PEFT", value=True, elem_id="verify")
+            check = gr.Button("Check", elem_id="check")
+            run = gr.Button("Merge and publish", variant="primary", elem_id="merge")
+        with gr.Column():
+            preflight = gr.Markdown("Enter an adapter id to see what will happen.", elem_id="preflight")
+            result = gr.Markdown(elem_id="result")
+            card = gr.Code(label="Generated model card", language="markdown", elem_id="card")
+
+    checks = dict(fn=preflight_view, inputs=[adapter, base, dtype, repo], outputs=[preflight, repo],
+                  concurrency_limit=4, api_name=False)
+    adapter.submit(**checks)
+    base.submit(**checks)
+    check.click(**{**checks, "api_name": "preflight"})
+    run.click(merge_and_publish, inputs=[adapter, base, repo, private, pr_mode, dtype, verify],
+              outputs=[result, card], concurrency_limit=1, concurrency_id="merge", api_name="merge")
+
+
+def self_service():
+    """The self-service bot when its settings are present (MERGEBOT_WEBHOOK_SECRET), else None."""
+    if not os.environ.get("MERGEBOT_WEBHOOK_SECRET"):
+        return None
+    from bot.service.config import ServiceConfig
+    from bot.service.worker import Service
+
+    return Service(ServiceConfig.from_env())
+
+
+def serve(demo: gr.Blocks, service) -> None:
+    """With the bot: one FastAPI app serving the webhook and the page; without: gradio's own launch."""
+    host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    if service is None:
+        demo.launch(server_name=host, server_port=port, show_error=False)
+        return
+    import uvicorn
+
+    from bot.service.webhook import create_app
+
+    service.start()
+    app = gr.mount_gradio_app(create_app(service), demo, path="/")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
 
 if __name__ == "__main__":
-    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), show_error=False)
+    bot_service = self_service()
+    serve(build_app(bot_service), bot_service)
+else:
+    demo = build_app()  # `gradio space/app.py` (reload mode) and imports find the page here

@@ -305,3 +305,58 @@ def test_sigkill_mid_job_then_restart_finishes_exactly_once(hub, bot_account, tm
     assert sum(c.startswith("Accepted") for c in replies) == 1
     db = sqlite3.connect(tmp_path / "queue.sqlite")
     assert db.execute("SELECT state, attempts FROM jobs").fetchall() == [("done", 2)]
+
+
+def test_space_mounts_the_webhook_and_shows_the_queue_without_private_targets(hub, service, monkeypatch):
+    import gradio as gr
+
+    from space.app import build_app
+
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    hub.create_repo("alice/hidden-target", owner_token=ALICE, private=True, files={"README.md": b"# private\n"})
+    hub.create_repo("alice/open-target", owner_token=ALICE, files={"README.md": b"# public\n"})
+    service.api = HfApi(token=ALICE)  # let the bot see alice's private repo, as if it were a collaborator
+    app = gr.mount_gradio_app(create_app(service), build_app(service), path="/")
+    client = TestClient(app)
+    for target in ("alice/hidden-target", "alice/open-target"):
+        _, body = ask(hub, "alice", ALICE, f"/merge alice/tiny-lora --pr {target}")
+        assert post(client, body).status_code == 202
+    service.triage_once()
+    rows = {row[3]: row for row in service.queue.status_rows()}
+    assert "(private repo)" in rows and "alice/open-target" in rows
+    assert not any("hidden-target" in cell for row in rows.values() for cell in row)
+    assert client.get("/").status_code == 200 and "merge-bot" in client.get("/").text
+
+
+def test_new_adapter_commit_triggers_a_refresh_pr_on_the_merged_repo(hub, service, models):
+    from safetensors.torch import load_file, save_file
+
+    from hub_fixtures import adapter_files
+
+    hub.create_repo("alice/evolving-lora", owner_token=ALICE,
+                    files=adapter_files(models["adapter"], "bob/tiny-llama"))
+    client = TestClient(create_app(service))
+    num, body = ask(hub, "alice", ALICE, "/merge alice/evolving-lora")
+    post(client, body)
+    drain(service)
+    target = "merge-bot/alice-evolving-lora-merged"
+    assert any(c.startswith(f"Done: {hub.url}/{target}") for c in bot_comments(hub, num))
+
+    weights = load_file(models["adapter"] / "adapter_model.safetensors")
+    retrained = {k: v * 1.5 if "lora_B" in k else v for k, v in weights.items()}
+    path = Path(service.config.db_path.parent / "adapter_model.safetensors")
+    save_file(retrained, path)
+    head = hub.commit_files("alice/evolving-lora", {"adapter_model.safetensors": path.read_bytes()},
+                            message="retrain")
+    update = payload(hub, 0, "x" * 24, "alice", "")
+    update.update({"event": {"action": "update", "scope": "repo.content"}, "discussion": None, "comment": None})
+    update["repo"].update({"name": "alice/evolving-lora", "headSha": head})
+    update["updatedRefs"] = [{"ref": "refs/heads/main", "oldSha": "0" * 40, "newSha": head}]
+    assert post(client, update).json()["status"] == "queued"
+    assert post(client, update).json()["status"] == "ignored"  # same head again: nothing new
+    drain(service)
+    prs = [d for d in hub.discussions(target) if d["is_pull_request"]]
+    assert len(prs) == 1
+    assert any(c.startswith(f"Done: {hub.url}/{target}/discussions/{prs[0]['num']}") for c in bot_comments(hub, num))
+    assert len([c for c in hub.commits(target) if c["title"].startswith("Merge ")]) == 1  # main untouched

@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     dtype TEXT NOT NULL,
     base TEXT,
     target TEXT,
+    target_private INTEGER NOT NULL DEFAULT 0,
     comment_id TEXT,
     created REAL NOT NULL,
     started REAL,
@@ -91,6 +92,7 @@ class Job:
     dtype: str
     base: str | None
     target: str | None
+    target_private: bool
     comment_id: str | None
     created: float
     started: float | None
@@ -179,14 +181,26 @@ class JobQueue:
                        (row["id"], where.repo_type, where.repo_id, where.discussion))
         return _job(row), created
 
+    def done_jobs_for_adapter(self, repo_id: str) -> list[Job]:
+        """Finished merges of this adapter that followed its main branch (no @revision pinned)."""
+        rows = self._db().execute(
+            "SELECT * FROM jobs WHERE state = 'done' AND lower(adapter) = lower(?) ORDER BY id", (repo_id,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def subscriber_of(self, job_id: int) -> Where:
+        row = self._db().execute("SELECT * FROM subscribers WHERE job_id = ? ORDER BY rowid LIMIT 1",
+                                 (job_id,)).fetchone()
+        return Where(row["repo_type"], row["repo_id"], row["discussion"])
+
     # ---- triage ----------------------------------------------------------------------------
     def unchecked(self) -> list[Job]:
         rows = self._db().execute("SELECT * FROM jobs WHERE state = 'queued' AND checked = 0 ORDER BY id").fetchall()
         return [_job(r) for r in rows]
 
-    def accept(self, job_id: int, *, requester: str, target: str) -> None:
+    def accept(self, job_id: int, *, requester: str, target: str, target_private: bool = False) -> None:
         with self._tx() as db:
-            db.execute("UPDATE jobs SET checked = 1, requester = ?, target = ? WHERE id = ?", (requester, target, job_id))
+            db.execute("UPDATE jobs SET checked = 1, requester = ?, target = ?, target_private = ? WHERE id = ?",
+                       (requester, target, int(target_private), job_id))
 
     def position(self, job_id: int) -> int:
         """1 for the next job to run (a running job counts as ahead of everyone)."""
@@ -244,6 +258,19 @@ class JobQueue:
         rows = self._db().execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [_job(r) for r in rows]
 
+    def status_rows(self, limit: int = 100) -> list[list[str]]:
+        """The public view of the queue: no tokens, no errors' internals, private targets hidden."""
+        def when(t: float | None) -> str:
+            return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) if t else ""
+
+        rows = []
+        for job in self.jobs(limit):
+            target = "(private repo)" if job.target_private else (job.target or "")
+            link = "" if job.target_private else (job.result_url or "")
+            rows.append([str(job.id), job.state, job.adapter, target, job.requester or "", when(job.created),
+                         when(job.finished), link])
+        return rows
+
     def job(self, job_id: int) -> Job | None:
         return _job(self._db().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
@@ -258,4 +285,5 @@ def _job(row: sqlite3.Row | None) -> Job | None:
         return None
     values = dict(row)
     values["checked"] = bool(values["checked"])
+    values["target_private"] = bool(values["target_private"])
     return Job(**values)

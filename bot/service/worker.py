@@ -56,6 +56,8 @@ class Service:
     def receive(self, payload: Any) -> Received:
         """Handle a validated ``huggingface_hub`` ``WebhookPayload``."""
         scope, action = payload.event.scope, payload.event.action
+        if scope == "repo.content" and action == "update":
+            return self._refresh(payload)
         if scope not in ("discussion", "discussion.comment") or action != "create":
             return Received("ignored", f"event {scope}/{action} is not a new discussion or comment")
         repo = payload.repo
@@ -102,6 +104,29 @@ class Service:
                         f"it is done.")
         return Received("duplicate", f"job {job.id}", job.id)
 
+    def _refresh(self, payload: Any) -> Received:
+        """An adapter we merged before got a new commit: merge again and propose it as a PR on our repo."""
+        if payload.repo.type != "model":
+            return Received("ignored", "not a model repo")
+        head = next((ref.newSha for ref in payload.updatedRefs or [] if ref.ref == "refs/heads/main" and ref.newSha),
+                    None) or getattr(payload.repo, "head_sha", None) or (payload.repo.model_extra or {}).get("headSha")
+        if not head:  # not in this payload version: one quick question to the Hub
+            try:
+                head = self.api.model_info(payload.repo.name).sha
+            except Exception:
+                return Received("ignored", "could not tell which commit the adapter is at")
+        queued = []
+        for old in self.queue.done_jobs_for_adapter(payload.repo.name):
+            stem = old.key.split("|refresh:")[0]  # the same request refreshed twice at one head is one job
+            job, created = self.queue.enqueue(old.request, requester_id=f"refresh:{old.requester_id}", comment_id=None,
+                                              where=self.queue.subscriber_of(old.id), key=f"{stem}|refresh:{head}")
+            if created:
+                queued.append(job.id)
+        if not queued:
+            return Received("ignored", "no earlier merge of this adapter to refresh")
+        self._wake.set()
+        return Received("queued", f"refresh job(s) {', '.join(map(str, queued))}", queued[0])
+
     def _reply(self, key: str, where: Where, body: str) -> None:
         self.queue.add_reply(key, where, body)
         self._wake.set()
@@ -139,8 +164,18 @@ class Service:
             except Exception as e:  # the Hub is down or a bug: try again on the next round
                 log.warning("triage of job %d failed (%s); will retry", job.id, e.__class__.__name__)
                 continue
-            self.queue.accept(job.id, requester=requester, target=target)
-            what = f"a pull request on {target}" if request.pr_repo else f"a new repo {target}"
+            from bot.hub import repo_state
+
+            try:
+                state = repo_state(self.api, target)
+            except Exception:
+                state = None
+            self.queue.accept(job.id, requester=requester, target=target,
+                              target_private=bool(state and state.private))
+            exists = bool(state and not state.is_empty)
+            what = f"a pull request on {target}" if request.pr_repo or exists else f"a new repo {target}"
+            if job.requester_id.startswith("refresh:"):
+                what += " (the adapter has a new commit since the last merge)"
             self.queue.add_reply(f"accepted:{job.id}", self._where_of(job),
                                  f"Accepted: I will merge `{checked.adapter_pin.name}` "
                                  f"(`{checked.adapter_pin.revision[:12]}`) into `{checked.base_pin.name}` and publish "
