@@ -6,7 +6,6 @@ old field names, task-type defaults for ``modules_to_save``.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import torch
 
+from bot.jsonfile import read_json_object
 from bot.errors import AdapterConfigError, UnsupportedAdapterError
 from bot.tuners import ADAPTER_KEY_ROLES
 
@@ -64,13 +64,7 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise AdapterConfigError(f"no {CONFIG_NAME} in {folder}; point ADAPTER at a PEFT adapter folder or repo")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterConfigError(f"{CONFIG_NAME} is not valid JSON ({e.__class__.__name__} near line "
-                                 f"{getattr(e, 'lineno', '?')}); fix or re-save the adapter") from e
-    if not isinstance(raw, dict):
-        raise AdapterConfigError(f"{CONFIG_NAME} must hold a JSON object, found {type(raw).__name__}")
+    raw = read_json_object(path, error=AdapterConfigError, what=CONFIG_NAME, fix="fix or re-save the adapter")
     return parse_adapter_config(raw)
 
 

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 from bot.card import CARD_NAME, with_repo_id
 from bot.errors import (AccessDeniedError, AuthenticationError, MergeBotError, PublishError, RepoConflictError,
                         SourceNotFoundError, UsageError)
+from bot.jsonfile import read_json_object
 from bot.provenance import has_marker, marker_line
 from bot.sources import is_network_error
 from bot.spec import parse_source_ref
@@ -284,11 +285,8 @@ def read_folder_report(folder: Path) -> dict:
     report = Path(folder) / REPORT_NAME
     if not report.is_file():
         raise UsageError(f"{folder} has no {REPORT_NAME}; publish a folder written by `python -m bot merge`")
-    try:
-        data = json.loads(report.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"{report} is not valid JSON; re-run the merge") from e
-    if not isinstance(data, dict) or not isinstance(data.get("fingerprint"), str) or not data["fingerprint"]:
+    data = read_json_object(report, error=UsageError, what=str(report), fix="re-run the merge")
+    if not isinstance(data.get("fingerprint"), str) or not data["fingerprint"]:
         raise UsageError(f"{report} has no fingerprint; re-run the merge with this merge-bot version")
     return data
 

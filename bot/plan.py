@@ -21,7 +21,7 @@ from bot.architecture import (CONV1D_MODEL_TYPES, ModelLayout, checkpoint_layout
                                load_config)
 from bot.checkpoint import BinTensorInfo, index_checkpoint
 from bot.errors import AdapterConfigError, IncompatibleBaseError, UnsupportedAdapterError, UsageError
-from bot.shards import CODE_FROM_DTYPE, DTYPE_FROM_CODE, OutputTensor, TensorInfo
+from bot.shards import CODE_FROM_DTYPE, OutputTensor, TensorInfo
 from bot.sources import ResolvedSource, is_tokenizer_file, resolve_source
 from bot.spec import MergeSpec, SourceRef, parse_source_ref
 from bot.tuners import TUNER_ROLES, ModuleOp

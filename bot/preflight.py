@@ -8,7 +8,6 @@ bytes will be downloaded and written. The CLI, the Space and the bot all call it
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass, replace
@@ -18,6 +17,7 @@ from typing import Any
 from bot.adapter import AdapterConfig, read_adapter_config
 from bot.errors import AdapterConfigError, IncompatibleBaseError, MergeBotError, OutputError
 from bot.plan import base_ref_for, check_not_quantized, check_peft_can_merge, suggest_unquantized
+from bot.jsonfile import read_json_object
 from bot.provenance import Pinned, fingerprint, output_options, pin_local
 from bot.sources import files_to_download, hub_read_errors
 from bot.spec import MergeSpec, SourceRef, parse_source_ref
@@ -99,13 +99,8 @@ def _fetch(api, facts: _RepoFacts, filename: str, what: str) -> Path:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise IncompatibleBaseError(f"{what} {path.name} is not valid JSON") from e
-    if not isinstance(value, dict):
-        raise IncompatibleBaseError(f"{what} {path.name} must hold a JSON object")
-    return value
+    return read_json_object(path, error=IncompatibleBaseError, what=f"{what} {path.name}",
+                            fix="check the repo, or pass another --base")
 
 
 def original_of_quantized(card_data: dict[str, Any]) -> str | None:

@@ -24,7 +24,6 @@ from huggingface_hub import HfApi
 from bot.errors import UsageError
 from bot.service.config import ServiceConfig, parse_requests_repo
 from bot.service.commands import CommandError, parse_command
-from bot.service.queue import JobQueue
 from bot.service.webhook import create_app
 from bot.service.worker import Service
 from hub_fixtures import ALICE, BOB, CAROL
