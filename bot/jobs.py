@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +20,7 @@ from bot.hub import (PublishResult, PublishTarget, check_can_publish, check_targ
 from bot.spec import DTYPES, MergeSpec, parse_size, parse_source_ref
 
 EventFn = Callable[[str], None]
+MERGE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class PublishJob:
     device: str = "auto"
     max_shard_size: str = "5GB"
     requested_by: str | None = None
+    allow_local: bool = True  # False for web and bot requests: only Hub repos, never this machine's folders
 
     def __post_init__(self) -> None:
         parse_repo_id(self.repo)
@@ -44,8 +47,8 @@ class PublishJob:
 
     def merge_spec(self, out: Path, token: str | None) -> MergeSpec:
         return MergeSpec(
-            adapter=parse_source_ref(self.adapter, what="adapter"),
-            base=parse_source_ref(self.base, what="base") if self.base else None,
+            adapter=parse_source_ref(self.adapter, what="adapter", allow_local=self.allow_local),
+            base=parse_source_ref(self.base, what="base", allow_local=self.allow_local) if self.base else None,
             out=out, dtype=self.dtype, device=self.device, verify=self.verify, overwrite=True,
             max_shard_bytes=parse_size(self.max_shard_size), token=token, requested_by=self.requested_by,
         )
@@ -53,7 +56,7 @@ class PublishJob:
 
 _JOB_FIELDS = {f.name: f for f in fields(PublishJob)}
 _BOOL_FIELDS = {"pr", "private", "verify"}
-_BATCH_FIELDS = set(_JOB_FIELDS) - {"requested_by"}  # set by the self-service bot, not by batch files
+_BATCH_FIELDS = set(_JOB_FIELDS) - {"requested_by", "allow_local"}  # set by the Space and the bot only
 
 
 def _short(value: Any) -> str:
@@ -156,10 +159,12 @@ def run_merge_plan(plan, verify: bool, on_progress=None):
 
 def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None = None,
                     work_dir: Path | None = None, on_event: EventFn = lambda _: None,
-                    on_progress=None, merge_runner: MergeRunner | None = None) -> JobResult:
+                    on_progress=None, merge_runner: MergeRunner | None = None,
+                    policy: Callable[[Any], None] | None = None) -> JobResult:
     """Pre-flight, skip if the target already has this merge, else merge into a temp folder and publish.
 
-    ``merge_runner(plan, verify)`` replaces the merge step (the Space runs it on a GPU worker).
+    ``merge_runner(plan, verify)`` replaces the merge step (the Space runs it on a GPU worker);
+    ``policy(preflight)`` may raise to refuse a job after pre-flight (the self-service bot's rules).
     """
     from huggingface_hub import HfApi
 
@@ -174,6 +179,8 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
     try:
         spec = job.merge_spec(work / "merged", token)
         checked = preflight(spec, endpoint=endpoint)
+        if policy is not None:
+            policy(checked)
         on_event(f"pre-flight: {checked.summary()}")
         if checked.base_note:
             on_event(f"note: {checked.base_note}")
@@ -188,10 +195,11 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
         for warning in plan.warnings:
             on_event(f"warning: {warning}")
         on_event("merging")
-        if merge_runner is None:
-            result = run_merge_plan(plan, job.verify, on_progress)
-        else:
-            result = merge_runner(plan, job.verify)
+        with MERGE_LOCK:  # one merge at a time per process (the Space's form and its bot share the disk)
+            if merge_runner is None:
+                result = run_merge_plan(plan, job.verify, on_progress)
+            else:
+                result = merge_runner(plan, job.verify)
         on_event(f"merged {result.tensors_merged} tensors in {result.seconds:.1f}s; publishing to {target.repo_id}")
         published = publish_merged_folder(result.out_dir, target, token=token, endpoint=endpoint)
         card = with_repo_id((result.out_dir / CARD_NAME).read_text(encoding="utf-8"), target.repo_id)

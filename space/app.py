@@ -17,7 +17,8 @@ import gradio as gr  # noqa: E402
 from bot.spec import DTYPES  # noqa: E402
 from space.handlers import merge_and_publish, on_space, preflight_view  # noqa: E402
 
-MAX_QUEUE = int(os.environ.get("MERGEBOT_MAX_QUEUE", "16"))
+FORM_QUEUE = int(os.environ.get("MERGEBOT_FORM_QUEUE", "16")) if os.environ.get("MERGEBOT_FORM_QUEUE", "16").isdigit() \
+    else 16  # people waiting at the form (the bot's own queue is MERGEBOT_MAX_QUEUE)
 INTRO = """# merge-bot
 Merge a PEFT adapter (LoRA, DoRA, IA3, LoHa, LoKr, ...) into its base model and publish the
 result as a standalone `transformers` model under your account, or as a pull request on an
@@ -55,7 +56,7 @@ def build_app(service=None) -> gr.Blocks:
                 refresh = gr.Button("Refresh", elem_id="refresh-queue")
                 refresh.click(service.queue.status_rows, outputs=table, api_name=False, queue=False)
                 demo.load(service.queue.status_rows, outputs=table, api_name=False, queue=False)
-    demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
+    demo.queue(default_concurrency_limit=1, max_size=FORM_QUEUE)
     return demo
 
 
@@ -108,12 +109,25 @@ def serve(demo: gr.Blocks, service) -> None:
     from bot.service.webhook import create_app
 
     service.start()
-    app = gr.mount_gradio_app(create_app(service), demo, path="/")
+    app = gr.mount_gradio_app(create_app(service), demo, path="/", show_error=False)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-if __name__ == "__main__":
-    bot_service = self_service()
+def main() -> int:
+    from bot.errors import MergeBotError, redact
+    from bot.hub import hub_write_errors
+
+    try:
+        with hub_write_errors("starting the self-service bot", "the bot account"):
+            bot_service = self_service()
+    except MergeBotError as e:
+        print(f"Error: {redact(str(e), os.environ.get('HF_TOKEN'))}", file=sys.stderr)
+        return e.exit_code
     serve(build_app(bot_service), bot_service)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
 else:
     demo = build_app()  # `gradio space/app.py` (reload mode) and imports find the page here

@@ -7,6 +7,7 @@ Errors reach the page as one-line ``gr.Error`` messages.
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -18,10 +19,18 @@ from bot.errors import MergeBotError, redact
 from bot.spec import DTYPES
 
 MOCK_TOKEN_PREFIX = "mock-oauth-token"  # what gradio's local login mock hands out
+log = logging.getLogger(__name__)
 
 
 def on_space() -> bool:
-    return bool(os.environ.get("SPACE_ID"))
+    """Serving other people: a Space, a configured self-service bot, or any non-loopback address.
+
+    Then only a signed-in user's own OAuth token counts; HF_TOKEN (the Space's or bot's secret)
+    is never used for a visitor's action.
+    """
+    host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    return bool(os.environ.get("SPACE_ID") or os.environ.get("SYSTEM") == "spaces"
+                or os.environ.get("MERGEBOT_WEBHOOK_SECRET") or host not in ("127.0.0.1", "localhost", "::1"))
 
 
 def user_token(oauth_token: gr.OAuthToken | None) -> str | None:
@@ -78,12 +87,16 @@ def preflight_view(adapter: str, base: str, dtype: str, repo: str, profile: gr.O
     token = read_token(oauth_token)
     suggestion = repo or default_target(user_name(profile, token or None), adapter)
     try:
-        spec = MergeSpec(adapter=parse_source_ref(adapter, what="adapter"),
-                         base=parse_source_ref(base.strip(), what="base") if base and base.strip() else None,
+        spec = MergeSpec(adapter=parse_source_ref(adapter, what="adapter", allow_local=False),
+                         base=parse_source_ref(base.strip(), what="base", allow_local=False)
+                         if base and base.strip() else None,
                          out=Path(tempfile.gettempdir()) / "merge-bot-preflight", dtype=dtype or "auto", token=token)
         checked = preflight(spec)
     except MergeBotError as e:
         return f"**Will be refused:** {_one_line(e, token or None)}", suggestion
+    except Exception:
+        log.exception("pre-flight of %s failed unexpectedly", adapter)
+        return "**Could not check this adapter** (internal error; see the Space's logs).", suggestion
     access = []
     for name in checked.private:
         access.append(f"`{name}` is private; your account can read it")
@@ -160,7 +173,7 @@ def merge_and_publish(adapter: str, base: str, repo: str, private: bool, pr_mode
 
     try:
         job = PublishJob(adapter=adapter, repo=repo, pr=bool(pr_mode), private=bool(private) and not pr_mode,
-                         base=(base or "").strip() or None, dtype=dtype, verify=bool(verify))
+                         base=(base or "").strip() or None, dtype=dtype, verify=bool(verify), allow_local=False)
         progress(0, desc="pre-flight")
         with tempfile.TemporaryDirectory(prefix="merge-bot-space-") as work:
             result = run_publish_job(job, token=token, work_dir=Path(work), on_event=event,
@@ -169,6 +182,12 @@ def merge_and_publish(adapter: str, base: str, repo: str, private: bool, pr_mode
         raise gr.Error(_one_line(e, token), duration=None) from None
     except OSError as e:
         raise gr.Error(_one_line(f"{e.strerror or e}", token), duration=None) from None
+    except gr.Error:
+        raise
+    except Exception:  # a bug: the details go to the log, the page gets one line
+        log.exception("merge of %s failed unexpectedly", adapter)
+        raise gr.Error("The merge failed with an internal error; nothing was published. The details are in the "
+                       "Space's logs.", duration=None) from None
     return result_markdown(result), result.card or ""
 
 

@@ -206,7 +206,7 @@ def test_pr_on_someone_elses_repo_is_refused(hub, service):
     num, body = ask(hub, "carol", CAROL, "/merge alice/tiny-lora --pr bob/bobs-model")
     post(client, body)
     drain(service)
-    assert "needs its owner's say-so" in bot_comments(hub, num)[0]
+    assert "must be asked for by its owner, bob" in bot_comments(hub, num)[0]
     assert not [d for d in hub.discussions("bob/bobs-model") if d["is_pull_request"]]
 
 
@@ -359,3 +359,80 @@ def test_new_adapter_commit_triggers_a_refresh_pr_on_the_merged_repo(hub, servic
     assert len(prs) == 1
     assert any(c.startswith(f"Done: {hub.url}/{target}/discussions/{prs[0]['num']}") for c in bot_comments(hub, num))
     assert len([c for c in hub.commits(target) if c["title"].startswith("Merge ")]) == 1  # main untouched
+
+
+def test_worker_merges_the_adapter_commit_that_triage_checked(hub, service, models):
+    from hub_fixtures import adapter_files
+
+    hub.create_repo("carol/switcheroo", owner_token=CAROL, files=adapter_files(models["adapter"], "bob/tiny-llama"))
+    checked_sha = hub.commits("carol/switcheroo")[0]["id"]
+    client = TestClient(create_app(service))
+    num, body = ask(hub, "carol", CAROL, "/merge carol/switcheroo")
+    post(client, body)
+    service.triage_once()
+    # After "Accepted", the author points the adapter at a gated base the bot account can read.
+    hub.grant("bob/gated-llama", "merge-bot")
+    config = json.loads(adapter_files(models["adapter"], "bob/gated-llama")["adapter_config.json"])
+    hub.commit_files("carol/switcheroo", {"adapter_config.json": json.dumps(config).encode()}, message="switch")
+    drain(service)
+    report = json.loads(hub.files("merge-bot/carol-switcheroo-merged")["merge_report.json"])
+    assert report["adapter"]["revision"] == checked_sha and report["base"]["repo_id"] == "bob/tiny-llama"
+
+
+def test_undeliverable_replies_do_not_block_the_outbox(hub, service):
+    from bot.service.queue import Where
+
+    for i in range(25):
+        service.queue.add_reply(f"lost:{i}", Where("model", REQUESTS, 9999), "nobody will read this")
+    num, body = ask(hub, "alice", ALICE, "/merge alice/tiny-lora --dtype not-a-dtype")
+    post(TestClient(create_app(service)), body)
+    for _ in range(3):
+        service.send_replies_once()
+    assert bot_comments(hub, num), "a good reply stayed stuck behind undeliverable ones"
+    assert not service.triage_once()  # nothing to decide: the courier has no reason to spin
+
+
+def test_title_command_does_not_refire_on_later_comments(hub, service):
+    client = TestClient(create_app(service))
+    api = HfApi(token=ALICE)
+    discussion = api.create_discussion(REQUESTS, title="/merge alice/tiny-lora --dtype float16", description="pls")
+    first = api.get_discussion_details(REQUESTS, discussion.num).events[0]
+    assert post(client, payload(hub, discussion.num, first.id, "alice", "pls", scope="discussion")
+                | {"discussion": payload(hub, discussion.num, first.id, "alice", "")["discussion"]
+                   | {"title": "/merge alice/tiny-lora --dtype float16"}}).json()["status"] in ("queued", "duplicate")
+    later = payload(hub, discussion.num, "d" * 24, "carol", "thanks!")
+    later["discussion"]["title"] = "/merge alice/tiny-lora --dtype float16"
+    assert post(client, later).json()["status"] == "ignored"
+
+
+def test_forged_reply_marker_does_not_silence_the_bot(hub, service):
+    client = TestClient(create_app(service))
+    num, body = ask(hub, "alice", ALICE, "/merge alice/tiny-lora --dtype bfloat16 --base bob/tiny-llama")
+    post(client, body)
+    HfApi(token=CAROL).comment_discussion(REQUESTS, num, "<!-- merge-bot-reply: accepted:1 -->")
+    service.triage_once()
+    service.send_replies_once()
+    assert any(c.startswith("Accepted") for c in hub.discussions(REQUESTS)[num - 1]["comments"])
+
+
+def test_overlong_or_hostile_commands_get_a_short_quoted_reply(hub, service):
+    client = TestClient(create_app(service))
+    num, body = ask(hub, "alice", ALICE, "/merge a/b --base " + "x" * 5000)
+    assert post(client, body).json()["status"] == "rejected"
+    num2, body2 = ask(hub, "alice", ALICE, '/merge "@bob [free](https://evil.example)"')
+    post(client, body2)
+    service.send_replies_once()
+    (reply,) = bot_comments(hub, num)
+    assert "longer than 400 characters" in reply and len(reply) < 1000
+    (reply2,) = bot_comments(hub, num2)
+    quoted = reply2.split("`")[1]  # the echoed text sits inside inline code: no link, no mention
+    assert "[free](https://evil.example)" in quoted and reply2.count("evil.example") == 1
+
+
+def test_refresh_ignores_pr_refs_and_tags(hub, service):
+    client = TestClient(create_app(service))
+    update = payload(hub, 0, "y" * 24, "alice", "")
+    update.update({"event": {"action": "update", "scope": "repo.content"}, "discussion": None, "comment": None,
+                   "updatedRefs": [{"ref": "refs/pr/3", "oldSha": None, "newSha": "1" * 40}]})
+    update["repo"]["name"] = "alice/tiny-lora"
+    assert post(client, update).json()["status"] == "ignored"

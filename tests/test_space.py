@@ -92,6 +92,16 @@ def test_anonymous_preflight_on_a_space_does_not_use_the_spaces_token(hub, model
     assert text.startswith("**Will be refused:**") and "not found" in text
 
 
+def test_server_folders_are_never_inputs_of_the_form(hub, models, on_a_space):
+    local = str(models["base"])  # e.g. a gated model's snapshot folder in the Space's shared cache
+    text, _ = handlers.preflight_view("alice/tiny-lora", local, "auto", "", profile("alice"), token(ALICE))
+    assert text.startswith("**Will be refused:**") and "local path" in text
+    with pytest.raises(gr.Error, match="local path"):
+        handlers.merge_and_publish(str(models["adapter"]), "", "alice/from-a-folder", False, False, "auto", False,
+                                   profile("alice"), token(ALICE), progress=no_progress)
+    assert not hub.repo_exists("alice/from-a-folder")
+
+
 def test_local_mode_uses_hf_token_and_ignores_the_mock(monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.setenv("HF_TOKEN", ALICE)

@@ -37,7 +37,12 @@ def find_command(text: str | None) -> str | None:
     return None
 
 
+MAX_COMMAND_CHARS = 400
+
+
 def parse_command(line: str) -> MergeRequest:
+    if len(line) > MAX_COMMAND_CHARS:
+        raise CommandError(f"the command is longer than {MAX_COMMAND_CHARS} characters")
     try:
         words = shlex.split(line)
     except ValueError as e:

@@ -18,6 +18,9 @@ from typing import Iterator
 
 from bot.service.commands import MergeRequest
 
+MAX_REPLY_TRIES = 8
+MAX_REPLY_CHARS = 4000
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -27,6 +30,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     requester_id TEXT NOT NULL,
     requester TEXT,
     adapter TEXT NOT NULL,
+    adapter_sha TEXT,
     pr_repo TEXT,
     dtype TEXT NOT NULL,
     base TEXT,
@@ -88,6 +92,7 @@ class Job:
     requester_id: str
     requester: str | None
     adapter: str
+    adapter_sha: str | None
     pr_repo: str | None
     dtype: str
     base: str | None
@@ -104,6 +109,11 @@ class Job:
     @property
     def request(self) -> MergeRequest:
         return MergeRequest(adapter=self.adapter, pr_repo=self.pr_repo, dtype=self.dtype, base=self.base)
+
+    @property
+    def pinned_adapter(self) -> str:
+        """The adapter at the commit triage checked: the worker merges exactly that."""
+        return f"{self.adapter.split('@')[0]}@{self.adapter_sha}" if self.adapter_sha else self.adapter
 
 
 @dataclass(frozen=True)
@@ -145,12 +155,14 @@ class JobQueue:
         db.execute("COMMIT")
 
     # ---- receiving -------------------------------------------------------------------------
-    def first_sighting(self, event_id: str) -> bool:
-        """Record a webhook event id; False when it was handled before (a redelivery)."""
-        with self._tx() as db:
-            cur = db.execute("INSERT OR IGNORE INTO seen_events(event_id, created) VALUES (?, ?)",
-                             (event_id, time.time()))
-            return cur.rowcount == 1
+    def seen(self, event_id: str) -> bool:
+        """Whether this webhook event (comment id) was handled before (the Hub redelivers)."""
+        return self._db().execute("SELECT 1 FROM seen_events WHERE event_id = ?", (event_id,)).fetchone() is not None
+
+    @staticmethod
+    def _mark_seen(db: sqlite3.Connection, event_id: str | None) -> None:
+        if event_id:
+            db.execute("INSERT OR IGNORE INTO seen_events(event_id, created) VALUES (?, ?)", (event_id, time.time()))
 
     def live_job(self, key: str) -> Job | None:
         row = self._db().execute("SELECT * FROM jobs WHERE key = ? AND state != 'failed'", (key,)).fetchone()
@@ -164,21 +176,25 @@ class JobQueue:
         return self._db().execute(sql, args).fetchone()[0]
 
     def enqueue(self, request: MergeRequest, *, requester_id: str, comment_id: str | None, where: Where,
-                key: str | None = None) -> tuple[Job, bool]:
-        """(job, created): a new queued job, or the live job with the same key (then just subscribed)."""
+                key: str | None = None, requester: str | None = None) -> tuple[Job, bool]:
+        """(job, created): a new queued job, or the live job with the same key (then just subscribed).
+
+        The event is marked seen in the same transaction, so a crash cannot lose the request.
+        """
         key = key or request.key
         with self._tx() as db:
             row = db.execute("SELECT * FROM jobs WHERE key = ? AND state != 'failed'", (key,)).fetchone()
             created = row is None
             if created:
                 cur = db.execute(
-                    "INSERT INTO jobs(key, state, requester_id, adapter, pr_repo, dtype, base, comment_id, created) "
-                    "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                    (key, requester_id, request.adapter, request.pr_repo, request.dtype, request.base, comment_id,
-                     time.time()))
+                    "INSERT INTO jobs(key, state, requester_id, requester, adapter, pr_repo, dtype, base, comment_id, "
+                    "created) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (key, requester_id, requester, request.adapter, request.pr_repo, request.dtype, request.base,
+                     comment_id, time.time()))
                 row = db.execute("SELECT * FROM jobs WHERE id = ?", (cur.lastrowid,)).fetchone()
             db.execute("INSERT OR IGNORE INTO subscribers VALUES (?, ?, ?, ?)",
                        (row["id"], where.repo_type, where.repo_id, where.discussion))
+            self._mark_seen(db, comment_id)
         return _job(row), created
 
     def done_jobs_for_adapter(self, repo_id: str) -> list[Job]:
@@ -188,19 +204,33 @@ class JobQueue:
         return [_job(r) for r in rows]
 
     def subscriber_of(self, job_id: int) -> Where:
-        row = self._db().execute("SELECT * FROM subscribers WHERE job_id = ? ORDER BY rowid LIMIT 1",
-                                 (job_id,)).fetchone()
-        return Where(row["repo_type"], row["repo_id"], row["discussion"])
+        return self._first_subscriber(self._db(), job_id)
 
     # ---- triage ----------------------------------------------------------------------------
     def unchecked(self) -> list[Job]:
         rows = self._db().execute("SELECT * FROM jobs WHERE state = 'queued' AND checked = 0 ORDER BY id").fetchall()
         return [_job(r) for r in rows]
 
-    def accept(self, job_id: int, *, requester: str, target: str, target_private: bool = False) -> None:
+    def accept(self, job_id: int, *, requester: str, target: str, adapter_sha: str, target_private: bool,
+               reply: str) -> None:
+        """Mark a job checked (adapter pinned to ``adapter_sha``) and queue its 'accepted' reply, atomically."""
         with self._tx() as db:
-            db.execute("UPDATE jobs SET checked = 1, requester = ?, target = ?, target_private = ? WHERE id = ?",
-                       (requester, target, int(target_private), job_id))
+            db.execute("UPDATE jobs SET checked = 1, requester = ?, target = ?, adapter_sha = ?, target_private = ? "
+                       "WHERE id = ?", (requester, target, adapter_sha, int(target_private), job_id))
+            where = self._first_subscriber(db, job_id)
+            position = db.execute("SELECT COUNT(*) FROM jobs WHERE (state = 'queued' AND checked = 1 AND id <= ?) "
+                                  "OR state = 'running'", (job_id,)).fetchone()[0]
+            _add_reply(db, f"accepted:{job_id}", where, reply.replace("{position}", str(position)))
+
+    @staticmethod
+    def _first_subscriber(db: sqlite3.Connection, job_id: int) -> Where:
+        row = db.execute("SELECT * FROM subscribers WHERE job_id = ? ORDER BY rowid LIMIT 1", (job_id,)).fetchone()
+        return Where(row["repo_type"], row["repo_id"], row["discussion"])
+
+    def requeue(self, job_id: int) -> None:
+        """A run that hit a transient Hub failure goes back to the queue (attempts stay counted)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state = 'queued' WHERE id = ? AND state = 'running'", (job_id,))
 
     def position(self, job_id: int) -> int:
         """1 for the next job to run (a running job counts as ahead of everyone)."""
@@ -236,12 +266,17 @@ class JobQueue:
                 _add_reply(db, f"{reply_kind}:{job_id}:{where.key}", where, reply)
 
     # ---- replies ---------------------------------------------------------------------------
-    def add_reply(self, key: str, where: Where, body: str) -> None:
+    def add_reply(self, key: str, where: Where, body: str, *, event_id: str | None = None) -> None:
+        """Queue a reply (and mark the event that caused it seen) in one transaction."""
         with self._tx() as db:
             _add_reply(db, key, where, body)
+            self._mark_seen(db, event_id)
 
     def pending_replies(self, limit: int = 20) -> list[Reply]:
-        rows = self._db().execute("SELECT * FROM replies WHERE sent IS NULL ORDER BY id LIMIT ?", (limit,)).fetchall()
+        """Unsent replies, fewest tries first, so one undeliverable reply cannot hold up the rest."""
+        rows = self._db().execute(
+            "SELECT * FROM replies WHERE sent IS NULL AND tries < ? ORDER BY tries, id LIMIT ?",
+            (MAX_REPLY_TRIES, limit)).fetchall()
         return [Reply(r["id"], r["key"], Where(r["repo_type"], r["repo_id"], r["discussion"]), r["body"], r["tries"])
                 for r in rows]
 
@@ -276,6 +311,8 @@ class JobQueue:
 
 
 def _add_reply(db: sqlite3.Connection, key: str, where: Where, body: str) -> None:
+    if len(body) > MAX_REPLY_CHARS:
+        body = body[: MAX_REPLY_CHARS - 1] + "…"
     db.execute("INSERT OR IGNORE INTO replies(key, repo_type, repo_id, discussion, body, created) "
                "VALUES (?, ?, ?, ?, ?, ?)", (key, where.repo_type, where.repo_id, where.discussion, body, time.time()))
 

@@ -10,6 +10,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from bot.service.worker import Service
 
@@ -39,7 +40,7 @@ def add_webhook_routes(app: FastAPI, service: Service) -> None:
         except ValidationError as e:
             return JSONResponse({"error": f"not a Hub webhook payload ({e.error_count()} problem(s))"},
                                 status_code=422)
-        outcome = service.receive(payload)
+        outcome = await run_in_threadpool(service.receive, payload)  # SQLite writes stay off the event loop
         status = 202 if outcome.status in ("queued", "duplicate", "rejected") else 200
         return JSONResponse({"status": outcome.status, "detail": outcome.detail, "job": outcome.job_id},
                             status_code=status)

@@ -8,9 +8,13 @@ and *replies* (post the outbox to the discussions, exactly once).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import threading
+import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +40,12 @@ def reply_marker(key: str) -> str:
     return f"<!-- {REPLY_MARKER} {key} -->"
 
 
+def quote(text: str, limit: int = 300) -> str:
+    """Someone else's text inside a reply: shortened, as inline code (no links, mentions or markup)."""
+    text = " ".join(str(text).split()).replace("`", "'")
+    return f"`{text[:limit]}{'…' if len(text) > limit else ''}`"
+
+
 class Service:
     def __init__(self, config: ServiceConfig, queue: JobQueue | None = None):
         from huggingface_hub import HfApi
@@ -47,6 +57,8 @@ class Service:
         self.bot_name: str = me["name"]
         self.bot_id: str = me.get("id", "")
         self.namespace = config.namespace or self.bot_name
+        self._triage_failures: dict[int, int] = {}
+        self._triage_retry_at: dict[int, float] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -67,36 +79,38 @@ class Service:
             return Received("ignored", "no visible comment")
         if (self.bot_id and comment.author.id == self.bot_id) or REPLY_MARKER in (comment.content or ""):
             return Received("ignored", "the bot's own comment")
-        line = find_command(comment.content) or find_command(discussion.title)
+        line = find_command(comment.content)
+        if line is None and scope == "discussion":  # the title counts only when the discussion is opened
+            line = find_command(discussion.title)
         if line is None:
             return Received("ignored", "no /merge command")
-        if not self.queue.first_sighting(comment.id):
+        if self.queue.seen(comment.id):
             return Received("ignored", "already handled (webhook redelivery)")
         where = Where(repo.type, repo.name, discussion.num)
         try:
             request = parse_command(line)
         except CommandError as e:
-            self._reply(f"syntax:{comment.id}", where,
-                        f"I could not read that request: {e}.\n\nWrite it like this:\n\n```\n{SYNTAX}\n```")
+            self._reply(f"syntax:{comment.id}", where, f"I could not read that request: {quote(str(e))}.\n\n"
+                        f"Write it like this:\n\n```\n{SYNTAX}\n```", event_id=comment.id)
             return Received("rejected", str(e))
         existing = self.queue.live_job(request.key)
         if existing is None:
             if self.queue.active_count(comment.author.id) >= self.config.max_queued_per_user:
                 self._reply(f"limit:{comment.id}", where,
                             f"You already have {self.config.max_queued_per_user} requests waiting, which is the limit "
-                            f"per person. Ask again when one of them is done.")
+                            f"per person. Ask again when one of them is done.", event_id=comment.id)
                 return Received("rejected", "per-user limit")
             if self.queue.active_count() >= self.config.max_queue:
                 self._reply(f"full:{comment.id}", where,
-                            f"The queue is full ({self.config.max_queue} requests). Please ask again later.")
+                            f"The queue is full ({self.config.max_queue} requests). Please ask again later.",
+                            event_id=comment.id)
                 return Received("rejected", "queue full")
         job, created = self.queue.enqueue(request, requester_id=comment.author.id, comment_id=comment.id, where=where)
         self._wake.set()
         if created:
             return Received("queued", f"job {job.id}", job.id)
         if job.state == "done":
-            self._reply(f"done-again:{comment.id}", where,
-                        f"This exact request was already done: {job.result_url}")
+            self._reply(f"done-again:{comment.id}", where, f"This exact request was already done: {job.result_url}")
         else:
             self._reply(f"dup:{comment.id}", where,
                         f"This exact request is already in the queue (job #{job.id}); I will answer here too when "
@@ -104,21 +118,21 @@ class Service:
         return Received("duplicate", f"job {job.id}", job.id)
 
     def _refresh(self, payload: Any) -> Received:
-        """An adapter we merged before got a new commit: merge again and propose it as a PR on our repo."""
+        """An adapter we merged before got a new commit on main: merge again, as a PR on our repo."""
         if payload.repo.type != "model":
             return Received("ignored", "not a model repo")
         head = next((ref.newSha for ref in payload.updatedRefs or [] if ref.ref == "refs/heads/main" and ref.newSha),
-                    None) or getattr(payload.repo, "head_sha", None) or (payload.repo.model_extra or {}).get("headSha")
-        if not head:  # not in this payload version: one quick question to the Hub
-            try:
-                head = self.api.model_info(payload.repo.name).sha
-            except Exception:
-                return Received("ignored", "could not tell which commit the adapter is at")
+                    None)
+        if not head:  # a PR ref, a tag, or a payload without updatedRefs: not a new version of the adapter
+            return Received("ignored", "no new commit on main")
         queued = []
         for old in self.queue.done_jobs_for_adapter(payload.repo.name):
+            if self.queue.active_count() >= self.config.max_queue:
+                break
             stem = old.key.split("|refresh:")[0]  # the same request refreshed twice at one head is one job
-            job, created = self.queue.enqueue(old.request, requester_id=f"refresh:{old.requester_id}", comment_id=None,
-                                              where=self.queue.subscriber_of(old.id), key=f"{stem}|refresh:{head}")
+            job, created = self.queue.enqueue(old.request, requester_id=old.requester_id, comment_id=None,
+                                              where=self.queue.subscriber_of(old.id), key=f"{stem}|refresh:{head}",
+                                              requester=old.requester)
             if created:
                 queued.append(job.id)
         if not queued:
@@ -126,93 +140,118 @@ class Service:
         self._wake.set()
         return Received("queued", f"refresh job(s) {', '.join(map(str, queued))}", queued[0])
 
-    def _reply(self, key: str, where: Where, body: str) -> None:
-        self.queue.add_reply(key, where, body)
+    def _reply(self, key: str, where: Where, body: str, event_id: str | None = None) -> None:
+        self.queue.add_reply(key, where, body, event_id=event_id)
         self._wake.set()
 
     # ---- triage ----------------------------------------------------------------------------
+    def policy(self, checked) -> None:
+        """What the self-service bot will not publish, whoever asks; applied at triage and again in the worker."""
+        restricted = checked.private + checked.gated
+        if restricted:
+            raise RefusedError(f"{', '.join(restricted)} is gated or private; the self-service bot only republishes "
+                               f"public models. Use the merge-bot Space with your own account")
+        if checked.output_bytes > self.config.max_output_gb * 1e9:
+            raise RefusedError(f"the merged model would be about {checked.output_bytes / 1e9:.0f} GB, over this "
+                               f"bot's {self.config.max_output_gb:.0f} GB limit; run merge-bot yourself")
+
     def triage_once(self) -> int:
-        """Pre-flight every new job; accept (with queue position) or refuse it. Returns jobs handled."""
+        """Pre-flight every new job; accept (with queue position) or refuse it. Returns jobs decided."""
+        from bot.hub import repo_state
+        from bot.preflight import preflight
         from bot.spec import MergeSpec, parse_source_ref
 
-        done = 0
+        decided = 0
         for job in self.queue.unchecked():
-            done += 1
+            if self._triage_failures.get(job.id, 0) and time.monotonic() < self._triage_retry_at.get(job.id, 0):
+                continue
             try:
-                requester = self._requester_name(job)
+                requester = job.requester or self._requester_name(job)
                 request = job.request
                 spec = MergeSpec(adapter=parse_source_ref(request.adapter, allow_local=False),
                                  base=parse_source_ref(request.base, what="base", allow_local=False)
                                  if request.base else None,
                                  out=self.config.db_path.parent / "unused", dtype=request.dtype, token=self.config.token)
-                from bot.preflight import preflight
-
                 checked = preflight(spec, endpoint=self.config.endpoint, check_disk=False)
-                restricted = checked.private + checked.gated
-                if restricted:
-                    raise RefusedError(f"{', '.join(restricted)} is gated or private; the self-service bot only "
-                                       f"republishes public models. Use the merge-bot Space with your own account")
-                if checked.output_bytes > self.config.max_output_gb * 1e9:
-                    raise RefusedError(f"the merged model would be about {checked.output_bytes / 1e9:.0f} GB, over "
-                                       f"this bot's {self.config.max_output_gb:.0f} GB limit; run merge-bot yourself")
-                target = self._target(request, requester)
-            except (MergeBotError, RefusedError) as e:
-                self.queue.finish(job.id, state="failed", error=str(e), reply_kind="refused",
-                                  reply=f"I cannot do this merge: {redact(str(e), self.config.token)}")
-                continue
-            except Exception as e:  # the Hub is down or a bug: try again on the next round
-                log.warning("triage of job %d failed (%s); will retry", job.id, e.__class__.__name__)
-                continue
-            from bot.hub import repo_state
-
-            try:
+                self.policy(checked)
+                target = self._target(request, requester, checked.adapter_pin.name)
                 state = repo_state(self.api, target)
-            except Exception:
-                state = None
-            self.queue.accept(job.id, requester=requester, target=target,
-                              target_private=bool(state and state.private))
+            except (MergeBotError, RefusedError) as e:
+                if isinstance(e, MergeBotError) and self._is_transient(e) and self._retry_later(job.id):
+                    continue
+                decided += 1
+                self.queue.finish(job.id, state="failed", error=str(e), reply_kind="refused",
+                                  reply=f"I cannot do this merge: {quote(redact(str(e), self.config.token))}")
+                continue
+            except Exception as e:  # the Hub is down, the discussion vanished, or a bug
+                log.warning("triage of job %d failed (%s)", job.id, e.__class__.__name__)
+                if not self._retry_later(job.id):
+                    decided += 1
+                    self.queue.finish(job.id, state="failed", error=f"could not check ({e.__class__.__name__})",
+                                      reply_kind="refused", reply="I could not check this request (the Hub did not "
+                                                                  "answer). Please ask again later.")
+                continue
+            decided += 1
             exists = bool(state and not state.is_empty)
             what = f"a pull request on {target}" if request.pr_repo or exists else f"a new repo {target}"
-            if job.requester_id.startswith("refresh:"):
+            if job.comment_id is None:
                 what += " (the adapter has a new commit since the last merge)"
-            self.queue.add_reply(f"accepted:{job.id}", self._where_of(job),
-                                 f"Accepted: I will merge `{checked.adapter_pin.name}` "
-                                 f"(`{checked.adapter_pin.revision[:12]}`) into `{checked.base_pin.name}` and publish "
-                                 f"it as {what}. Queue position: {self.queue.position(job.id)}. I will reply here with "
-                                 f"the link.")
-        return done
+            self.queue.accept(job.id, requester=requester, target=target, adapter_sha=checked.adapter_pin.revision,
+                              target_private=bool(state and state.private),
+                              reply=f"Accepted: I will merge `{checked.adapter_pin.name}` "
+                                    f"(`{checked.adapter_pin.revision[:12]}`) into `{checked.base_pin.name}` and "
+                                    f"publish it as {what}. Queue position: {{position}}. I will reply here with the "
+                                    f"link.")
+        return decided
 
-    def _where_of(self, job: Job) -> Where:
-        row = self.queue._db().execute("SELECT * FROM subscribers WHERE job_id = ? LIMIT 1", (job.id,)).fetchone()
-        return Where(row["repo_type"], row["repo_id"], row["discussion"])
+    def _retry_later(self, job_id: int) -> bool:
+        """Back off a job whose check failed for a passing reason; False once it has failed too often."""
+        failures = self._triage_failures.get(job_id, 0) + 1
+        self._triage_failures[job_id] = failures
+        self._triage_retry_at[job_id] = time.monotonic() + min(300.0, 2.0 ** failures)
+        return failures < 6
+
+    @staticmethod
+    def _is_transient(error: BaseException) -> bool:
+        from bot.hub import hub_failure, is_transient
+
+        cause = hub_failure(error)
+        return cause is not None and is_transient(cause)
 
     def _requester_name(self, job: Job) -> str:
         """Webhooks carry only the author's id; the discussion's events carry the name."""
-        where = self._where_of(job)
+        where = self.queue.subscriber_of(job.id)
         details = self.api.get_discussion_details(where.repo_id, where.discussion, repo_type=where.repo_type)
         for event in details.events:
             if event.id == job.comment_id:
                 return event.author
-        return details.author
+        raise RefusedError("I could not find your comment any more (deleted?); please ask again")
 
-    def _target(self, request, requester: str) -> str:
+    def _target(self, request, requester: str, adapter_repo: str) -> str:
         if request.pr_repo:
             owner = request.pr_repo.split("/")[0]
-            if owner.lower() != requester.lower() and not self._is_member(owner, requester):
-                raise RefusedError(f"a pull request on {request.pr_repo} needs its owner's say-so: only {owner} (or "
-                                   f"one of its members) can ask for one")
+            if owner.lower() != requester.lower():
+                raise RefusedError(f"a pull request on {request.pr_repo} must be asked for by its owner, {owner}; "
+                                   f"ask them to request it, or request a new repo instead")
             return request.pr_repo
-        owner, name = request.adapter.split("@")[0].split("/") if "/" in request.adapter else ("", request.adapter)
+        owner, name = adapter_repo.split("/") if "/" in adapter_repo else ("", adapter_repo)
         suffix = "" if request.dtype == "auto" else f"-{request.dtype}"
         stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{owner}-{name}" if owner else name).strip("-.")
-        stem = re.sub(r"-{2,}", "-", stem)[: 96 - len("-merged") - len(suffix)].rstrip("-.")
-        return f"{self.namespace}/{stem}-merged{suffix}"
+        stem = re.sub(r"-{2,}", "-", stem)[: 80 - len(suffix)].rstrip("-.")
+        target = f"{self.namespace}/{stem}-merged{suffix}"
+        if self._holds_other_adapter(target, adapter_repo):  # a-b/c and a/b-c flatten alike: keep them apart
+            digest = hashlib.sha256(adapter_repo.lower().encode()).hexdigest()[:6]
+            target = f"{self.namespace}/{stem}-{digest}-merged{suffix}"
+        return target
 
-    def _is_member(self, org: str, user: str) -> bool:
-        try:
-            return any(m.username.lower() == user.lower() for m in self.api.list_organization_members(org))
-        except Exception:  # not an org, or the Hub will not say: no permission then
+    def _holds_other_adapter(self, target: str, adapter_repo: str) -> bool:
+        from bot.hub import REPORT_NAME, repo_state
+
+        state = repo_state(self.api, target)
+        if state is None or REPORT_NAME not in state.files:
             return False
+        report = json.loads(Path(self.api.hf_hub_download(target, REPORT_NAME, revision=state.sha)).read_text())
+        return str((report.get("adapter") or {}).get("repo_id", "")).lower() != adapter_repo.lower()
 
     # ---- work ------------------------------------------------------------------------------
     def work_once(self) -> bool:
@@ -233,14 +272,19 @@ class Service:
             if not pr:  # our own earlier merge of another revision: propose the new one as a PR on it
                 state = repo_state(self.api, job.target)
                 pr = state is not None and not state.is_empty
-            publish = PublishJob(adapter=request.adapter, repo=job.target, pr=pr, base=request.base,
-                                 dtype=request.dtype, requested_by=job.requester)
+            publish = PublishJob(adapter=job.pinned_adapter, repo=job.target, pr=pr, base=request.base,
+                                 dtype=request.dtype, requested_by=job.requester, allow_local=False)
             result = run_publish_job(publish, token=self.config.token, endpoint=self.config.endpoint,
-                                     on_event=lambda m: log.info("job %d: %s", job.id, m))
-        except MergeBotError as e:
+                                     on_event=lambda m: log.info("job %d: %s", job.id, m), policy=self.policy)
+        except (MergeBotError, RefusedError) as e:
+            if isinstance(e, MergeBotError) and self._is_transient(e) and job.attempts < MAX_ATTEMPTS:
+                log.warning("job %d hit a transient Hub error; back in the queue", job.id)
+                self.queue.requeue(job.id)
+                self._stop.wait(5.0)
+                return True
             message = redact(str(e), self.config.token)
             self.queue.finish(job.id, state="failed", error=message, reply_kind="failed",
-                              reply=f"The merge failed: {message}")
+                              reply=f"The merge failed: {quote(message)}")
             return True
         except Exception as e:
             log.exception("job %d crashed", job.id)
@@ -255,14 +299,16 @@ class Service:
 
     # ---- replies ---------------------------------------------------------------------------
     def send_replies_once(self) -> int:
-        """Post pending replies; a reply already visible in its discussion (marker) is not posted again."""
+        """Post pending replies; one the bot already posted (its marker, its author) is not posted again."""
         sent = 0
         for reply in self.queue.pending_replies():
             marker = reply_marker(reply.key)
             try:
                 details = self.api.get_discussion_details(reply.where.repo_id, reply.where.discussion,
                                                           repo_type=reply.where.repo_type)
-                if not any(marker in (getattr(e, "content", "") or "") for e in details.events):
+                posted = any(getattr(e, "author", None) == self.bot_name and marker in (getattr(e, "content", "") or "")
+                             for e in details.events)
+                if not posted:
                     self.api.comment_discussion(reply.where.repo_id, reply.where.discussion,
                                                 f"{reply.body}\n\n{marker}", repo_type=reply.where.repo_type)
             except Exception as e:
