@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {redact(str(e), token)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("Error: interrupted; nothing was written", file=sys.stderr)
+        print("Error: interrupted; the step in progress left nothing behind (finished batch jobs stay published)",
+              file=sys.stderr)
         return 130
     except OSError as e:  # disk full, permissions: the user's environment, not our bug
         where = f" ({e.filename})" if e.filename else ""

@@ -100,6 +100,12 @@ def translate_write_error(error: BaseException, doing: str, repo_id: str) -> Mer
     if status is None and is_network_error(error):
         return PublishError(f"could not reach the Hub while {doing} ({error.__class__.__name__}); nothing was "
                             f"committed; check your connection and retry")
+    if status == 402:
+        return PublishError(f"the Hub refused the upload while {doing} (HTTP 402: payment or storage quota){detail}; "
+                            f"nothing was committed")
+    if status is not None and 400 <= status < 500:
+        return PublishError(f"the Hub refused the request while {doing} (HTTP {status}){detail}; nothing was "
+                            f"committed")
     return PublishError(f"the Hub failed while {doing} (HTTP {status}){detail}; nothing was committed; retry later")
 
 

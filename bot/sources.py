@@ -58,13 +58,20 @@ def pick_base_weight_files(files: list[str], index: dict | None) -> list[str]:
     return []
 
 
+def hub_page(repo_id: str) -> str:
+    from huggingface_hub import constants
+
+    return f"{constants.ENDPOINT.rstrip('/')}/{repo_id}"
+
+
 def _hub_errors():
     from huggingface_hub import errors
 
     return errors
 
 
-_NETWORK_MODULES = frozenset({"httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3"})
+# hf_xet: the Hub's default upload/download transport; its failures are transport failures too.
+_NETWORK_MODULES = frozenset({"httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3", "hf_xet"})
 
 
 def is_network_error(error: BaseException) -> bool:
@@ -82,7 +89,7 @@ def hub_read_errors(what: str, ref: SourceRef) -> Iterator[None]:
     except errors.GatedRepoError as e:
         raise AccessDeniedError(
             f"{what} repo {ref.name} is gated and your token's account has no access; "
-            f"request access at its Hub page, then retry with that account's token"
+            f"request access at {hub_page(ref.name)}, then retry with that account's token"
         ) from e
     except errors.RevisionNotFoundError as e:
         raise SourceNotFoundError(f"{what} revision {ref.revision!r} does not exist in {ref.name}") from e
