@@ -372,3 +372,29 @@ def test_yaml_alias_bomb_gives_a_short_error(hub, capsys, tmp_path):
     batch.write_text("\n".join(lines) + "\n")
     code, _, err = run_cli(capsys, "batch", str(batch))
     assert code == 2 and len(err) < 400
+
+
+def test_preflight_sizes_come_from_hub_metadata_and_short_disk_stops_before_download(hub, models, capsys,
+                                                                                     monkeypatch):
+    from collections import namedtuple
+
+    from bot.jobs import PublishJob
+    from bot.preflight import preflight
+
+    spec = PublishJob(adapter="alice/tiny-lora", repo="alice/sized").merge_spec(Path("unused"), ALICE)
+    checked = preflight(spec, check_disk=False)
+    adapter_files_ = hub.files("alice/tiny-lora", checked.adapter_pin.revision)
+    base_files = hub.files("bob/tiny-llama", checked.base_pin.revision)
+    wanted_adapter = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+    wanted_base = ("config.json", "generation_config.json", "model.safetensors", "README.md")
+    assert checked.download_bytes == sum(len(adapter_files_[f]) for f in wanted_adapter) + \
+        sum(len(base_files[f]) for f in wanted_base if f in base_files)
+    assert checked.output_bytes == len(base_files["model.safetensors"])  # float32 stays float32
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("bot.preflight.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    before = len(hub.requests_log)
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/no-room")
+    assert code == 8 and "not enough free disk space" in error_line(err)
+    assert not [r for r in hub.requests_log[before:] if r[1].endswith("/model.safetensors")]
+    assert not hub.repo_exists("alice/no-room")
