@@ -63,7 +63,7 @@ def _clean(key: str, value: Any) -> Any:
         return isinstance(v, str) and 0 < len(v) <= 200 and "\n" not in v
 
     if ok(value):
-        return value
+        return value.strip().lower() if key == "license" else value  # Hub license ids are lower-case
     if key in ("language", "datasets") and isinstance(value, list):
         kept = [v for v in value if ok(v)][:50]
         return kept or None
