@@ -436,3 +436,14 @@ def test_refresh_ignores_pr_refs_and_tags(hub, service):
                    "updatedRefs": [{"ref": "refs/pr/3", "oldSha": None, "newSha": "1" * 40}]})
     update["repo"]["name"] = "alice/tiny-lora"
     assert post(client, update).json()["status"] == "ignored"
+
+
+def test_too_large_is_refused_with_the_limit(hub, bot_account, tmp_path):
+    config = ServiceConfig(token=BOT, webhook_secret=SECRET, requests_repo=REQUESTS, db_path=tmp_path / "q.sqlite",
+                           max_output_gb=1e-9)
+    service = Service(config)
+    num, body = ask(hub, "alice", ALICE, "/merge alice/tiny-lora --dtype float16 --base bob/tiny-llama")
+    post(TestClient(create_app(service)), body)
+    drain(service)
+    (reply,) = bot_comments(hub, num)
+    assert "over this bot's 0 GB limit" in reply and service.queue.jobs()[0].state == "failed"
