@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from bot.errors import UsageError
+from bot.errors import MergeBotError, UsageError
 from bot.hub import (PublishResult, PublishTarget, check_can_publish, check_target, find_existing,
                      hub_write_errors, parse_repo_id, publish_folder, repo_state)
 from bot.spec import DTYPES, MergeSpec, parse_size, parse_source_ref
@@ -85,8 +85,8 @@ def job_from_mapping(entry: Any, where: str) -> PublishJob:
             raise UsageError(f"{where}: {key} must be a string, not {_short(value)}")
     try:
         job = PublishJob(**{k: v for k, v in entry.items() if v is not None})
-        job.merge_spec(Path("."), None)  # checks adapter/base syntax now, not mid-batch
-    except UsageError as e:
+        job.merge_spec(Path("."), None)  # checks adapter/base syntax (and local folders) now, not mid-batch
+    except MergeBotError as e:
         raise UsageError(f"{where}: {e}") from e
     return job
 

@@ -447,3 +447,16 @@ def test_too_large_is_refused_with_the_limit(hub, bot_account, tmp_path):
     drain(service)
     (reply,) = bot_comments(hub, num)
     assert "over this bot's 0 GB limit" in reply and service.queue.jobs()[0].state == "failed"
+
+
+def test_new_discussion_without_a_comment_uses_its_title_and_author(hub, service):
+    api = HfApi(token=CAROL)
+    discussion = api.create_discussion(REQUESTS, title="/merge alice/tiny-lora --dtype float16 --base bob/tiny-llama")
+    body = payload(hub, discussion.num, "unused", "carol", "", scope="discussion")
+    body["discussion"]["title"] = discussion.title
+    body["comment"] = None
+    client = TestClient(create_app(service))
+    assert post(client, body).json()["status"] == "queued"
+    assert post(client, body).json()["status"] == "ignored"  # redelivery of the same event
+    service.triage_once()
+    assert service.queue.jobs()[0].requester == "carol"

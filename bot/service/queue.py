@@ -176,7 +176,8 @@ class JobQueue:
         return self._db().execute(sql, args).fetchone()[0]
 
     def enqueue(self, request: MergeRequest, *, requester_id: str, comment_id: str | None, where: Where,
-                key: str | None = None, requester: str | None = None) -> tuple[Job, bool]:
+                key: str | None = None, requester: str | None = None,
+                event_id: str | None = None) -> tuple[Job, bool]:
         """(job, created): a new queued job, or the live job with the same key (then just subscribed).
 
         The event is marked seen in the same transaction, so a crash cannot lose the request.
@@ -194,7 +195,7 @@ class JobQueue:
                 row = db.execute("SELECT * FROM jobs WHERE id = ?", (cur.lastrowid,)).fetchone()
             db.execute("INSERT OR IGNORE INTO subscribers VALUES (?, ?, ?, ?)",
                        (row["id"], where.repo_type, where.repo_id, where.discussion))
-            self._mark_seen(db, comment_id)
+            self._mark_seen(db, event_id or comment_id)
         return _job(row), created
 
     def done_jobs_for_adapter(self, repo_id: str) -> list[Job]:

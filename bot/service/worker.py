@@ -75,44 +75,50 @@ class Service:
         if repo.name.lower() != self.config.requests_repo.lower() or repo.type != self.config.requests_repo_type:
             return Received("ignored", "event from another repo")
         comment, discussion = payload.comment, payload.discussion
-        if discussion is None or comment is None or comment.hidden:
+        if discussion is None or (comment is None and scope != "discussion") or (comment and comment.hidden):
             return Received("ignored", "no visible comment")
-        if (self.bot_id and comment.author.id == self.bot_id) or REPLY_MARKER in (comment.content or ""):
+        # A new discussion may arrive without its first comment: then its title and author speak.
+        text = comment.content if comment else None
+        author_id = comment.author.id if comment else discussion.author.id
+        comment_id = comment.id if comment else None
+        event_id = comment.id if comment else f"discussion:{discussion.id}"
+        if (self.bot_id and author_id == self.bot_id) or REPLY_MARKER in (text or ""):
             return Received("ignored", "the bot's own comment")
-        line = find_command(comment.content)
+        line = find_command(text)
         if line is None and scope == "discussion":  # the title counts only when the discussion is opened
             line = find_command(discussion.title)
         if line is None:
             return Received("ignored", "no /merge command")
-        if self.queue.seen(comment.id):
+        if self.queue.seen(event_id):
             return Received("ignored", "already handled (webhook redelivery)")
         where = Where(repo.type, repo.name, discussion.num)
         try:
             request = parse_command(line)
         except CommandError as e:
-            self._reply(f"syntax:{comment.id}", where, f"I could not read that request: {quote(str(e))}.\n\n"
-                        f"Write it like this:\n\n```\n{SYNTAX}\n```", event_id=comment.id)
+            self._reply(f"syntax:{event_id}", where, f"I could not read that request: {quote(str(e))}.\n\n"
+                        f"Write it like this:\n\n```\n{SYNTAX}\n```", event_id=event_id)
             return Received("rejected", str(e))
         existing = self.queue.live_job(request.key)
         if existing is None:
-            if self.queue.active_count(comment.author.id) >= self.config.max_queued_per_user:
-                self._reply(f"limit:{comment.id}", where,
+            if self.queue.active_count(author_id) >= self.config.max_queued_per_user:
+                self._reply(f"limit:{event_id}", where,
                             f"You already have {self.config.max_queued_per_user} requests waiting, which is the limit "
-                            f"per person. Ask again when one of them is done.", event_id=comment.id)
+                            f"per person. Ask again when one of them is done.", event_id=event_id)
                 return Received("rejected", "per-user limit")
             if self.queue.active_count() >= self.config.max_queue:
-                self._reply(f"full:{comment.id}", where,
+                self._reply(f"full:{event_id}", where,
                             f"The queue is full ({self.config.max_queue} requests). Please ask again later.",
-                            event_id=comment.id)
+                            event_id=event_id)
                 return Received("rejected", "queue full")
-        job, created = self.queue.enqueue(request, requester_id=comment.author.id, comment_id=comment.id, where=where)
+        job, created = self.queue.enqueue(request, requester_id=author_id, comment_id=comment_id,
+                                          where=where, event_id=event_id)
         self._wake.set()
         if created:
             return Received("queued", f"job {job.id}", job.id)
         if job.state == "done":
-            self._reply(f"done-again:{comment.id}", where, f"This exact request was already done: {job.result_url}")
+            self._reply(f"done-again:{event_id}", where, f"This exact request was already done: {job.result_url}")
         else:
-            self._reply(f"dup:{comment.id}", where,
+            self._reply(f"dup:{event_id}", where,
                         f"This exact request is already in the queue (job #{job.id}); I will answer here too when "
                         f"it is done.")
         return Received("duplicate", f"job {job.id}", job.id)
@@ -194,7 +200,7 @@ class Service:
             decided += 1
             exists = bool(state and not state.is_empty)
             what = f"a pull request on {target}" if request.pr_repo or exists else f"a new repo {target}"
-            if job.comment_id is None:
+            if "|refresh:" in job.key:
                 what += " (the adapter has a new commit since the last merge)"
             self.queue.accept(job.id, requester=requester, target=target, adapter_sha=checked.adapter_pin.revision,
                               target_private=bool(state and state.private),
@@ -222,6 +228,8 @@ class Service:
         """Webhooks carry only the author's id; the discussion's events carry the name."""
         where = self.queue.subscriber_of(job.id)
         details = self.api.get_discussion_details(where.repo_id, where.discussion, repo_type=where.repo_type)
+        if job.comment_id is None:  # asked for in the title of a new discussion
+            return details.author
         for event in details.events:
             if event.id == job.comment_id:
                 return event.author
