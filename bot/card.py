@@ -103,7 +103,8 @@ def _method_line(report: dict[str, Any]) -> str:
     return f"{peft_type} folded into the base weights ({how}); scale: {scale_text}"
 
 
-def build_card(report: dict[str, Any], adapter_folder: Path | None, base_folder: Path | None) -> str:
+def build_card(report: dict[str, Any], adapter_folder: Path | None, base_folder: Path | None, *,
+               has_tokenizer: bool = True) -> str:
     """README.md text for a merged model folder."""
     from huggingface_hub import ModelCardData
 
@@ -151,11 +152,13 @@ def build_card(report: dict[str, Any], adapter_folder: Path | None, base_folder:
                   f"(PEFT, unmerged) by at most {verification['max_abs_logit_delta']:.3g} "
                   f"(largest logit {verification['max_abs_logit']:.3g})."]
     lines += ["", "## Usage", "", "```python",
-              f"from transformers import {auto_class}, AutoTokenizer", "",
-              'repo = "REPO_ID"',
-              "tokenizer = AutoTokenizer.from_pretrained(repo)",
-              f"model = {auto_class}.from_pretrained(repo)", "```", "",
-              "## License", ""]
+              f"from transformers import {auto_class}" + (", AutoTokenizer" if has_tokenizer else ""), "",
+              'repo = "REPO_ID"']
+    if has_tokenizer:
+        lines.append("tokenizer = AutoTokenizer.from_pretrained(repo)")
+    else:
+        lines.append("# no tokenizer files were found on the adapter or base; load the base model's tokenizer")
+    lines += [f"model = {auto_class}.from_pretrained(repo)", "```", "", "## License", ""]
     licence = data.license
     lines.append(f"Released under `{licence}`, as declared by the adapter or base model card. The base model's "
                  "license and terms of use apply to this merged model." if licence else

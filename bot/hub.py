@@ -63,9 +63,13 @@ class PublishResult:
 
 
 def parse_repo_id(text: str) -> str:
-    ref = parse_source_ref(text, what="target repo") if text and not Path(text).exists() else None
-    if ref is None or ref.revision or "/" not in ref.name:
-        raise UsageError(f"target repo {text!r} must be a Hub repo id like owner/name (no @revision)")
+    problem = UsageError(f"target repo {str(text)[:100]!r} must be a Hub repo id like owner/name (no @revision)")
+    try:
+        ref = parse_source_ref(text, what="target repo", allow_local=False)
+    except MergeBotError:
+        raise problem from None
+    if ref.revision or "/" not in ref.name:
+        raise problem
     return ref.name
 
 
@@ -182,7 +186,8 @@ def check_can_publish(api, target: PublishTarget) -> Account:
     owner = target.repo_id.split("/")[0]
     if not target.pr and owner.lower() not in account.namespaces:
         raise AccessDeniedError(f"the token's account {account.name} cannot write to namespace {owner}; publish "
-                                f"under {account.name}/... or an org where you have write access")
+                                f"under {account.name}/... or an org where you have write access, or pass --pr "
+                                f"to propose the merge on an existing repo")
     return account
 
 

@@ -74,6 +74,9 @@ def staged_output(out: Path, *, overwrite: bool) -> Iterator[Path]:
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the model folder should be like any other folder
     try:
         yield tmp
         if out.exists():
@@ -241,8 +244,10 @@ def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None =
                 done += 1
                 if on_progress:
                     on_progress(done, total, job.name)
-        finally:
-            writer.close()
+        except BaseException:  # Ctrl-C or a failure keeps its own meaning; the shard is discarded with the stage
+            writer.abort()
+            raise
+        writer.close()
     if len(names) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(index_json(shards, names), indent=2) + "\n")
         names = names + ["model.safetensors.index.json"]
@@ -275,6 +280,8 @@ def execute_plan(plan: MergePlan, *, on_progress: ProgressFn | None = None,
             result.verification = verify(plan, tmp)
         result.report = build_report(plan, result)
         write_report(result, tmp)
-        (tmp / CARD_NAME).write_text(build_card(result.report, plan.adapter.path, plan.base.path), encoding="utf-8")
+        has_tokenizer = any(is_tokenizer_file(name) for name in result.files)
+        (tmp / CARD_NAME).write_text(build_card(result.report, plan.adapter.path, plan.base.path,
+                                                has_tokenizer=has_tokenizer), encoding="utf-8")
         result.files = sorted(set(result.files) | {REPORT_NAME, CARD_NAME})
     return result

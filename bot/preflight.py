@@ -177,7 +177,6 @@ def _resolve_base(api_factory, ref: SourceRef, *, explicit: bool, named_by: str)
             check_not_quantized(config, ResolvedSource(ref=ref, path=Path(ref.name), repo_id=ref.name))
         note = (f"{named_by} names {ref.name}, a quantized model; merged into its 16-bit original {original} "
                 f"(named by {ref.name}'s model card) instead. Pass --base to choose another")
-        log.warning(note)
         facts = _repo_facts(api, SourceRef(name=original), "base (16-bit original of a quantized base)")
         config = _read_json(_fetch(api, facts, "config.json", "base"), "base")
         if config.get("quantization_config"):

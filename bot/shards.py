@@ -229,4 +229,8 @@ class ShardWriter:
         if leftover is not None:
             raise RuntimeError(f"shard {self.path.name} closed before {leftover.name} was written")
 
+    def abort(self) -> None:
+        """Close after a failure: the half-written file is left to the staging folder's clean-up."""
+        self._fh.close()
+
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bot.errors import AccessDeniedError, SourceNotFoundError
+from bot.errors import AccessDeniedError, AuthenticationError, SourceNotFoundError
 from bot.spec import SourceRef
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,11 @@ def hub_read_errors(what: str, ref: SourceRef) -> Iterator[None]:
         raise SourceNotFoundError(f"{what} repo {ref.name} lacks a file it needs: {e.__class__.__name__}") from e
     except errors.HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise AccessDeniedError(f"the Hub refused to read {what} repo {ref.name} (HTTP {status}); check your token") from e
+        if status == 401:
+            raise AuthenticationError(f"the Hub rejected the token while reading {what} repo {ref.name} (HTTP 401); "
+                                      f"pass a valid --token, set HF_TOKEN, or run `hf auth login`") from e
+        if status == 403:
+            raise AccessDeniedError(f"the Hub refused to read {what} repo {ref.name} (HTTP 403); check your token") from e
         raise SourceNotFoundError(f"could not download {what} {ref.name} from the Hub (HTTP {status})") from e
     except Exception as e:
         if isinstance(e, errors.LocalEntryNotFoundError) or is_network_error(e):

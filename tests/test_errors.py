@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import namedtuple
 from pathlib import Path
@@ -198,3 +199,27 @@ def test_unreachable_hub_is_one_line(tmp_path, env):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("Error: could not reach the Hub")
     assert not (tmp_path / "out").exists()
+
+
+def test_interrupt_mid_shard_is_one_line_and_leaves_nothing(good, tmp_path, capsys, monkeypatch):
+    import bot.merge
+
+    real, calls = bot.merge.merge_tensor, []
+
+    def interrupted_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bot.merge, "merge_tensor", interrupted_on_third)
+    message = run_failing(capsys, ["merge", str(good[1])], tmp_path / "out", 130, "interrupted")
+    assert "closed before" not in message
+
+
+def test_output_folder_has_normal_permissions(good, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["merge", str(good[1]), "--out", str(out), "--quiet"]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask

@@ -398,3 +398,9 @@ def test_preflight_sizes_come_from_hub_metadata_and_short_disk_stops_before_down
     assert code == 8 and "not enough free disk space" in error_line(err)
     assert not [r for r in hub.requests_log[before:] if r[1].endswith("/model.safetensors")]
     assert not hub.repo_exists("alice/no-room")
+
+
+def test_rejected_token_on_a_read_is_exit_11(hub, models, capsys, tmp_path):
+    bad = "hf_rejectedTESTtoken000000000000000000000"
+    code, _, err = run_cli(capsys, "merge", "alice/tiny-lora", "--out", str(tmp_path / "m"), "--quiet", token=bad)
+    assert code == 11 and "rejected the token" in error_line(err) and bad not in err
