@@ -23,7 +23,7 @@ from bot.errors import (AccessDeniedError, AuthenticationError, MergeBotError, P
                         SourceNotFoundError, UsageError)
 from bot.jsonfile import read_json_object
 from bot.provenance import has_marker, marker_line
-from bot.sources import is_network_error
+from bot.sources import http_status as _status, hub_failure, is_network_error, is_transient
 from bot.spec import parse_source_ref
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,6 @@ def parse_repo_id(text: str) -> str:
     return ref.name
 
 
-def _status(error: BaseException) -> int | None:
-    return getattr(getattr(error, "response", None), "status_code", None)
-
-
-def is_transient(error: BaseException) -> bool:
-    status = _status(error)
-    return (status is not None and (status >= 500 or status == 429)) or (status is None and is_network_error(error))
-
-
 def _server_message(error: BaseException) -> str:
     message = getattr(error, "server_message", None) or ""
     return " ".join(str(message).split())[:300]
@@ -111,18 +102,6 @@ def translate_write_error(error: BaseException, doing: str, repo_id: str) -> Mer
         return PublishError(f"the Hub refused the request while {doing} (HTTP {status}){detail}; nothing was "
                             f"committed")
     return PublishError(f"the Hub failed while {doing} (HTTP {status}){detail}; nothing was committed; retry later")
-
-
-def hub_failure(error: BaseException) -> BaseException | None:
-    """The Hub HTTP or connection error behind ``error`` (huggingface_hub wraps LFS failures), if any."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    seen = 0
-    while error is not None and seen < 8:
-        if isinstance(error, HfHubHTTPError) or is_network_error(error):
-            return error
-        error, seen = error.__cause__ or error.__context__, seen + 1
-    return None
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from bot.errors import AdapterConfigError, IncompatibleBaseError, MergeBotError,
 from bot.plan import base_ref_for, check_not_quantized, check_peft_can_merge, suggest_unquantized
 from bot.jsonfile import read_json_object
 from bot.provenance import Pinned, fingerprint, output_options, pin_local
-from bot.sources import files_to_download, hub_read_errors
+from bot.sources import files_to_download, hub_read_errors, read_with_retries
 from bot.spec import MergeSpec, SourceRef, parse_source_ref
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _hub_api(token: str | None, endpoint: str | None):
 
 def _repo_facts(api, ref: SourceRef, what: str) -> _RepoFacts:
     with hub_read_errors(what, ref):
-        info = api.model_info(ref.name, revision=ref.revision, files_metadata=True)
+        info = read_with_retries(lambda: api.model_info(ref.name, revision=ref.revision, files_metadata=True))
     sizes = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
     card = info.card_data.to_dict() if info.card_data is not None else {}
     return _RepoFacts(ref=SourceRef(name=ref.name, revision=info.sha), sizes=sizes, card_data=card,
@@ -93,9 +93,10 @@ def _fetch(api, facts: _RepoFacts, filename: str, what: str) -> Path:
     with hub_read_errors(what, facts.ref):
         # Always ask the Hub: a cached copy (a Space's cache is shared by its users) must not
         # stand in for this caller's access to a gated or private repo.
-        get_hf_file_metadata(hf_hub_url(facts.ref.name, filename, revision=facts.ref.revision, endpoint=api.endpoint),
-                             token=api.token)
-        return Path(api.hf_hub_download(facts.ref.name, filename, revision=facts.ref.revision))
+        url = hf_hub_url(facts.ref.name, filename, revision=facts.ref.revision, endpoint=api.endpoint)
+        read_with_retries(lambda: get_hf_file_metadata(url, token=api.token))
+        return Path(read_with_retries(lambda: api.hf_hub_download(facts.ref.name, filename,
+                                                                  revision=facts.ref.revision)))
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

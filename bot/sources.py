@@ -13,11 +13,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from bot.errors import AccessDeniedError, AuthenticationError, SourceNotFoundError
 from bot.spec import SourceRef
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -80,6 +82,52 @@ def is_network_error(error: BaseException) -> bool:
         cls.__module__.split(".")[0] in _NETWORK_MODULES for cls in type(error).__mro__)
 
 
+def http_status(error: BaseException) -> int | None:
+    return getattr(getattr(error, "response", None), "status_code", None)
+
+
+def is_transient(error: BaseException) -> bool:
+    """A failure worth retrying: 5xx, 429, or the connection itself."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if isinstance(error, OfflineModeIsEnabled):  # a setting, not a passing failure
+        return False
+    status = http_status(error)
+    return (status is not None and (status >= 500 or status == 429)) or (status is None and is_network_error(error))
+
+
+def hub_failure(error: BaseException) -> BaseException | None:
+    """The Hub HTTP or connection error behind ``error`` (huggingface_hub wraps LFS failures), if any."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, HfHubHTTPError) or is_network_error(error):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+READ_RETRY_WAITS = (1.0, 2.0, 4.0)  # seconds between attempts of a read that failed transiently
+
+
+def read_with_retries(call: Callable[[], T], waits: tuple[float, ...] | None = None) -> T:
+    """Run a Hub read, retrying transient failures (the Hub's 5xx/429, dropped connections) with backoff."""
+    import time
+
+    for wait in (*(READ_RETRY_WAITS if waits is None else waits), None):
+        try:
+            return call()
+        except Exception as e:
+            cause = hub_failure(e)
+            if wait is None or cause is None or not is_transient(cause):
+                raise
+            log.warning("transient Hub error on a read (%s); retrying in %.0fs",
+                        http_status(cause) or cause.__class__.__name__, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 @contextmanager
 def hub_read_errors(what: str, ref: SourceRef) -> Iterator[None]:
     """Turn huggingface_hub's read failures into one-line merge-bot errors naming the repo."""
@@ -140,7 +188,7 @@ def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpo
 
     api = HfApi(endpoint=endpoint, token=token)
     with hub_read_errors(what, ref):
-        info = api.model_info(ref.name, revision=ref.revision, files_metadata=False)
+        info = read_with_retries(lambda: api.model_info(ref.name, revision=ref.revision, files_metadata=False))
         sha = info.sha
         files = [s.rfilename for s in (info.siblings or [])]
 
@@ -148,5 +196,6 @@ def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpo
             return json.loads(Path(api.hf_hub_download(ref.name, name, revision=sha)).read_text())
 
         wanted = files_to_download(files, what, read_index)
-        path = snapshot_download(ref.name, revision=sha, allow_patterns=wanted, token=token, endpoint=endpoint)
+        path = read_with_retries(lambda: snapshot_download(ref.name, revision=sha, allow_patterns=wanted, token=token,
+                                                           endpoint=endpoint))
     return ResolvedSource(ref=ref, path=Path(path), repo_id=ref.name, sha=sha)

@@ -404,3 +404,17 @@ def test_rejected_token_on_a_read_is_exit_11(hub, models, capsys, tmp_path):
     bad = "hf_rejectedTESTtoken000000000000000000000"
     code, _, err = run_cli(capsys, "merge", "alice/tiny-lora", "--out", str(tmp_path / "m"), "--quiet", token=bad)
     assert code == 11 and "rejected the token" in error_line(err) and bad not in err
+
+
+def test_transient_errors_on_reads_are_retried(hub, models, capsys, monkeypatch, caplog, tmp_path):
+    import bot.sources
+
+    monkeypatch.setattr(bot.sources, "READ_RETRY_WAITS", (0.01, 0.01))
+    hub.fail_next("GET", r"^/api/models/alice/tiny-lora(/revision/.*)?$", status=503, times=2)
+    code, _, err = run_cli(capsys, "merge", "alice/tiny-lora", "--out", str(tmp_path / "m"), "--quiet")
+    assert code == 0, err
+    assert "transient Hub error on a read (503)" in caplog.text
+    hub.fail_next("GET", r"^/api/models/alice/tiny-lora(/revision/.*)?$", status=503, times=10)
+    code, _, err = run_cli(capsys, "merge", "alice/tiny-lora", "--out", str(tmp_path / "m2"), "--quiet")
+    hub.reset_faults()
+    assert code == 3 and "HTTP 503" in error_line(err)
