@@ -44,7 +44,7 @@ class PublishTarget:
 @dataclass(frozen=True)
 class PublishResult:
     repo_id: str
-    action: str  # created | committed | pr-opened | unchanged | pr-exists
+    action: str  # created | committed | pr-opened | unchanged | pr-exists | pr-closed
     url: str  # the repo, commit or pull request page
     commit_sha: str | None = None
 
@@ -59,6 +59,8 @@ class PublishResult:
             "pr-opened": f"opened pull request on {self.repo_id}: {self.url}",
             "unchanged": f"{self.repo_id} already holds this exact merge; nothing to do: {self.url}",
             "pr-exists": f"an open pull request on {self.repo_id} already proposes this exact merge: {self.url}",
+            "pr-closed": f"the owner of {self.repo_id} closed the pull request that proposed this exact merge, so it "
+                         f"is not opened again: {self.url}",
         }[self.action]
 
 
@@ -228,15 +230,16 @@ def find_existing(api, target: PublishTarget, fp: str, *, author: str | None = N
     if REPORT_NAME in state.files and _remote_fingerprint(api, target.repo_id, state.sha) == fp:
         return PublishResult(target.repo_id, "unchanged", f"{api.endpoint}/{target.repo_id}", state.sha)
     if target.pr:
-        # Only our own account's PRs count: anyone can open a PR carrying the marker.
-        for discussion in api.get_repo_discussions(target.repo_id, author=author, discussion_type="pull_request",
-                                                   discussion_status="open"):
-            if not discussion.title.startswith(TITLE_PREFIX):
-                continue  # only merge-bot's own titles can carry the marker; skip the details call
+        # Only our own account's PRs count: anyone can open a PR carrying the marker. A PR the owner
+        # closed is an answer too: it is reported, not opened again (a scheduled batch would nag).
+        for discussion in api.get_repo_discussions(target.repo_id, author=author, discussion_type="pull_request"):
+            if discussion.status not in ("open", "closed") or not discussion.title.startswith(TITLE_PREFIX):
+                continue  # merged PRs put the fingerprint on main (checked above); others never carry ours
             details = api.get_discussion_details(target.repo_id, discussion.num)
             opening = next((e for e in details.events if getattr(e, "content", None)), None)
             if opening is not None and has_marker(opening.content, fp):
-                return PublishResult(target.repo_id, "pr-exists", details.url)
+                return PublishResult(target.repo_id, "pr-exists" if discussion.status == "open" else "pr-closed",
+                                     details.url)
     return None
 
 

@@ -418,3 +418,16 @@ def test_transient_errors_on_reads_are_retried(hub, models, capsys, monkeypatch,
     code, _, err = run_cli(capsys, "merge", "alice/tiny-lora", "--out", str(tmp_path / "m2"), "--quiet")
     hub.reset_faults()
     assert code == 3 and "HTTP 503" in error_line(err)
+
+
+def test_a_pr_the_owner_closed_is_not_opened_again(hub, models, capsys):
+    from huggingface_hub import HfApi
+
+    hub.create_repo("bob/declines", owner_token=BOB, files={"README.md": b"# no thanks\n"})
+    code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "bob/declines", "--pr")
+    assert code == 0, err
+    (pr,) = [d for d in hub.discussions("bob/declines") if d["is_pull_request"]]
+    HfApi(token=BOB).change_discussion_status("bob/declines", pr["num"], "closed", comment="not for us")
+    code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "bob/declines", "--pr")
+    assert code == 0 and "closed the pull request" in out and f"/discussions/{pr['num']}" in out
+    assert len([d for d in hub.discussions("bob/declines") if d["is_pull_request"]]) == 1
