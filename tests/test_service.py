@@ -360,6 +360,17 @@ def test_new_adapter_commit_triggers_a_refresh_pr_on_the_merged_repo(hub, servic
     assert any(c.startswith(f"Done: {hub.url}/{target}/discussions/{prs[0]['num']}") for c in bot_comments(hub, num))
     assert len([c for c in hub.commits(target) if c["title"].startswith("Merge ")]) == 1  # main untouched
 
+    # A commit that leaves the adapter's config and weights alone (a README edit) is not re-merged.
+    replies_before = len(bot_comments(hub, num))
+    head = hub.commit_files("alice/evolving-lora", {"README.md": b"# now with a better description\n"},
+                            message="docs")
+    update["updatedRefs"] = [{"ref": "refs/heads/main", "oldSha": "0" * 40, "newSha": head}]
+    assert post(client, update).json()["status"] == "queued"
+    drain(service)
+    assert len([d for d in hub.discussions(target) if d["is_pull_request"]]) == 1
+    assert len(bot_comments(hub, num)) == replies_before
+    assert service.queue.jobs()[0].state == "done"
+
 
 def test_worker_merges_the_adapter_commit_that_triage_checked(hub, service, models):
     from hub_fixtures import adapter_files

@@ -204,6 +204,15 @@ class JobQueue:
             "SELECT * FROM jobs WHERE state = 'done' AND lower(adapter) = lower(?) ORDER BY id", (repo_id,)).fetchall()
         return [_job(r) for r in rows]
 
+    def latest_done(self, key_stem: str) -> Job | None:
+        """The most recent finished merge of a request (the original or one of its refreshes)."""
+        prefix = f"{key_stem}|refresh:"
+        row = self._db().execute(
+            "SELECT * FROM jobs WHERE state = 'done' AND (key = ? OR substr(key, 1, ?) = ?) ORDER BY id DESC LIMIT 1",
+            (key_stem, len(prefix), prefix),
+        ).fetchone()
+        return _job(row)
+
     def subscriber_of(self, job_id: int) -> Where:
         return self._first_subscriber(self._db(), job_id)
 
@@ -256,12 +265,14 @@ class JobQueue:
             return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
 
     def finish(self, job_id: int, *, state: str, url: str | None = None, error: str | None = None,
-               reply: str, reply_kind: str) -> None:
-        """Set the outcome and write the reply to every subscriber, in one transaction."""
+               reply: str | None, reply_kind: str) -> None:
+        """Set the outcome and write the reply (if any) to every subscriber, in one transaction."""
         assert state in ("done", "failed")
         with self._tx() as db:
             db.execute("UPDATE jobs SET state = ?, finished = ?, result_url = ?, error = ? WHERE id = ?",
                        (state, time.time(), url, error, job_id))
+            if reply is None:
+                return
             for sub in db.execute("SELECT * FROM subscribers WHERE job_id = ?", (job_id,)).fetchall():
                 where = Where(sub["repo_type"], sub["repo_id"], sub["discussion"])
                 _add_reply(db, f"{reply_kind}:{job_id}:{where.key}", where, reply)

@@ -172,6 +172,12 @@ class Service:
             if self._triage_failures.get(job.id, 0) and time.monotonic() < self._triage_retry_at.get(job.id, 0):
                 continue
             try:
+                if "|refresh:" in job.key and self._adapter_unchanged(job):
+                    previous = self.queue.latest_done(job.key.split("|refresh:")[0])
+                    self.queue.finish(job.id, state="done", url=previous.result_url if previous else None,
+                                      reply=None, reply_kind="unchanged")
+                    decided += 1
+                    continue
                 requester = job.requester or self._requester_name(job)
                 request = job.request
                 spec = MergeSpec(adapter=parse_source_ref(request.adapter, allow_local=False),
@@ -209,6 +215,22 @@ class Service:
                                     f"publish it as {what}. Queue position: {{position}}. I will reply here with the "
                                     f"link.")
         return decided
+
+    def _adapter_unchanged(self, job: Job) -> bool:
+        """Whether a refresh's new commit left the adapter's config and weights as they were (a README edit...)."""
+        previous = self.queue.latest_done(job.key.split("|refresh:")[0])
+        head = job.key.rsplit("|refresh:", 1)[1]
+        if previous is None or not previous.adapter_sha:
+            return False
+        repo = job.adapter.split("@")[0]
+
+        def blobs(revision: str) -> dict[str, str]:
+            info = self.api.model_info(repo, revision=revision, files_metadata=True)
+            return {s.rfilename: (s.lfs.sha256 if s.lfs else s.blob_id) for s in info.siblings or []
+                    if s.rfilename.startswith("adapter_")}
+
+        before = blobs(previous.adapter_sha)
+        return bool(before) and before == blobs(head)
 
     def _retry_later(self, job_id: int) -> bool:
         """Back off a job whose check failed for a passing reason; False once it has failed too often."""
