@@ -100,7 +100,7 @@ def translate_write_error(error: BaseException, doing: str, repo_id: str) -> Mer
     if status == 402:
         return PublishError(f"the Hub refused the upload while {doing} (HTTP 402: payment or storage quota){detail}; "
                             f"nothing was committed")
-    if status is not None and 400 <= status < 500:
+    if status is not None and 400 <= status < 500 and status not in (408, 429):
         return PublishError(f"the Hub refused the request while {doing} (HTTP {status}){detail}; nothing was "
                             f"committed")
     return PublishError(f"the Hub failed while {doing} (HTTP {status}){detail}; nothing was committed; retry later")
@@ -233,12 +233,12 @@ def find_existing(api, target: PublishTarget, fp: str, *, author: str | None = N
         # Only our own account's PRs count: anyone can open a PR carrying the marker. A PR the owner
         # closed is an answer too: it is reported, not opened again (a scheduled batch would nag).
         for discussion in api.get_repo_discussions(target.repo_id, author=author, discussion_type="pull_request"):
-            if discussion.status not in ("open", "closed") or not discussion.title.startswith(TITLE_PREFIX):
+            if discussion.status not in ("open", "draft", "closed") or not discussion.title.startswith(TITLE_PREFIX):
                 continue  # merged PRs put the fingerprint on main (checked above); others never carry ours
             details = api.get_discussion_details(target.repo_id, discussion.num)
             opening = next((e for e in details.events if getattr(e, "content", None)), None)
             if opening is not None and has_marker(opening.content, fp):
-                return PublishResult(target.repo_id, "pr-exists" if discussion.status == "open" else "pr-closed",
+                return PublishResult(target.repo_id, "pr-closed" if discussion.status == "closed" else "pr-exists",
                                      details.url)
     return None
 

@@ -36,6 +36,22 @@ from bot.tuners import apply_op, apply_op_tensors, row_slice_tensors
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "merge_report.json"
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it where Linux allows (other threads may be creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what)
 
 
@@ -74,9 +90,7 @@ def staged_output(out: Path, *, overwrite: bool) -> Iterator[Path]:
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the model folder should be like any other folder
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; the model folder should be like any other folder
     try:
         yield tmp
         if out.exists():

@@ -231,6 +231,9 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close after a failure: the half-written file is left to the staging folder's clean-up."""
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError:  # e.g. the disk filled while flushing: the original failure is the one to report
+            pass
 
 

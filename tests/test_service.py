@@ -370,6 +370,19 @@ def test_new_adapter_commit_triggers_a_refresh_pr_on_the_merged_repo(hub, servic
     assert len([d for d in hub.discussions(target) if d["is_pull_request"]]) == 1
     assert len(bot_comments(hub, num)) == replies_before
     assert service.queue.jobs()[0].state == "done"
+    head = hub.commit_files("alice/evolving-lora", {"README.md": b"# and a second edit\n"}, message="docs again")
+    update["updatedRefs"] = [{"ref": "refs/heads/main", "oldSha": "0" * 40, "newSha": head}]
+    post(client, update)
+    drain(service)
+    assert len([d for d in hub.discussions(target) if d["is_pull_request"]]) == 1  # still no merge for a README edit
+
+    # A tokenizer fix is part of what gets published: that is a real change.
+    head = hub.commit_files("alice/evolving-lora", {"tokenizer_config.json": b'{"chat_template": "new"}'},
+                            message="chat template")
+    update["updatedRefs"] = [{"ref": "refs/heads/main", "oldSha": "0" * 40, "newSha": head}]
+    post(client, update)
+    drain(service)
+    assert len([d for d in hub.discussions(target) if d["is_pull_request"]]) == 2
 
 
 def test_worker_merges_the_adapter_commit_that_triage_checked(hub, service, models):

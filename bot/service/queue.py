@@ -205,10 +205,11 @@ class JobQueue:
         return [_job(r) for r in rows]
 
     def latest_done(self, key_stem: str) -> Job | None:
-        """The most recent finished merge of a request (the original or one of its refreshes)."""
+        """The most recent real merge of a request (the original or a refresh; skipped refreshes have no SHA)."""
         prefix = f"{key_stem}|refresh:"
         row = self._db().execute(
-            "SELECT * FROM jobs WHERE state = 'done' AND (key = ? OR substr(key, 1, ?) = ?) ORDER BY id DESC LIMIT 1",
+            "SELECT * FROM jobs WHERE state = 'done' AND adapter_sha IS NOT NULL AND (key = ? OR substr(key, 1, ?) = ?) "
+            "ORDER BY id DESC LIMIT 1",
             (key_stem, len(prefix), prefix),
         ).fetchone()
         return _job(row)

@@ -217,7 +217,10 @@ class Service:
         return decided
 
     def _adapter_unchanged(self, job: Job) -> bool:
-        """Whether a refresh's new commit left the adapter's config and weights as they were (a README edit...)."""
+        """Whether a refresh's new commit left every file a merge reads from the adapter as it was (a README
+        edit, say). Any doubt (history rewritten, repo gone) says "changed" and lets pre-flight decide."""
+        from bot.sources import files_to_download
+
         previous = self.queue.latest_done(job.key.split("|refresh:")[0])
         head = job.key.rsplit("|refresh:", 1)[1]
         if previous is None or not previous.adapter_sha:
@@ -226,11 +229,15 @@ class Service:
 
         def blobs(revision: str) -> dict[str, str]:
             info = self.api.model_info(repo, revision=revision, files_metadata=True)
-            return {s.rfilename: (s.lfs.sha256 if s.lfs else s.blob_id) for s in info.siblings or []
-                    if s.rfilename.startswith("adapter_")}
+            ids = {s.rfilename: (s.lfs.sha256 if s.lfs else s.blob_id) for s in info.siblings or []}
+            used = files_to_download(list(ids), "adapter", lambda name: {})
+            return {name: ids[name] for name in used if name != "README.md"}
 
-        before = blobs(previous.adapter_sha)
-        return bool(before) and before == blobs(head)
+        try:
+            before = blobs(previous.adapter_sha)
+            return bool(before) and before == blobs(head)
+        except Exception:
+            return False
 
     def _retry_later(self, job_id: int) -> bool:
         """Back off a job whose check failed for a passing reason; False once it has failed too often."""
