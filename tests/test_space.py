@@ -18,7 +18,7 @@ from space import handlers
 
 
 def profile(name: str) -> gr.OAuthProfile:
-    return gr.OAuthProfile({"preferred_username": name, "name": name, "profile": f"https://hf.co/{name}",
+    return gr.OAuthProfile({"preferred_username": name, "name": name, "profile": f"http://127.0.0.1/{name}",
                             "picture": ""})
 
 
@@ -163,11 +163,11 @@ ARTIFACTS = Path(os.environ.get("MERGEBOT_ARTIFACTS", Path(__file__).resolve().p
 
 
 def chromium_path() -> str:
-    """Debian's chromium (installed by scripts/setup.sh), or MERGEBOT_CHROMIUM."""
+    """Debian's chromium (installed by scripts/install_chromium.sh), or MERGEBOT_CHROMIUM."""
     for candidate in (os.environ.get("MERGEBOT_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser")):
         if candidate:
             return candidate
-    pytest.fail("no Chromium found: run `bash scripts/setup.sh` (installs Debian's chromium) or set MERGEBOT_CHROMIUM")
+    pytest.fail("no Chromium found: run `bash scripts/install_chromium.sh` (installs Debian's chromium) or set MERGEBOT_CHROMIUM")
 
 
 @pytest.fixture(scope="module")

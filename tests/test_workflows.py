@@ -190,7 +190,7 @@ def test_ci_runs_the_readme_commands_on_push_and_pull_request(ci):
     scripts = [step["run"] for _, _, step in _run_steps(ci)]
     joined = "\n".join(scripts)
     if ".ci/run" not in joined:
-        install = [i for i, s in enumerate(scripts) if "bash scripts/setup.sh" in s]
+        install = [i for i, s in enumerate(scripts) if "pip install -r requirements.txt" in s]
         test = [i for i, s in enumerate(scripts) if "python -m pytest" in s]
         assert install and test, scripts
         assert install[0] <= test[0], "tests run before the requirements are installed"

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# The README's install command: Python packages, plus Debian's Chromium for the Space's
-# browser test (tests/test_space.py drives it headless through Playwright). Safe to re-run.
+# Second half of the README's install command (after `pip install -r requirements.txt`):
+# Debian's Chromium for the Space's browser test (tests/test_space.py drives it headless
+# through Playwright; no browser download from elsewhere). Safe to re-run.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-python -m pip install -r requirements.txt
 if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
   exit 0
 fi
