@@ -141,8 +141,6 @@ def run_push(args: argparse.Namespace) -> int:
 
     if not args.folder.is_dir():
         raise UsageError(f"{args.folder} is not a folder; give the output folder of `python -m bot merge`")
-    if args.pr and args.private:
-        raise UsageError("--private applies to new repos; a pull request keeps the target repo's visibility")
     target = PublishTarget(parse_repo_id(args.repo), pr=args.pr, private=args.private)
     result = publish_merged_folder(args.folder, target, token=hub_token(args))
     print(result.describe())
@@ -194,16 +192,12 @@ def format_outcomes(outcomes) -> str:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from bot.service.config import ServiceConfig
     from bot.service.webhook import WEBHOOK_PATH, create_app
-    from bot.service.worker import Service
+    from bot.service.worker import service_from_env
 
-    config = ServiceConfig.from_env()
+    service = service_from_env()
+    config = service.config
     logging.getLogger("bot").setLevel(logging.INFO)
-    from bot.hub import hub_write_errors
-
-    with hub_write_errors("checking the bot's token", "the bot account"):
-        service = Service(config)
     service.start()
     print(f"merge-bot serving POST http://{args.host}:{args.port}{WEBHOOK_PATH} as {service.bot_name}; "
           f"requests from {config.requests_repo_type} {config.requests_repo}; queue {config.db_path}", flush=True)

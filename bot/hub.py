@@ -40,6 +40,10 @@ class PublishTarget:
     pr: bool = False
     private: bool = False
 
+    def __post_init__(self) -> None:
+        if self.pr and self.private:
+            raise UsageError("--private applies to new repos; a pull request keeps the target repo's visibility")
+
 
 @dataclass(frozen=True)
 class PublishResult:

@@ -38,12 +38,14 @@ class PublishJob:
     allow_local: bool = True  # False for web and bot requests: only Hub repos, never this machine's folders
 
     def __post_init__(self) -> None:
-        parse_repo_id(self.repo)
+        _ = self.target  # validates the repo id, and --pr with --private, in PublishTarget
         if self.dtype not in DTYPES:
             raise UsageError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         parse_size(self.max_shard_size)
-        if self.pr and self.private:
-            raise UsageError("--private applies to new repos; a pull request keeps the target repo's visibility")
+
+    @property
+    def target(self) -> PublishTarget:
+        return PublishTarget(parse_repo_id(self.repo), pr=self.pr, private=self.private)
 
     def merge_spec(self, out: Path, token: str | None) -> MergeSpec:
         return MergeSpec(
@@ -172,7 +174,7 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
     from bot.plan import resolve_plan
     from bot.preflight import preflight
 
-    target = PublishTarget(parse_repo_id(job.repo), pr=job.pr, private=job.private)
+    target = job.target
     api = HfApi(endpoint=endpoint, token=token)
     account = check_can_publish(api, target)  # a bad token or foreign namespace is known before any download
     work = Path(tempfile.mkdtemp(prefix="merge-bot-", dir=work_dir))

@@ -7,7 +7,6 @@ a commit SHA first, so a branch that moves mid-run cannot mix two versions.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from bot.errors import AccessDeniedError, AuthenticationError, SourceNotFoundError
+from bot.errors import AccessDeniedError, AuthenticationError, IncompatibleBaseError, SourceNotFoundError
+from bot.jsonfile import read_json_object
 from bot.spec import SourceRef
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def hub_read_errors(what: str, ref: SourceRef) -> Iterator[None]:
     except errors.EntryNotFoundError as e:
         raise SourceNotFoundError(f"{what} repo {ref.name} lacks a file it needs: {e.__class__.__name__}") from e
     except errors.HfHubHTTPError as e:
-        status = getattr(getattr(e, "response", None), "status_code", None)
+        status = http_status(e)
         if status == 401:
             raise AuthenticationError(f"the Hub rejected the token while reading {what} repo {ref.name} (HTTP 401); "
                                       f"pass a valid --token, set HF_TOKEN, or run `hf auth login`") from e
@@ -193,7 +193,8 @@ def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpo
         files = [s.rfilename for s in (info.siblings or [])]
 
         def read_index(name: str) -> dict:
-            return json.loads(Path(api.hf_hub_download(ref.name, name, revision=sha)).read_text())
+            return read_json_object(Path(api.hf_hub_download(ref.name, name, revision=sha)),
+                                    error=IncompatibleBaseError, what=f"{what} {name}", fix="check the repo")
 
         wanted = files_to_download(files, what, read_index)
         path = read_with_retries(lambda: snapshot_download(ref.name, revision=sha, allow_patterns=wanted, token=token,

@@ -91,10 +91,9 @@ def self_service():
     """The self-service bot when its settings are present (MERGEBOT_WEBHOOK_SECRET), else None."""
     if not os.environ.get("MERGEBOT_WEBHOOK_SECRET"):
         return None
-    from bot.service.config import ServiceConfig
-    from bot.service.worker import Service
+    from bot.service.worker import service_from_env
 
-    return Service(ServiceConfig.from_env())
+    return service_from_env()
 
 
 def serve(demo: gr.Blocks, service) -> None:
@@ -115,11 +114,9 @@ def serve(demo: gr.Blocks, service) -> None:
 
 def main() -> int:
     from bot.errors import MergeBotError, redact
-    from bot.hub import hub_write_errors
 
     try:
-        with hub_write_errors("starting the self-service bot", "the bot account"):
-            bot_service = self_service()
+        bot_service = self_service()
     except MergeBotError as e:
         print(f"Error: {redact(str(e), os.environ.get('HF_TOKEN'))}", file=sys.stderr)
         return e.exit_code

@@ -392,3 +392,12 @@ class Service:
 
 class RefusedError(Exception):
     """A request the bot will not do (policy, not a failure)."""
+
+
+def service_from_env() -> Service:
+    """The bot as configured by the environment; bad settings or a rejected token are one-line errors."""
+    from bot.hub import hub_write_errors
+
+    config = ServiceConfig.from_env()
+    with hub_write_errors("checking the bot's token", "the bot account"):
+        return Service(config)
