@@ -29,9 +29,9 @@ from bot.errors import OutputError
 from bot.plan import MergePlan, TensorJob
 from bot.preflight import check_free_space
 from bot.provenance import fingerprint, output_options, pin_source
-from bot.shards import DTYPE_FROM_CODE, TensorInfo, ShardWriter, index_json, layout_shards, shard_file_names
+from bot.shards import DTYPE_FROM_CODE, ShardWriter, TensorInfo, index_json, layout_shards, read_into, shard_file_names
 from bot.sources import is_tokenizer_file
-from bot.tuners import apply_op, apply_op_tensors, row_slice_tensors
+from bot.tuners import apply_op, apply_op_tensors, row_slice_tensors, weight_delta
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,16 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-_BLOCK_BYTES = 4 * 1024 * 1024  # float32 working block for row-wise merging: stays in cache
+_BLOCK_BYTES = 1024 * 1024  # float32 working block for row-wise merging: stays in L2 cache
+
+
+def tensor_blocks(job: TensorJob, adapter: dict[str, torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """One output tensor as consecutive row blocks: streamed through cache on CPU where the ops
+    allow it, else the whole tensor at once."""
+    if device.type == "cpu" and rows_are_independent(job, adapter):
+        yield from merge_rows_blockwise(job, adapter)
+    else:
+        yield merge_tensor(job, adapter, device)
 
 
 def merge_tensor(job: TensorJob, adapter: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -126,36 +135,67 @@ def merge_tensor(job: TensorJob, adapter: dict[str, torch.Tensor], device: torch
     out_dtype = DTYPE_FROM_CODE[job.dtype]
     if not job.ops:
         return value.to(out_dtype)
-    if value.dim() == 2 and device.type == "cpu" and not any(is_bias for _, is_bias in job.ops):
-        merged = merge_rows_blockwise(value, job, adapter, out_dtype)
-        if merged is not None:
-            return merged
     value = value.to(device=device, dtype=torch.float32)
     for op, is_bias in job.ops:
         value = apply_op(value, op, adapter, is_bias=is_bias)
     return value.to(out_dtype).cpu()
 
 
-def merge_rows_blockwise(value: torch.Tensor, job: TensorJob, adapter: dict[str, torch.Tensor],
-                         out_dtype: torch.dtype) -> torch.Tensor | None:
-    """Merge a 2-D weight a few rows at a time so each float32 block stays in CPU cache.
+def rows_are_independent(job: TensorJob, adapter: dict[str, torch.Tensor]) -> bool:
+    """Whether each row of the output depends only on the same row of the start value."""
+    if job.replacement is not None or not isinstance(job.source, TensorInfo) or job.source.shape != job.shape:
+        return False
+    if not job.ops:  # a dtype change only
+        return len(job.shape) >= 1
+    return len(job.shape) == 2 and all(
+        not is_bias and row_slice_tensors(op, adapter, slice(0, 1)) is not None for op, is_bias in job.ops)
 
-    Every element sees the same float32 operations as the whole-tensor path, so results
-    are identical; it is several times faster than materialising full float32 copies.
-    Returns None when an op's rows are not independent (DoRA norms, LoKr, ...).
+
+def row_blocks(rows_total: int, step: int) -> list[slice]:
+    """Consecutive row ranges of about ``step`` rows, none of them a single row (unless the tensor is).
+
+    A one-row matrix product takes BLAS's matrix-vector path, whose float32 sums can differ
+    in the last bit from the same rows inside a bigger product (PEFT's whole-weight merge).
     """
-    rows_total, cols = value.shape
-    if any(row_slice_tensors(op, adapter, slice(0, 1)) is None for op, _ in job.ops):
-        return None
-    step = max(1, _BLOCK_BYTES // (4 * max(cols, 1)))
-    out = torch.empty(value.shape, dtype=out_dtype)
-    for start in range(0, rows_total, step):
-        rows = slice(start, min(start + step, rows_total))
-        block = value[rows].to(torch.float32)
-        for op, _ in job.ops:
-            block = apply_op_tensors(block, op, row_slice_tensors(op, adapter, rows))
-        out[rows] = block
-    return out
+    step = max(4, step)
+    blocks = [slice(s, min(s + step, rows_total)) for s in range(0, rows_total, step)]
+    if len(blocks) > 1 and blocks[-1].stop - blocks[-1].start == 1:
+        blocks[-2:] = [slice(blocks[-2].start, blocks[-2].stop - 1), slice(blocks[-1].start - 1, blocks[-1].stop)]
+    return blocks
+
+
+def merge_rows_blockwise(job: TensorJob, adapter: dict[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Read, merge and round a weight a few rows at a time, in reused buffers that stay in cache.
+
+    Every element sees the same float32 operations as ``merge_tensor``, so results are
+    identical. Nothing is allocated per block (fresh pages cost more than the arithmetic).
+    Yields views of one reused buffer: the caller must consume each before the next.
+    """
+    source = job.source
+    rows_total = job.shape[0]
+    cols = 1
+    for d in job.shape[1:]:
+        cols *= d
+    blocks = row_blocks(rows_total, _BLOCK_BYTES // (4 * max(cols, 1)))
+    buffer_shape = (max((b.stop - b.start for b in blocks), default=0), cols)
+    in_buf = torch.empty(buffer_shape, dtype=source.torch_dtype)
+    work = torch.empty(buffer_shape, dtype=torch.float32)
+    out_buf = torch.empty(buffer_shape, dtype=DTYPE_FROM_CODE[job.dtype])
+    row_bytes = cols * in_buf.element_size()
+    for rows in blocks:
+        start, n = rows.start, rows.stop - rows.start
+        block, out = in_buf[:n], out_buf[:n]
+        read_into(source, start * row_bytes, block)
+        ops = [(op, row_slice_tensors(op, adapter, rows)) for op, _ in job.ops]
+        delta = weight_delta(*ops[0], (n, cols), block.device, scratch=work[:n]) if len(ops) == 1 else None
+        if delta is not None:
+            out.copy_(delta.add_(block))
+        else:
+            value = work[:n].copy_(block) if ops else block
+            for op, tensors in ops:
+                value = apply_op_tensors(value, op, tensors)
+            out.copy_(value)
+        yield out.view((n, *job.shape[1:]))
 
 
 def write_config(plan: MergePlan, out: Path) -> None:
@@ -253,7 +293,7 @@ def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None =
                 if job.is_passthrough and isinstance(job.source, TensorInfo):
                     writer.copy_raw(job.name, job.source)
                 else:
-                    writer.write(job.name, merge_tensor(job, adapter, device))
+                    writer.write_blocks(job.name, tensor_blocks(job, adapter, device))
                     merged += bool(job.ops or job.replacement)
                 done += 1
                 if on_progress:

@@ -105,21 +105,33 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """Read one tensor with ``pread`` into a fresh, writable CPU tensor."""
-    buf = bytearray(info.nbytes)
-    if info.nbytes:
-        fd = os.open(info.file, os.O_RDONLY)
-        try:
-            view = memoryview(buf)
-            done = 0
-            while done < info.nbytes:
-                n = os.preadv(fd, [view[done:]], info.begin + done)
-                if n <= 0:
-                    raise IncompatibleBaseError(f"{info.file.name}: file ended inside tensor {info.name!r}")
-                done += n
-        finally:
-            os.close(fd)
-        return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(info.shape)
-    return torch.empty(info.shape, dtype=info.torch_dtype)
+    tensor = torch.empty(info.shape, dtype=info.torch_dtype)
+    read_into(info, 0, tensor)
+    return tensor
+
+
+def read_into(info: TensorInfo, offset: int, out: torch.Tensor) -> None:
+    """Fill the contiguous CPU tensor ``out`` with the bytes of ``info`` from ``offset`` on, with ``pread``.
+
+    Reading a big tensor block by block into one reused buffer keeps the working set in
+    cache and never touches fresh pages.
+    """
+    want = out.numel() * out.element_size()
+    if offset < 0 or offset + want > info.nbytes or not out.is_contiguous():
+        raise RuntimeError(f"cannot read {want} bytes at {offset} of {info.name} into this buffer")
+    if not want:
+        return
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        done = 0
+        while done < want:
+            n = os.preadv(fd, [view[done:]], info.begin + offset + done)
+            if n <= 0:
+                raise IncompatibleBaseError(f"{info.file.name}: file ended inside tensor {info.name!r}")
+            done += n
+    finally:
+        os.close(fd)
 
 
 def _numel(shape: Iterable[int]) -> int:
@@ -192,15 +204,35 @@ class ShardWriter:
         self._fh.write(struct.pack("<Q", len(raw)))
         self._fh.write(raw)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _next(self, name: str) -> OutputTensor:
         spec = next(self._pending, None)
         if spec is None or spec.name != name:
             raise RuntimeError(f"shard writer expected {spec.name if spec else 'nothing'}, got {name}")
+        return spec
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self._next(name)
         if tensor.dtype != spec.torch_dtype or tuple(tensor.shape) != spec.shape:
             raise RuntimeError(f"{name}: planned {spec.dtype}{list(spec.shape)}, got {tensor.dtype}{list(tensor.shape)}")
-        if tensor.numel():
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            self._fh.write(memoryview(data))
+        self._write_bytes(tensor)
+
+    def write_blocks(self, name: str, blocks: Iterable[torch.Tensor]) -> None:
+        """Write one tensor as consecutive pieces (row blocks, in order) whose bytes add up to it."""
+        spec = self._next(name)
+        written = 0
+        for block in blocks:
+            if block.dtype != spec.torch_dtype:
+                raise RuntimeError(f"{name}: planned {spec.dtype}, got a {block.dtype} block")
+            written += self._write_bytes(block)
+        if written != spec.nbytes:
+            raise RuntimeError(f"{name}: planned {spec.nbytes} bytes, got {written}")
+
+    def _write_bytes(self, tensor: torch.Tensor) -> int:
+        if not tensor.numel():
+            return 0
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._fh.write(memoryview(data))
+        return data.nbytes
 
     def copy_raw(self, name: str, source: TensorInfo) -> None:
         """Pass a tensor through byte for byte, kernel to kernel, never through our memory."""

@@ -208,15 +208,16 @@ def test_unreachable_hub_is_one_line(tmp_path, env):
 def test_interrupt_mid_shard_is_one_line_and_leaves_nothing(good, tmp_path, capsys, monkeypatch):
     import bot.merge
 
-    real, calls = bot.merge.merge_tensor, []
+    real, calls = bot.merge.tensor_blocks, []
 
-    def interrupted_on_third(*args, **kwargs):
+    def interrupted_in_third(*args, **kwargs):  # after the third tensor's first block is written
         calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        for k, block in enumerate(real(*args, **kwargs)):
+            yield block
+            if len(calls) == 3 and k == 0:
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(bot.merge, "merge_tensor", interrupted_on_third)
+    monkeypatch.setattr(bot.merge, "tensor_blocks", interrupted_in_third)
     message = run_failing(capsys, ["merge", str(good[1])], tmp_path / "out", 130, "interrupted")
     assert "closed before" not in message
 

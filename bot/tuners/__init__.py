@@ -71,39 +71,53 @@ class ModuleOp:
         return self.tuner
 
 
-def _lora_weight(weight: torch.Tensor, op: ModuleOp, t: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    delta = lora_delta(t("lora_A"), t("lora_B"), op.scaling, transpose=op.transpose)
-    if "magnitude" in op.tensors:
-        return dora_merge(weight, delta, t("magnitude"), transpose=op.transpose)
-    return weight + delta
+RoleReader = Callable[[str], torch.Tensor]
 
 
-def _ia3_weight(weight: torch.Tensor, op: ModuleOp, t: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    return ia3_scale_weight(weight, t("ia3_l"), transpose=op.transpose)
+def _lora_delta(shape: tuple[int, ...], op: ModuleOp, t: RoleReader, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    return lora_delta(t("lora_A"), t("lora_B"), op.scaling, transpose=op.transpose, scratch=scratch)
 
 
-def _loha_weight(weight: torch.Tensor, op: ModuleOp, t: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    return weight + loha_delta(t("w1_a"), t("w1_b"), t("w2_a"), t("w2_b"), op.scaling, shape=tuple(weight.shape))
+def _loha_delta(shape: tuple[int, ...], op: ModuleOp, t: RoleReader, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    return loha_delta(t("w1_a"), t("w1_b"), t("w2_a"), t("w2_b"), op.scaling, shape=shape)
 
 
-def _lokr_weight(weight: torch.Tensor, op: ModuleOp, t: Callable[[str], torch.Tensor]) -> torch.Tensor:
+def _lokr_delta(shape: tuple[int, ...], op: ModuleOp, t: RoleReader, scratch: torch.Tensor | None = None) -> torch.Tensor:
     def opt(role: str) -> torch.Tensor | None:
         return t(role) if role in op.tensors else None
 
     w1 = lokr_factor(opt("w1"), opt("w1_a"), opt("w1_b"))
     w2 = lokr_factor(opt("w2"), opt("w2_a"), opt("w2_b"))
-    return weight + lokr_delta(w1, w2, op.scaling, shape=tuple(weight.shape))
+    return lokr_delta(w1, w2, op.scaling, shape=shape)
 
 
-def _lora_bias(bias: torch.Tensor, op: ModuleOp, t: Callable[[str], torch.Tensor]) -> torch.Tensor:
+# Tuners whose merge adds a delta to the weight: W' = W + ΔW (DoRA, which renormalises, is not one).
+DELTA_FUNCS = {"LORA": _lora_delta, "LOHA": _loha_delta, "LOKR": _lokr_delta}
+
+
+def _additive_weight(weight: torch.Tensor, op: ModuleOp, t: RoleReader) -> torch.Tensor:
+    return weight + DELTA_FUNCS[op.tuner](tuple(weight.shape), op, t)
+
+
+def _lora_weight(weight: torch.Tensor, op: ModuleOp, t: RoleReader) -> torch.Tensor:
+    if "magnitude" in op.tensors:
+        return dora_merge(weight, _lora_delta(tuple(weight.shape), op, t), t("magnitude"), transpose=op.transpose)
+    return _additive_weight(weight, op, t)
+
+
+def _ia3_weight(weight: torch.Tensor, op: ModuleOp, t: RoleReader) -> torch.Tensor:
+    return ia3_scale_weight(weight, t("ia3_l"), transpose=op.transpose)
+
+
+def _lora_bias(bias: torch.Tensor, op: ModuleOp, t: RoleReader) -> torch.Tensor:
     return bias + t("lora_B_bias") * op.scaling  # PEFT's lora_bias=True
 
 
-def _ia3_bias(bias: torch.Tensor, op: ModuleOp, t: Callable[[str], torch.Tensor]) -> torch.Tensor:
+def _ia3_bias(bias: torch.Tensor, op: ModuleOp, t: RoleReader) -> torch.Tensor:
     return ia3_scale_bias(bias, t("ia3_l"))
 
 
-WEIGHT_FUNCS = {"LORA": _lora_weight, "IA3": _ia3_weight, "LOHA": _loha_weight, "LOKR": _lokr_weight}
+WEIGHT_FUNCS = {"LORA": _lora_weight, "IA3": _ia3_weight, "LOHA": _additive_weight, "LOKR": _additive_weight}
 BIAS_FUNCS = {"LORA": _lora_bias, "IA3": _ia3_bias}
 
 
@@ -114,16 +128,32 @@ def apply_op(
     return apply_op_tensors(tensor, op, {role: adapter[key] for role, key in op.tensors.items()}, is_bias=is_bias)
 
 
+def _role_reader(tensors: Mapping[str, torch.Tensor], device: torch.device) -> RoleReader:
+    def t(role: str) -> torch.Tensor:
+        return tensors[role].to(device=device, dtype=torch.float32)
+
+    return t
+
+
 def apply_op_tensors(
     tensor: torch.Tensor, op: ModuleOp, tensors: Mapping[str, torch.Tensor], *, is_bias: bool = False
 ) -> torch.Tensor:
     """Apply one module op given its tensors by role; they are upcast to float32 on the tensor's device."""
-
-    def t(role: str) -> torch.Tensor:
-        return tensors[role].to(device=tensor.device, dtype=torch.float32)
-
     funcs = BIAS_FUNCS if is_bias else WEIGHT_FUNCS
-    return funcs[op.tuner](tensor, op, t)
+    return funcs[op.tuner](tensor, op, _role_reader(tensors, tensor.device))
+
+
+def weight_delta(op: ModuleOp, tensors: Mapping[str, torch.Tensor], shape: tuple[int, ...], device: torch.device,
+                 scratch: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The float32 ΔW of an op that merges as W' = W + ΔW, shaped ``shape``; None for any other op.
+
+    ``scratch`` (float32, ``shape``) may be used to hold the result, so a caller merging
+    block after block reuses one buffer; then ``ΔW.add_(W)`` and one rounding give the same
+    bits as ``W.float() + ΔW`` and as PEFT's in-place ``weight.data += delta``.
+    """
+    if op.tuner not in DELTA_FUNCS or "magnitude" in op.tensors:
+        return None
+    return DELTA_FUNCS[op.tuner](shape, op, _role_reader(tensors, device), scratch)
 
 
 def row_slice_tensors(op: ModuleOp, adapter: Mapping[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor] | None:

@@ -16,17 +16,22 @@ def lora_scaling(alpha: float, r: int, *, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, transpose: bool = False) -> torch.Tensor:
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, transpose: bool = False,
+               scratch: torch.Tensor | None = None) -> torch.Tensor:
     """ΔW = (B @ A) * scaling, in the base weight's layout.
 
     lora_A: (r, in), lora_B: (out, r). ``transpose`` is for weights stored (in, out):
     GPT-2's Conv1D (``fan_in_fan_out``) and embeddings, whose A is (r, num_embeddings)
-    and B is (embedding_dim, r).
+    and B is (embedding_dim, r). ``scratch``, a float32 (out, in) tensor, may hold the
+    result instead of a new allocation (same values either way).
     """
-    delta = lora_B @ lora_A  # (out, in)
-    if transpose:
-        delta = delta.T
-    return delta * scaling
+    if scratch is not None and not transpose:
+        delta = torch.mm(lora_B, lora_A, out=scratch)
+    else:
+        delta = lora_B @ lora_A  # (out, in), a fresh tensor, so scaling in place is safe
+        if transpose:
+            delta = delta.T
+    return delta.mul_(scaling)
 
 
 def dora_merge(

@@ -1,0 +1,97 @@
+"""The row-block streaming path: same bits as the whole-tensor path and as PEFT's own merge.
+
+The tiny test models fit one block, so these tests shrink the block to a few rows to make
+every weight cross block boundaries, including a short last block.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PeftModel
+from safetensors.torch import load_file
+
+import bot.merge
+from bot.cli import main
+from factory import build_adapter, build_base, model_class
+
+# (base, base dtype, adapter config, output --dtype)
+CASES = {
+    "lora-bf16": ("llama", torch.bfloat16, lambda: LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), None),
+    "rslora-fp32": ("llama_untied", torch.float32,
+                    lambda: LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "down_proj"]),
+                    None),
+    "lora-fan-in-fan-out": ("gpt2", torch.float32,
+                            lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                                               fan_in_fan_out=True), None),
+    "ia3": ("llama_untied", torch.float32,
+            lambda: IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]), None),
+    "lora-to-fp16": ("llama", torch.bfloat16, lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"]),
+                     "float16"),
+}
+
+
+def _merge(adapter, out, dtype, block_bytes, monkeypatch) -> dict[str, torch.Tensor]:
+    monkeypatch.setattr(bot.merge, "_BLOCK_BYTES", block_bytes)
+    args = ["merge", str(adapter), "--out", str(out), "--quiet"] + (["--dtype", dtype] if dtype else [])
+    assert main(args) == 0
+    return load_file(out / "model.safetensors")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_small_blocks_give_the_same_bits(case, cache_dir, tmp_path, monkeypatch):
+    base_name, base_dtype, peft_config, out_dtype = CASES[case]
+    base = build_base(cache_dir, base_name, dtype=base_dtype)
+    adapter = build_adapter(cache_dir, f"stream-{case}", base, base_name, peft_config(), dtype=base_dtype)
+    calls = []
+    real = bot.merge.merge_rows_blockwise
+
+    def counting(job, adapter_tensors):
+        blocks = list(b.clone() for b in real(job, adapter_tensors))
+        calls.append(len(blocks))
+        yield from blocks
+
+    monkeypatch.setattr(bot.merge, "merge_rows_blockwise", counting)
+    small = _merge(adapter, tmp_path / "small", out_dtype, 4 * 32 * 5, monkeypatch)  # 5 rows of 32 float32 columns
+    assert calls and max(calls) > 2, "the small-block run should split weights into several blocks"
+    calls.clear()
+    whole = _merge(adapter, tmp_path / "whole", out_dtype, 1 << 40, monkeypatch)
+    assert calls and max(calls) == 1
+    assert small.keys() == whole.keys()
+    for name in small:
+        assert torch.equal(small[name], whole[name]), name
+
+    if out_dtype is None:  # PEFT's own CPU merge of the same adapter, bit for bit
+        peft = PeftModel.from_pretrained(model_class(base_name).from_pretrained(base, dtype=base_dtype), adapter)
+        reference = peft.merge_and_unload().state_dict()
+        for name, tensor in small.items():
+            assert torch.equal(tensor, reference[name]), name
+
+
+def test_dora_keeps_the_whole_tensor_path(cache_dir, tmp_path, monkeypatch):
+    """DoRA's norm spans a whole row of the merged weight but the ops are not row-additive; it must not stream."""
+    base = build_base(cache_dir, "llama_untied")
+    adapter = build_adapter(cache_dir, "stream-dora", base, "llama_untied",
+                            LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"]))
+    streamed = []
+    real = bot.merge.merge_rows_blockwise
+
+    def recording(job, adapter_tensors):
+        streamed.append(job.name)
+        return real(job, adapter_tensors)
+
+    monkeypatch.setattr(bot.merge, "merge_rows_blockwise", recording)
+    merged = _merge(adapter, tmp_path / "out", None, 4 * 32 * 5, monkeypatch)
+    assert not any("q_proj" in name for name in streamed)
+    reference = PeftModel.from_pretrained(model_class("llama_untied").from_pretrained(base), adapter)
+    state = reference.merge_and_unload().state_dict()
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, state[name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows_total,step", [(0, 5), (1, 5), (5, 5), (6, 5), (11, 5), (16, 5), (9, 1), (4096, 128)])
+def test_row_blocks_cover_every_row_once_and_never_a_lone_row(rows_total, step):
+    blocks = bot.merge.row_blocks(rows_total, step)
+    assert [r for b in blocks for r in range(b.start, b.stop)] == list(range(rows_total))
+    sizes = [b.stop - b.start for b in blocks]
+    assert all(size >= 2 for size in sizes) or rows_total == 1
+    assert max(sizes, default=0) <= max(step, 4)
