@@ -36,8 +36,37 @@ TASK_DEFAULT_MODULES_TO_SAVE = {
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
-# LoRA options whose merge merge-bot leaves to PEFT.
-_LORA_FEATURES_FOR_PEFT = ("target_parameters", "trainable_token_indices", "layer_replication", "use_qalora")
+# Config fields the streaming merge reads itself, or that only shape training and the
+# initialisation of tensors the saved adapter then overwrites. Any other field set to a
+# value (a LoRA variant such as KaSA or BD-LoRA, target_parameters, layer_replication,
+# trainable_token_indices, a field newer than this list, ...) sends the merge to PEFT,
+# which applies it or refuses: exact either way. Checked against PEFT's configs in tests.
+_COMMON_FIELDS = frozenset({
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "target_modules", "exclude_modules", "modules_to_save", "layers_to_transform",
+    "layers_pattern", "rank_pattern", "alpha_pattern", "r", "fan_in_fan_out",
+})
+STREAMED_FIELDS: dict[str, frozenset[str]] = {
+    "LORA": _COMMON_FIELDS | {
+        "lora_alpha", "lora_dropout", "bias", "use_rslora", "use_dora", "lora_bias", "init_lora_weights",
+        "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_core", "qalora_group_size",
+        "runtime_config",
+        "merge_weights",  # PEFT <= 0.3: whether training merged on eval; saved tensors are unmerged
+    },
+    "IA3": _COMMON_FIELDS | {"feedforward_modules", "init_ia3_weights"},
+    "LOHA": _COMMON_FIELDS | {"alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights"},
+    "LOKR": _COMMON_FIELDS | {"alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights",
+                              "decompose_both", "decompose_factor", "rank_dropout_scale"},
+}
+# init_lora_weights values that only initialise A and B. PiSSA, OLoRA, CorDA, LoftQ and
+# LoRA-GA also rewrite the base weights when PEFT loads the adapter (and MiCA is a variant):
+# PEFT's merge reproduces that, a plain W + BA would not.
+_PLAIN_LORA_INITS = (True, False, None, "gaussian", "orthogonal", "eva")
+# LoRA variants whose output cannot be expressed as merged weights at all.
+_UNMERGEABLE_FIELDS = {
+    "alora_invocation_tokens": "aLoRA adapters act only on tokens after their invocation sequence, so they cannot "
+                               "be folded into the weights; load them with PEFT at inference time instead",
+}
 
 
 @dataclass(frozen=True)
@@ -53,7 +82,19 @@ class AdapterConfig:
 
     @property
     def is_native(self) -> bool:
-        return self.peft_type in NATIVE_TYPES and not any(self.fields.get(f) for f in _LORA_FEATURES_FOR_PEFT)
+        return self.peft_type in NATIVE_TYPES and self.peft_only_field is None
+
+    @property
+    def peft_only_field(self) -> str | None:
+        """The first config field whose value the streaming merge does not model, if any."""
+        streamed = STREAMED_FIELDS.get(self.peft_type, frozenset())
+        for name, value in self.raw.items():
+            if name == "init_lora_weights" and self.peft_type == "LORA":
+                if value not in _PLAIN_LORA_INITS and not (isinstance(value, str) and value.lower() in _PLAIN_LORA_INITS):
+                    return f"init_lora_weights={value!r}"
+            elif name not in streamed and not _is_unset(value):
+                return name
+        return None
 
     def get(self, name: str, default: Any = None) -> Any:
         value = self.fields.get(name)
@@ -78,6 +119,9 @@ def parse_adapter_config(raw: dict[str, Any]) -> AdapterConfig:
             f"{peft_type} adapters change the prompt, not the weights, so they cannot be merged; "
             "load them with PEFT at inference time instead"
         )
+    for name, why in _UNMERGEABLE_FIELDS.items():
+        if not _is_unset(raw.get(name)):
+            raise UnsupportedAdapterError(why)
     task_type = raw.get("task_type")
     task_type = task_type.strip().upper() if isinstance(task_type, str) and task_type.strip() else None
     fields = dict(raw)
@@ -104,6 +148,11 @@ def parse_adapter_config(raw: dict[str, Any]) -> AdapterConfig:
         fields=fields,
         raw=raw,
     )
+
+
+def _is_unset(value: Any) -> bool:
+    """None, False and empty strings or containers: how saved configs spell "not used"."""
+    return value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
 
 
 def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from bot import peft_rules
-from bot.adapter import AdapterConfig, AdapterTensors, read_adapter_config, read_adapter_weights, split_adapter_keys
+from bot.adapter import (NATIVE_TYPES, AdapterConfig, AdapterTensors, read_adapter_config, read_adapter_weights,
+                         split_adapter_keys)
 from bot.architecture import (CONV1D_MODEL_TYPES, ModelLayout, checkpoint_layout, describe_model, infer_linear_kind,
                                load_config)
 from bot.checkpoint import BinTensorInfo, index_checkpoint
@@ -142,7 +143,8 @@ def resolve_plan(spec: MergeSpec) -> MergePlan:
     common = dict(spec=spec, adapter=adapter, base=base, adapter_config=acfg, base_config=base_config,
                   tokenizer_folder=tokenizer_folder)
     if not acfg.is_native:
-        return MergePlan(**common, fallback_reason=f"{acfg.peft_type} with these options is merged by PEFT itself")
+        what = f"{acfg.peft_type} with {acfg.peft_only_field}" if acfg.peft_type in NATIVE_TYPES else acfg.peft_type
+        return MergePlan(**common, fallback_reason=f"{what} is merged by PEFT itself")
     weights = read_adapter_weights(adapter.path)
     parts = split_adapter_keys(list(weights))
     checkpoint, _ = index_checkpoint(base.path)
