@@ -176,18 +176,26 @@ def check_can_publish(api, target: PublishTarget) -> Account:
     return account
 
 
-def _remote_fingerprint(api, repo_id: str, revision: str) -> str | None:
+def _remote_report(api, repo_id: str, revision: str | None) -> dict:
+    """The merge_report.json at ``revision``, or {} when there is none or it is not a JSON object."""
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
         path = api.hf_hub_download(repo_id, REPORT_NAME, revision=revision)
     except EntryNotFoundError:
-        return None
+        return {}
     try:
         report = json.loads(Path(path).read_text())
     except ValueError:
-        return None
-    return report.get("fingerprint") if isinstance(report, dict) else None
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def main_report(api, repo_id: str, state: "RepoState | None") -> dict:
+    """The merge report on the target's main branch ({} when there is none)."""
+    if state is None or REPORT_NAME not in state.files:
+        return {}
+    return _remote_report(api, repo_id, state.sha)
 
 
 @dataclass(frozen=True)
@@ -212,13 +220,17 @@ def repo_state(api, repo_id: str) -> RepoState | None:
     return RepoState(info.sha, tuple(s.rfilename for s in (info.siblings or [])), bool(info.private))
 
 
-def check_target(target: PublishTarget, state: RepoState | None) -> None:
-    """Refusals that depend on the target repo, known before anything is merged or uploaded."""
+def check_target(target: PublishTarget, state: RepoState | None, *, holds_this_merge: bool = False) -> None:
+    """Refusals that depend on the target repo, known before anything is merged or uploaded.
+
+    ``holds_this_merge``: main already has this exact merge (same fingerprint), published
+    without verification; a verified run may commit over it, since only the report changes.
+    """
     if target.pr and state is None:
         raise SourceNotFoundError(f"{target.repo_id} does not exist (or your token cannot see it), so no pull "
                                   f"request can be opened; drop --pr to create it")
     if not target.pr and state is not None:
-        if not state.is_empty:
+        if not state.is_empty and not holds_this_merge:
             raise RepoConflictError(f"{target.repo_id} already exists and holds other files; pass --pr to propose "
                                     f"this merge as a pull request, or choose another --repo")
         if target.private and not state.private:
@@ -226,12 +238,18 @@ def check_target(target: PublishTarget, state: RepoState | None) -> None:
                                     f"make it private in its settings first, or choose another --repo")
 
 
-def find_existing(api, target: PublishTarget, fp: str, *, author: str | None = None) -> PublishResult | None:
-    """This exact merge already on main, or (with --pr) in an open pull request opened by ``author``."""
+def find_existing(api, target: PublishTarget, fp: str, *, author: str | None = None,
+                  verified: bool = False) -> PublishResult | None:
+    """This exact merge already on main, or (with --pr) in an open pull request opened by ``author``.
+
+    With ``verified``, a merge on main counts only if it was published with its verification
+    numbers: a ``--verify`` run after a plain one adds them instead of saying nothing to do.
+    """
     state = repo_state(api, target.repo_id)
     if state is None:
         return None
-    if REPORT_NAME in state.files and _remote_fingerprint(api, target.repo_id, state.sha) == fp:
+    report = main_report(api, target.repo_id, state)
+    if report.get("fingerprint") == fp and (report.get("verification") or not verified):
         return PublishResult(target.repo_id, "unchanged", f"{api.endpoint}/{target.repo_id}", state.sha)
     if target.pr:
         # Only our own account's PRs count: anyone can open a PR carrying the marker. A PR the owner
@@ -289,8 +307,11 @@ def read_folder_report(folder: Path) -> dict:
 
 
 def publish_folder(folder: Path, target: PublishTarget, *, title: str, description: str, fingerprint: str,
-                   token: str | None, endpoint: str | None = None) -> PublishResult:
-    """Create ``target`` and commit ``folder`` to it, or open one PR; idempotent by ``fingerprint``."""
+                   token: str | None, endpoint: str | None = None, verified: bool = False) -> PublishResult:
+    """Create ``target`` and commit ``folder`` to it, or open one PR; idempotent by ``fingerprint``.
+
+    ``verified``: the folder's report carries verification numbers (see ``find_existing``).
+    """
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
@@ -299,11 +320,12 @@ def publish_folder(folder: Path, target: PublishTarget, *, title: str, descripti
     description = f"{description}\n\n{marker_line(fingerprint)}\n"
 
     def attempt() -> PublishResult:
-        existing = find_existing(api, target, fingerprint, author=account.name)
+        existing = find_existing(api, target, fingerprint, author=account.name, verified=verified)
         if existing is not None:
             return existing
         state = repo_state(api, target.repo_id)
-        check_target(target, state)
+        same = main_report(api, target.repo_id, state).get("fingerprint") == fingerprint
+        check_target(target, state, holds_this_merge=same)
         if target.pr:
             info = api.create_commit(target.repo_id, _operations(folder, target.repo_id, state.files),
                                      commit_message=title, commit_description=description, create_pr=True,

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from bot.errors import MergeBotError, UsageError
 from bot.hub import (PublishResult, PublishTarget, check_can_publish, check_target, find_existing,
-                     hub_write_errors, parse_repo_id, publish_folder, repo_state)
+                     hub_write_errors, main_report, parse_repo_id, publish_folder, repo_state)
 from bot.spec import DTYPES, MergeSpec, parse_size, parse_source_ref
 
 EventFn = Callable[[str], None]
@@ -128,8 +128,8 @@ def publish_merged_folder(folder: Path, target: PublishTarget, *, token: str | N
                           endpoint: str | None = None) -> PublishResult:
     report = read_report(folder)
     title, description = commit_text(report)
-    return publish_folder(folder, target, title=title, description=description,
-                          fingerprint=report["fingerprint"], token=token, endpoint=endpoint)
+    return publish_folder(folder, target, title=title, description=description, fingerprint=report["fingerprint"],
+                          token=token, endpoint=endpoint, verified=bool(report.get("verification")))
 
 
 @dataclass
@@ -188,10 +188,11 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
             on_event(f"note: {checked.base_note}")
         fp = checked.fingerprint(spec)
         with hub_write_errors(f"checking {target.repo_id}", target.repo_id):
-            existing = find_existing(api, target, fp, author=account.name)
+            existing = find_existing(api, target, fp, author=account.name, verified=job.verify)
             if existing is not None:
                 return JobResult(existing)
-            check_target(target, repo_state(api, target.repo_id))  # refuse now, not after the merge
+            state = repo_state(api, target.repo_id)  # refuse now, not after the merge
+            check_target(target, state, holds_this_merge=main_report(api, target.repo_id, state).get("fingerprint") == fp)
         on_event("downloading the adapter and base")
         plan = resolve_plan(checked.pinned_spec(spec))
         for warning in plan.warnings:

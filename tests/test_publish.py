@@ -233,6 +233,32 @@ def test_merge_then_push_then_push_again(hub, models, capsys, tmp_path):
     assert code == 2 and "merge_report.json" in err
 
 
+def test_a_verify_run_adds_verification_to_a_plain_publish_once(hub, models, capsys):
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/verified-later")
+    assert code == 0, err
+    assert json.loads(hub.files("alice/verified-later")["merge_report.json"])["verification"] is None
+    code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/verified-later", "--verify")
+    assert code == 0, err
+    assert "nothing to do" not in out
+    commits = our_commits(hub, "alice/verified-later")
+    assert len(commits) == 2
+    files = hub.files("alice/verified-later")
+    assert json.loads(files["merge_report.json"])["verification"]["max_abs_logit_delta"] < 1e-4
+    assert b"PEFT, unmerged) by at most" in files["README.md"]
+    for flags in (["--verify"], []):  # verified now: neither kind of run has anything left to do
+        code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/verified-later", *flags)
+        assert code == 0 and "nothing to do" in out, err
+    assert len(our_commits(hub, "alice/verified-later")) == 2
+
+
+def test_a_verify_run_still_refuses_a_repo_holding_another_merge(hub, models, capsys):
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/other-merge", "--dtype", "float16")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/other-merge", "--verify")
+    assert code == 12 and "already exists and holds other files" in error_line(err)
+    assert len(our_commits(hub, "alice/other-merge")) == 1
+
+
 def test_batch_runs_past_a_bad_job_and_reports_it(hub, models, capsys, tmp_path):
     batch = tmp_path / "jobs.yaml"
     batch.write_text(yaml.safe_dump({"jobs": [
