@@ -109,6 +109,17 @@ def merged_outputs(folder: Path, *, auto_class: str, inputs: dict) -> torch.Tens
         return model(**inputs).logits.float()
 
 
+def assert_matches_peft(merged: Path, base: Path, adapter: Path, *, auto_class: str = "AutoModelForCausalLM",
+                        tol: float = 1e-5, resize_vocab: int | None = None, num_labels: int | None = None) -> None:
+    """The merged folder's logits equal PEFT's unmerged forward of base + adapter (float32)."""
+    inputs = sample_inputs(seq2seq=auto_class == "AutoModelForSeq2SeqLM")
+    expected = reference_outputs(base, adapter, auto_class=auto_class, inputs=inputs, resize_vocab=resize_vocab,
+                                 num_labels=num_labels)
+    actual = merged_outputs(merged, auto_class=auto_class, inputs=inputs)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+
+
 def sample_inputs(*, seq2seq: bool = False, vocab: int = VOCAB) -> dict:
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(0, vocab, (2, 12), generator=gen)

@@ -10,13 +10,12 @@ import dataclasses
 import json
 
 import pytest
-import torch
 from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
 
 from bot import errors
 from bot.adapter import STREAMED_FIELDS, parse_adapter_config
 from bot.cli import main
-from factory import build_adapter, build_base, merged_outputs, reference_outputs, sample_inputs
+from factory import assert_matches_peft, build_adapter, build_base
 
 CONFIG_CLASSES = {"LORA": LoraConfig, "IA3": IA3Config, "LOHA": LoHaConfig, "LOKR": LoKrConfig}
 
@@ -97,10 +96,7 @@ def test_unmerged_pissa_adapter_matches_peft(cache_dir, tmp_path, capsys):
     out = tmp_path / "merged"
     assert main(["merge", str(adapter), "--out", str(out), "--quiet"]) == 0
     assert "init_lora_weights='pissa'" in capsys.readouterr().err
-    inputs = sample_inputs()
-    expected = reference_outputs(base, adapter, auto_class="AutoModelForCausalLM", inputs=inputs)
-    actual = merged_outputs(out, auto_class="AutoModelForCausalLM", inputs=inputs)
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert_matches_peft(out, base, adapter, tol=1e-4)
     # the streaming formula W + BA would differ: PiSSA moved the principal part out of W
     report = json.loads((out / "merge_report.json").read_text())
     assert report["method"] == "peft-merge_and_unload"

@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import pytest
-import torch
 from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, TaskType
 from safetensors import safe_open
 
 from bot.cli import main
-from factory import VOCAB, build_adapter, build_base, merged_outputs, reference_outputs, sample_inputs
+from factory import VOCAB, assert_matches_peft, build_adapter, build_base
 
 
 @dataclass
@@ -82,12 +81,8 @@ def test_merged_model_matches_peft_unmerged(name, cache_dir, tmp_path):
     out = tmp_path / "merged"
     assert main(["merge", str(adapter), "--out", str(out), "--quiet"]) == 0
 
-    inputs = sample_inputs(seq2seq=case.auto_class == "AutoModelForSeq2SeqLM", vocab=VOCAB)
-    expected = reference_outputs(base, adapter, auto_class=case.auto_class, inputs=inputs,
-                                 resize_vocab=case.resize_vocab, num_labels=case.num_labels)
-    actual = merged_outputs(out, auto_class=case.auto_class, inputs=inputs)
-    assert actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert_matches_peft(out, base, adapter, auto_class=case.auto_class, resize_vocab=case.resize_vocab,
+                        num_labels=case.num_labels)
 
     config = json.loads((out / "config.json").read_text())
     report = json.loads((out / "merge_report.json").read_text())

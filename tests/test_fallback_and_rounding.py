@@ -9,7 +9,7 @@ from peft import HRAConfig, LoraConfig, OFTConfig, PeftModel, VeraConfig
 from safetensors.torch import load_file
 
 from bot.cli import main
-from factory import build_adapter, build_base, merged_outputs, model_class, reference_outputs, sample_inputs
+from factory import assert_matches_peft, build_adapter, build_base, model_class
 
 FALLBACK_CASES = {
     "vera": lambda: VeraConfig(r=4, target_modules=["q_proj", "o_proj"]),
@@ -25,10 +25,7 @@ def test_other_mergeable_tuners_go_through_peft(name, cache_dir, tmp_path, capsy
     out = tmp_path / "merged"
     assert main(["merge", str(adapter), "--out", str(out), "--quiet"]) == 0
     assert "in-memory merge" in capsys.readouterr().err
-    inputs = sample_inputs()
-    expected = reference_outputs(base, adapter, auto_class="AutoModelForCausalLM", inputs=inputs)
-    actual = merged_outputs(out, auto_class="AutoModelForCausalLM", inputs=inputs)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert_matches_peft(out, base, adapter)
     assert json.loads((out / "merge_report.json").read_text())["method"] == "peft-merge_and_unload"
 
 

@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from huggingface_hub import ModelCard, snapshot_download
 from bot import cli, hub as bot_hub
-from factory import merged_outputs, reference_outputs, sample_inputs
+from factory import assert_matches_peft
 from hub_fixtures import ALICE, BOB, CAROL, adapter_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,10 +53,7 @@ def test_run_publishes_new_repo_in_one_commit_with_peft_equal_logits(hub, models
     assert report["base"]["revision"] == hub.commits("bob/tiny-llama")[0]["id"]
 
     local = snapshot_download("alice/tiny-merged", cache_dir=tmp_path / "dl")
-    inputs = sample_inputs()
-    expected = reference_outputs(models["base"], models["adapter"], auto_class="AutoModelForCausalLM", inputs=inputs)
-    got = merged_outputs(Path(local), auto_class="AutoModelForCausalLM", inputs=inputs)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert_matches_peft(Path(local), models["base"], models["adapter"])
 
     # The same job again: found by its fingerprint before any merge, no new commit.
     code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/tiny-merged", "--verify")
@@ -313,10 +309,7 @@ def test_pr_replacing_a_model_deletes_its_stale_loadable_files(hub, models, caps
     assert head["notes.txt"] == b"keep me" and "model.safetensors" in head
     assert hub.files("bob/old-model") .keys() >= stale.keys()  # main untouched
     local = snapshot_download("bob/old-model", revision=pr["git_reference"], cache_dir=tmp_path / "dl")
-    inputs = sample_inputs()
-    expected = reference_outputs(models["base"], models["adapter"], auto_class="AutoModelForCausalLM", inputs=inputs)
-    torch.testing.assert_close(merged_outputs(Path(local), auto_class="AutoModelForCausalLM", inputs=inputs),
-                               expected, atol=1e-5, rtol=1e-5)
+    assert_matches_peft(Path(local), models["base"], models["adapter"])
 
 
 def test_someone_elses_pr_with_our_marker_is_not_reused(hub, models, capsys):
