@@ -6,15 +6,18 @@ old field names, task-type defaults for ``modules_to_save``.
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bot.jsonfile import read_json_object
 from bot.errors import AdapterConfigError, UnsupportedAdapterError
+from bot.jsonfile import read_json_object
+from bot.spec import is_valid_revision
 from bot.tuners import ADAPTER_KEY_ROLES
 
 log = logging.getLogger(__name__)
@@ -137,6 +140,7 @@ def parse_adapter_config(raw: dict[str, Any]) -> AdapterConfig:
         if not isinstance(value, dict):
             raise AdapterConfigError(f"{CONFIG_NAME}: {name} must be an object mapping module patterns to numbers")
         fields[name] = value
+    _check_field_types(fields)
     defaults = TASK_DEFAULT_MODULES_TO_SAVE.get(task_type or "")
     if defaults:
         fields["modules_to_save"] = sorted(set(fields.get("modules_to_save") or []) | set(defaults))
@@ -148,6 +152,44 @@ def parse_adapter_config(raw: dict[str, Any]) -> AdapterConfig:
         fields=fields,
         raw=raw,
     )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_field_types(fields: dict[str, Any]) -> None:
+    """The numeric and name fields the merge reads must have the types PEFT gives them."""
+    def bad(name: str, value: Any, want: str) -> AdapterConfigError:
+        return AdapterConfigError(f"{CONFIG_NAME}: {name} must be {want}, not {json.dumps(value)[:40]}; "
+                                  f"fix or re-save the adapter")
+
+    for name in ("r",):
+        if fields.get(name) is not None and not _is_rank(fields[name]):
+            raise bad(name, fields[name], "a positive whole number")
+    for name in ("lora_alpha", "alpha"):
+        if fields.get(name) is not None and not _is_number(fields[name]):
+            raise bad(name, fields[name], "a finite number")
+    for key, value in fields["rank_pattern"].items():
+        if not _is_rank(value):
+            raise bad(f"rank_pattern[{key!r}]", value, "a positive whole number")
+    for key, value in fields["alpha_pattern"].items():
+        if not _is_number(value):
+            raise bad(f"alpha_pattern[{key!r}]", value, "a finite number")
+    layers = fields.get("layers_to_transform")
+    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
+            isinstance(layers, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in layers)):
+        raise bad("layers_to_transform", layers, "a layer number or a list of layer numbers")
+    for name in ("base_model_name_or_path", "revision"):
+        if fields.get(name) is not None and not isinstance(fields[name], str):
+            raise bad(name, fields[name], "a string")
+    revision = fields.get("revision")
+    if revision and not is_valid_revision(revision):
+        raise bad("revision", revision, "a branch, tag or commit of the base model")
 
 
 def _is_unset(value: Any) -> bool:
@@ -164,7 +206,7 @@ def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(st)
+            return _checked_tensors(load_file(st), WEIGHTS_SAFETENSORS)
         except (SafetensorError, OSError) as e:
             raise AdapterConfigError(f"{WEIGHTS_SAFETENSORS} is corrupt ({e}); re-download or re-save the adapter") from e
     if binary.is_file():
@@ -176,10 +218,41 @@ def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
             ) from e
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise AdapterConfigError(f"{WEIGHTS_BIN} does not hold a tensor state dict; re-save the adapter")
-        return state
+        return _checked_tensors(state, WEIGHTS_BIN)
     raise AdapterConfigError(
         f"adapter weights missing: neither {WEIGHTS_SAFETENSORS} nor {WEIGHTS_BIN} is in {folder}"
     )
+
+
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """No NaN or infinity in ``tensor``: float32 sums of chunks (a NaN or inf makes its sum non-finite).
+
+    Half-precision chunks are widened into one reused buffer: reductions that convert on the
+    fly, or a float32 copy of a whole embedding, cost ten times more.
+    """
+    flat = tensor.detach().reshape(-1)
+    if flat.dtype == torch.float32 or flat.dtype == torch.float64:
+        return all(bool(torch.isfinite(flat[i:i + chunk].sum())) for i in range(0, flat.numel(), chunk))
+    buffer = torch.empty(min(chunk, flat.numel()), dtype=torch.float32)
+    for i in range(0, flat.numel(), chunk):
+        part = flat[i:i + chunk]
+        if not torch.isfinite(buffer[:part.numel()].copy_(part).sum()):
+            return False
+    return True
+
+
+def _checked_tensors(state: dict[str, torch.Tensor], file_name: str) -> dict[str, torch.Tensor]:
+    """Every tensor must have a dtype a checkpoint can hold and only finite values (a NaN would be merged in)."""
+    from bot.shards import CODE_FROM_DTYPE
+
+    for key, tensor in state.items():
+        if tensor.dtype not in CODE_FROM_DTYPE:
+            raise AdapterConfigError(f"{file_name}: tensor {key} has dtype {tensor.dtype}, which no model checkpoint "
+                                     f"holds; re-save the adapter")
+        if tensor.is_floating_point() and not all_finite(tensor):
+            raise AdapterConfigError(f"{file_name}: tensor {key} holds NaN or infinite values; the adapter is "
+                                     f"broken (re-train or re-save it)")
+    return state
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,15 @@
 """The base model's weight files as one name -> location map (safetensors, or legacy .bin)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from bot.errors import IncompatibleBaseError
+from bot.jsonfile import read_json_object
 from bot.shards import CODE_FROM_DTYPE, TensorInfo, read_header, read_tensor
+from bot.sources import index_weight_names
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -52,11 +53,9 @@ def weight_files(folder: Path) -> list[Path]:
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise IncompatibleBaseError(f"{index_name} in the base is not a valid index") from e
-            names = sorted(set(weight_map.values()))
+            index_data = read_json_object(index, error=IncompatibleBaseError, what=f"base {index_name}",
+                                          fix="fix or re-download the base")
+            names = index_weight_names(index_data, f"base {index_name}")
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
                 raise IncompatibleBaseError(f"base shard {missing[0]} named in {index_name} is missing; re-download the base")

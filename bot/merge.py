@@ -25,7 +25,7 @@ import torch
 from bot import __version__
 from bot.card import CARD_NAME, build_card
 from bot.checkpoint import read_base_tensor
-from bot.errors import OutputError
+from bot.errors import AdapterConfigError, OutputError, UsageError
 from bot.plan import MergePlan, TensorJob
 from bot.preflight import check_free_space
 from bot.provenance import fingerprint, output_options, pin_source
@@ -111,8 +111,6 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        from bot.errors import UsageError
-
         raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
     return torch.device(device)
 
@@ -133,12 +131,30 @@ def merge_tensor(job: TensorJob, adapter: dict[str, torch.Tensor], device: torch
     """Produce one output tensor: start value, adapter ops in float32, one rounding at the end."""
     value = adapter[job.replacement] if job.replacement is not None else read_base_tensor(job.source)
     out_dtype = DTYPE_FROM_CODE[job.dtype]
-    if not job.ops:
-        return value.to(out_dtype)
-    value = value.to(device=device, dtype=torch.float32)
-    for op, is_bias in job.ops:
-        value = apply_op(value, op, adapter, is_bias=is_bias)
+    if job.ops:
+        value = value.to(device=device, dtype=torch.float32)
+        for op, is_bias in job.ops:
+            value = apply_op(value, op, adapter, is_bias=is_bias)
+    check_merged(job, value)
     return value.to(out_dtype).cpu()
+
+
+def check_merged(job: TensorJob, value: torch.Tensor) -> None:
+    """Refuse a merged value that is NaN or infinite, or that the output dtype cannot hold.
+
+    A float32 sum is non-finite when any element is, at a few percent of the merge's time;
+    float16 output also needs the range (it overflows to inf from 65520 on).
+    """
+    if not (job.ops or value.dtype != DTYPE_FROM_CODE[job.dtype]) or not value.is_floating_point() or not value.numel():
+        return
+    if DTYPE_FROM_CODE[job.dtype] == torch.float16 and value.dtype != torch.float16:
+        low, high = torch.aminmax(value)
+        if not (bool(low > -65520) and bool(high < 65520)):  # NaN fails both comparisons
+            raise UsageError(f"merged {job.name} has values beyond float16's range (or NaN); "
+                             f"use --dtype bfloat16 or float32")
+    elif job.ops and not bool(torch.isfinite(value.sum())):
+        raise AdapterConfigError(f"merging {job.name} gave NaN or infinite values; the adapter's weights or alpha "
+                                 f"(or the base's weights) are broken")
 
 
 def rows_are_independent(job: TensorJob, adapter: dict[str, torch.Tensor]) -> bool:
@@ -189,12 +205,13 @@ def merge_rows_blockwise(job: TensorJob, adapter: dict[str, torch.Tensor]) -> It
         ops = [(op, row_slice_tensors(op, adapter, rows)) for op, _ in job.ops]
         delta = weight_delta(*ops[0], (n, cols), block.device, scratch=work[:n]) if len(ops) == 1 else None
         if delta is not None:
-            out.copy_(delta.add_(block))
+            value = delta.add_(block)
         else:
             value = work[:n].copy_(block) if ops else block
             for op, tensors in ops:
                 value = apply_op_tensors(value, op, tensors)
-            out.copy_(value)
+        check_merged(job, value)
+        out.copy_(value)
         yield out.view((n, *job.shape[1:]))
 
 

@@ -6,7 +6,6 @@ dtype and shape. All adapter/base mismatches are found here, before anything is 
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from bot.architecture import (CONV1D_MODEL_TYPES, ModelLayout, checkpoint_layout
                                load_config)
 from bot.checkpoint import BinTensorInfo, index_checkpoint
 from bot.errors import AdapterConfigError, IncompatibleBaseError, UnsupportedAdapterError, UsageError
+from bot.jsonfile import read_json_object
 from bot.shards import CODE_FROM_DTYPE, OutputTensor, TensorInfo
 from bot.sources import ResolvedSource, is_tokenizer_file, resolve_source
 from bot.spec import MergeSpec, SourceRef, parse_source_ref
@@ -134,10 +134,8 @@ def resolve_plan(spec: MergeSpec) -> MergePlan:
     config_path = base.path / "config.json"
     if not config_path.is_file():
         raise IncompatibleBaseError(f"base {base.label} has no config.json; is it a transformers model?")
-    try:
-        base_config = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise IncompatibleBaseError(f"base config.json is not valid JSON; re-download {base.label}") from e
+    base_config = read_json_object(config_path, error=IncompatibleBaseError, what="base config.json",
+                                   fix=f"re-download {base.label}")
     check_not_quantized(base_config, base)
     tokenizer_folder = adapter.path if any(is_tokenizer_file(p.name) for p in adapter.path.iterdir()) else base.path
     common = dict(spec=spec, adapter=adapter, base=base, adapter_config=acfg, base_config=base_config,
@@ -180,6 +178,18 @@ def needs_model_layout(acfg: AdapterConfig, parts: AdapterTensors, keys: list[st
         if checkpoint.canonical_name(f"{module}.weight") is None:
             return True
     return False
+
+
+def _check_replacement_shape(name: str, saved: tuple[int, ...], base: TensorInfo | BinTensorInfo | None) -> None:
+    """A saved tensor loads over the base's only with the same shape, as in PEFT's ``load_state_dict``;
+    embeddings and task heads may differ in their first dimension (a resized vocabulary, a label count)."""
+    if base is None or saved == tuple(base.shape):
+        return
+    module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+    if module in _HEAD_OR_EMBEDDING and len(saved) == len(base.shape) and saved[1:] == tuple(base.shape)[1:]:
+        return
+    raise IncompatibleBaseError(f"adapter's saved {name} is {list(saved)} but the base's is {list(base.shape)}; "
+                                f"check that --base is the model the adapter was trained on")
 
 
 class _NeedsPeft(Exception):
@@ -352,6 +362,7 @@ def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.
             warnings.append(f"ignored saved tensor {key}: the base has no parameter {param}")
             continue
         module = name.rsplit(".", 1)[0]
+        _check_replacement_shape(name, tuple(weights[key].shape), base_by_param.get(name))
         if peft_rules.is_module_to_save(modules_to_save, module):
             local_repl[name] = key
             counts["modules_to_save"] += 1

@@ -16,8 +16,8 @@ from typing import Any
 
 from bot.adapter import AdapterConfig, read_adapter_config
 from bot.errors import AdapterConfigError, IncompatibleBaseError, MergeBotError, OutputError
+from bot.jsonfile import MAX_JSON_BYTES, read_json_object
 from bot.plan import base_ref_for, check_not_quantized, check_peft_can_merge, suggest_unquantized
-from bot.jsonfile import read_json_object
 from bot.provenance import Pinned, fingerprint, output_options, pin_local
 from bot.sources import files_to_download, hub_read_errors, read_with_retries
 from bot.spec import MergeSpec, SourceRef, parse_source_ref
@@ -84,10 +84,14 @@ def _repo_facts(api, ref: SourceRef, what: str) -> _RepoFacts:
 
 def _fetch(api, facts: _RepoFacts, filename: str, what: str) -> Path:
     """Download one small file at the pinned SHA, after checking this caller may read it."""
+    error = AdapterConfigError if what == "adapter" else IncompatibleBaseError
     if filename not in facts.sizes:
-        raise (AdapterConfigError if what == "adapter" else IncompatibleBaseError)(
-            f"{what} repo {facts.ref.name} has no {filename}; "
-            + ("is it a PEFT adapter?" if what == "adapter" else "is it a transformers model?"))
+        raise error(f"{what} repo {facts.ref.name} has no {filename}; "
+                    + ("is it a PEFT adapter?" if what == "adapter" else "is it a transformers model?"))
+    if facts.sizes[filename] > MAX_JSON_BYTES:
+        raise error(
+            f"{what} repo {facts.ref.name}: {filename} is {facts.sizes[filename] / 2**20:.0f} MiB, too large for a "
+            f"JSON file; check the repo")
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     with hub_read_errors(what, facts.ref):

@@ -75,22 +75,22 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             header = json.loads(fh.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise IncompatibleBaseError(f"{path.name} has a corrupt safetensors header; re-download it") from e
+    corrupt = IncompatibleBaseError(f"{path.name} has a corrupt safetensors header; re-download it")
     if not isinstance(header, dict):
-        raise IncompatibleBaseError(f"{path.name} has a corrupt safetensors header; re-download it")
+        raise corrupt
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt
     data_start = 8 + header_len
     tensors: list[TensorInfo] = []
     for name, entry in header.items():
         try:
-            begin, end = (int(x) for x in entry["data_offsets"])
-            info = TensorInfo(
-                name=name,
-                dtype=str(entry["dtype"]),
-                shape=tuple(int(d) for d in entry["shape"]),
-                file=path,
-                begin=data_start + begin,
-                end=data_start + end,
-            )
+            begin, end = entry["data_offsets"]
+            shape = entry["shape"]
+            if not (_is_count(begin) and _is_count(end) and isinstance(shape, list) and all(map(_is_count, shape))):
+                raise TypeError("offsets and dimensions must be non-negative integers")
+            info = TensorInfo(name=name, dtype=str(entry["dtype"]), shape=tuple(shape), file=path,
+                              begin=data_start + begin, end=data_start + end)
         except (KeyError, TypeError, ValueError) as e:
             raise IncompatibleBaseError(f"{path.name}: malformed header entry for tensor {name!r}") from e
         if info.dtype not in DTYPE_FROM_CODE:
@@ -100,7 +100,18 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise IncompatibleBaseError(f"{path.name}: tensor {name!r} lies outside the file; re-download it")
         tensors.append(info)
     tensors.sort(key=lambda t: t.begin)
-    return {t.name: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()}
+    # Like the safetensors library: the tensors tile the data exactly, no gaps, no shared bytes.
+    position = data_start
+    for t in tensors + [None]:
+        if (t.begin if t else size) != position:
+            where = f"before tensor {t.name!r}" if t else "after the last tensor"
+            raise IncompatibleBaseError(f"{path.name}: tensors overlap or leave a gap {where}; re-download it")
+        position = t.end if t else size
+    return {t.name: t for t in tensors}, dict(metadata)
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from bot.errors import AccessDeniedError, AuthenticationError, IncompatibleBaseError, SourceNotFoundError
+from bot.errors import AccessDeniedError, AuthenticationError, IncompatibleBaseError, SourceNotFoundError, UsageError
 from bot.jsonfile import read_json_object
 from bot.spec import SourceRef
 
@@ -48,10 +48,34 @@ def is_tokenizer_file(name: str) -> bool:
     return "/" not in name and any(fnmatch.fnmatch(name, p) for p in TOKENIZER_FILES)
 
 
-def pick_base_weight_files(files: list[str], index: dict | None) -> list[str]:
+def index_weight_names(index: dict, where: str) -> list[str]:
+    """The shard file names a weight index maps tensors to: plain names of weight files in the same folder.
+
+    An index comes from whoever made the repo: a path ("../x", "/abs/x") would make the merge
+    read, and publish, a file outside the repo; a glob ("*") would download the whole repo.
+    """
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise IncompatibleBaseError(f"{where} has no valid weight_map (tensor name -> file name); "
+                                    f"fix or re-download the base")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if (len(name) > 255 or name.startswith(".") or any(c in name for c in '/\\*?[]\0')
+                or not name.endswith((".safetensors", ".bin"))):
+            raise IncompatibleBaseError(f"{where} names weight file {name[:80]!r}, which is not a weight file in "
+                                        f"the same folder; fix or re-download the base")
+    return names
+
+
+def pick_base_weight_files(files: list[str], index: dict | None, index_name: str = "the weight index") -> list[str]:
     """The weight files transformers would load: the index's shards, else the single file, else .bin."""
     if index is not None:
-        return sorted(set(index.get("weight_map", {}).values()))
+        names = index_weight_names(index, index_name)
+        missing = [n for n in names if n not in files]
+        if missing:
+            raise IncompatibleBaseError(f"{index_name} names {missing[0]}, which the repo does not have; "
+                                        f"fix or re-upload the base")
+        return names
     root = [f for f in files if "/" not in f]
     if "model.safetensors" in root:
         return ["model.safetensors"]
@@ -171,18 +195,33 @@ def files_to_download(files: list[str], what: str, read_index: Callable[[str], d
             wanted.append("adapter_model.bin")
         return sorted(set(wanted))
     wanted = [f for f in files if "/" not in f and any(fnmatch.fnmatch(f, p) for p in BASE_CONFIG_FILES)]
-    index = None
+    index, index_name = None, None
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if index_name in files:
             index = read_index(index_name)
             wanted.append(index_name)
             break
-    return sorted(set(wanted + pick_base_weight_files(files, index)))
+    return sorted(set(wanted + pick_base_weight_files(files, index, index_name)))
+
+
+def check_links_stay_inside(folder: Path, what: str) -> None:
+    """Refuse a local folder whose files link outside it (a cloned repo can carry such links): the
+    merge would read, and a publish upload, whatever they point at. A huggingface_hub snapshot
+    folder may link into its own repo cache folder (``../../blobs``)."""
+    folder = folder.resolve()
+    roots = [folder] + ([folder.parents[1]] if folder.parent.name == "snapshots" else [])
+    for entry in folder.iterdir():
+        if entry.is_symlink():
+            target = entry.resolve()
+            if not any(target.is_relative_to(root) for root in roots):
+                raise UsageError(f"{entry.name} in {what} folder {folder} links outside the folder ({target}); "
+                                 f"copy the real file in")
 
 
 def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpoint: str | None = None) -> ResolvedSource:
     """Local folder as is; Hub repo pinned to a SHA and the needed files downloaded."""
     if ref.local:
+        check_links_stay_inside(Path(ref.name), what)
         return ResolvedSource(ref=ref, path=Path(ref.name))
     from huggingface_hub import HfApi, snapshot_download
 

@@ -13,6 +13,12 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' historical default, "5GB"
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
+_MAX_REF_CHARS = 4096  # PATH_MAX; no folder or repo id is longer
+
+
+def is_valid_revision(revision: object) -> bool:
+    """A branch, tag or commit name the Hub could have (no '..', no odd characters)."""
+    return isinstance(revision, str) and bool(_REVISION.match(revision)) and ".." not in revision
 
 
 @dataclass(frozen=True)
@@ -36,22 +42,29 @@ def parse_source_ref(text: str, *, what: str = "adapter", allow_local: bool = Tr
     text = (text or "").strip()
     if not text:
         raise UsageError(f"{what} is empty; give a local folder or a Hub repo id such as owner/name")
+    shown = text if len(text) <= 100 else text[:100] + "..."
+    if len(text) > _MAX_REF_CHARS or "\0" in text:
+        raise UsageError(f"{what} {shown!r} is not a folder or Hub repo id (too long, or a NUL character)")
     name, _, revision = text.partition("@")
     looks_local = text.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in text
     if allow_local:
         path = Path(text).expanduser()
-        if path.exists():
+        try:
+            exists = path.exists()
+        except OSError:  # a name the file system cannot even look up
+            exists = False
+        if exists:
             if not path.is_dir():
-                raise UsageError(f"{what} {text} is a file; give the folder that holds it")
+                raise UsageError(f"{what} {shown} is a file; give the folder that holds it")
             return SourceRef(name=str(path.resolve()), local=True)
         if looks_local:
-            raise SourceNotFoundError(f"{what} folder {text} does not exist; check the path")
+            raise SourceNotFoundError(f"{what} folder {shown} does not exist; check the path")
     elif looks_local:
-        raise UsageError(f"{what} is the local path {text!r}, which a Hub adapter cannot use; pass --base with the "
+        raise UsageError(f"{what} is the local path {shown!r}, which a Hub adapter cannot use; pass --base with the "
                          f"base model's Hub id or folder")
-    if not _REPO_ID.match(name) or ".." in name or (revision and (not _REVISION.match(revision) or ".." in revision)) \
+    if not _REPO_ID.match(name) or ".." in name or (revision and not is_valid_revision(revision)) \
             or not _valid_for_hub(name):
-        raise UsageError(f"{what} {text!r} is neither an existing folder nor a Hub repo id like owner/name[@revision]")
+        raise UsageError(f"{what} {shown!r} is neither an existing folder nor a Hub repo id like owner/name[@revision]")
     return SourceRef(name=name, revision=revision or None)
 
 
