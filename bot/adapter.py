@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from bot import peft_rules
 from bot.errors import AdapterConfigError, UnsupportedAdapterError
 from bot.jsonfile import read_json_object
 from bot.spec import is_valid_revision
@@ -141,6 +142,9 @@ def parse_adapter_config(raw: dict[str, Any]) -> AdapterConfig:
             raise AdapterConfigError(f"{CONFIG_NAME}: {name} must be an object mapping module patterns to numbers")
         fields[name] = value
     _check_field_types(fields)
+    problem = peft_rules.config_problem(peft_type, fields)
+    if problem:
+        raise AdapterConfigError(f"{CONFIG_NAME}: {problem}, so PEFT cannot load it either; fix or re-save the adapter")
     defaults = TASK_DEFAULT_MODULES_TO_SAVE.get(task_type or "")
     if defaults:
         fields["modules_to_save"] = sorted(set(fields.get("modules_to_save") or []) | set(defaults))

@@ -28,6 +28,46 @@ def is_excluded(cfg: Mapping[str, Any], key: str) -> bool:
     return False
 
 
+def config_problem(peft_type: str, cfg: Mapping[str, Any]) -> str | None:
+    """What PEFT's config class (``LoraConfig.__post_init__`` etc.) would refuse when loading this config.
+
+    Only the checks that can fire for a saved adapter merge-bot streams itself; every other
+    tuner and option goes through PEFT, which runs its own.
+    """
+    targets, layers, pattern = cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+    if peft_type in ("LORA", "LOHA", "LOKR"):
+        if peft_type == "LORA" and isinstance(targets, str) and (layers is not None or pattern is not None):
+            return "layers_to_transform and layers_pattern cannot be used when target_modules is a regex string"
+        if pattern and layers is None:
+            return "layers_pattern is set but layers_to_transform is not"
+    if peft_type == "LORA" and cfg.get("lora_bias"):
+        if cfg.get("init_lora_weights", True) not in (True, False):
+            return "lora_bias needs init_lora_weights true or false"
+        if cfg.get("use_dora"):
+            return "lora_bias is not supported together with DoRA (use_dora)"
+    feedforward = cfg.get("feedforward_modules")
+    if peft_type == "IA3" and isinstance(feedforward, list) and isinstance(targets, list):
+        if not set(feedforward) <= set(targets):
+            return "feedforward_modules must be a subset of target_modules"
+    return None
+
+
+ALL_LINEAR = "all-linear"
+
+
+def is_all_linear(target_modules: Any) -> bool:
+    """PEFT's shorthand for every linear layer (``INCLUDE_LINEAR_LAYERS_SHORTHAND``); saved configs
+    usually hold the expanded list, hand-written ones the word."""
+    return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+
+
+def all_linear_modules(module_types: Mapping[str, str], output_embedding: str | None) -> list[str]:
+    """What ``all-linear`` expands to (``_maybe_include_all_linear_layers``): every Linear or Conv1D
+    module of the model except the output embedding."""
+    output_module = output_embedding.rsplit(".", 1)[0] if output_embedding else None
+    return sorted(m for m, kind in module_types.items() if kind in ("linear", "conv1d") and m != output_module)
+
+
 def is_targeted(cfg: Mapping[str, Any], key: str) -> bool:
     """Would PEFT put an adapter layer on module ``key`` (``check_target_module_exists``)?"""
     if is_excluded(cfg, key):

@@ -170,6 +170,8 @@ def needs_model_layout(acfg: AdapterConfig, parts: AdapterTensors, keys: list[st
     """
     if parts.replacements or acfg.task_type in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
         return True
+    if peft_rules.is_all_linear(acfg.fields.get("target_modules")):  # needs every module's type
+        return True
     if not base_config.get("architectures") or any(".lora_embedding_" in k for k in keys):
         return True
     for module in parts.modules:
@@ -300,6 +302,8 @@ def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.
             raise AdapterConfigError(
                 f"adapter_config.json has no target_modules and PEFT has no default for {layout.model_type} models"
             )
+    if peft_rules.is_all_linear(fields["target_modules"]):
+        fields["target_modules"] = peft_rules.all_linear_modules(layout.module_types, layout.output_embedding)
     if acfg.peft_type == "IA3" and fields.get("feedforward_modules") is None:
         fields["feedforward_modules"] = peft_rules.default_feedforward_modules(layout.model_type) or []
 
@@ -322,7 +326,7 @@ def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.
     missing_modules, ignored = [], []
     for module, roles in sorted(parts.modules.items()):
         weight_name = layout.canonical_name(f"{module}.weight")
-        kind = layout.module_types.get(module)
+        kind = layout.module_types.get(weight_name.rsplit(".", 1)[0] if weight_name else module)  # the model's name
         if (kind is None and not layout.from_checkpoint) or (layout.from_checkpoint and weight_name is None):
             missing_modules.append(module)
             continue

@@ -45,3 +45,51 @@ def test_pattern_key_agrees_with_peft(patterns, key):
     expected = get_pattern_key(patterns, key)
     ours = peft_rules.pattern_key(patterns, key)
     assert (ours if ours is not None else key) == expected
+
+
+CONFIG_CASES = [
+    ("LORA", dict(target_modules=["q_proj"])),
+    ("LORA", dict(target_modules=["q_proj"], layers_pattern="layers")),
+    ("LORA", dict(target_modules=["q_proj"], layers_pattern="layers", layers_to_transform=[0])),
+    ("LORA", dict(target_modules=r".*q_proj", layers_to_transform=[0])),
+    ("LORA", dict(target_modules=r".*q_proj", layers_pattern="layers")),
+    ("LORA", dict(target_modules=r".*q_proj")),
+    ("LORA", dict(target_modules=["q_proj"], lora_bias=True)),
+    ("LORA", dict(target_modules=["q_proj"], lora_bias=True, use_dora=True)),
+    ("LORA", dict(target_modules=["q_proj"], lora_bias=True, init_lora_weights="gaussian")),
+    ("LOHA", dict(target_modules=["q_proj"], layers_pattern="layers")),
+    ("LOKR", dict(target_modules=["q_proj"], layers_pattern="layers", layers_to_transform=1)),
+    ("IA3", dict(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    ("IA3", dict(target_modules=["k_proj"], feedforward_modules=["down_proj"])),
+    ("IA3", dict(target_modules=r".*k_proj", feedforward_modules=["down_proj"])),
+]
+
+
+@pytest.mark.parametrize("peft_type,fields", CONFIG_CASES)
+def test_config_problem_agrees_with_peft_config_classes(peft_type, fields):
+    from peft import IA3Config, LoHaConfig, LoKrConfig
+
+    cls = {"LORA": LoraConfig, "LOHA": LoHaConfig, "LOKR": LoKrConfig, "IA3": IA3Config}[peft_type]
+    try:
+        cls(**fields)
+        peft_refuses = False
+    except ValueError:
+        peft_refuses = True
+    assert (peft_rules.config_problem(peft_type, fields) is not None) == peft_refuses
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2", "t5"])
+def test_all_linear_expands_like_peft(model_name):
+    """PEFT's own expansion of target_modules="all-linear" on a real (tiny) model, against ours on its layout."""
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    from bot.architecture import describe_model
+    from factory import BASE_CONFIGS, model_class
+
+    config = BASE_CONFIGS[model_name]()
+    model = model_class(model_name)(config)
+    expanded = _maybe_include_all_linear_layers(LoraConfig(target_modules="all-linear"), model).target_modules
+    layout = describe_model(config)
+    ours = peft_rules.all_linear_modules(layout.module_types, layout.output_embedding)
+    assert peft_rules.is_all_linear("ALL-LINEAR") and not peft_rules.is_all_linear(["all-linear"])
+    assert sorted(expanded) == ours
