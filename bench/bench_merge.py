@@ -186,6 +186,8 @@ def run_size(label: str, work: Path, runs: int) -> dict:
         "peft_peak_rss_mib": statistics.median(m for _, m in results["peft"]) / 2**20,
         "bit_identical": same,
         "tensors_compared": n,
+        "ours_runs": [{"seconds": round(w, 3), "peak_rss_mib": round(m / 2**20, 1)} for w, m in results["ours"]],
+        "peft_runs": [{"seconds": round(w, 3), "peak_rss_mib": round(m / 2**20, 1)} for w, m in results["peft"]],
     }
     summary["speedup"] = summary["peft_median_s"] / summary["ours_median_s"]
     summary["rss_ratio"] = summary["ours_peak_rss_mib"] / summary["peft_peak_rss_mib"]
