@@ -130,48 +130,44 @@ def test_duplicate_keys_take_the_last_value_like_peft(good, tmp_path, capsys):
 
 # ---- adapter weights ------------------------------------------------------------------------------
 
-def test_wrong_shaped_replacement_tensor_is_refused(good, tmp_path, capsys):
-    """An extra saved key for a base parameter replaces it whatever its shape: a model transformers cannot load."""
+def edit_weights(adapter: Path, edit) -> None:
+    path = adapter / "adapter_model.safetensors"
+    weights = load_file(path)
+    edit(weights)
+    save_file(weights, path)
+
+
+def _first(weights: dict, suffix: str) -> str:
+    return next(k for k in weights if k.endswith(suffix))
+
+
+def _nan_in_b(w: dict) -> None:
+    w[_first(w, "lora_B.weight")][0, 0] = float("nan")
+
+
+def _int_a_of_wrong_rank(w: dict) -> None:
+    key = _first(w, "lora_A.weight")
+    w[key] = torch.ones(5, w[key].shape[1], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("edit, code, needle", [
+    # an extra saved key replaces a base parameter: it must have the base's shape (PEFT's load_state_dict)
+    (lambda w: w.update({"base_model.model.model.layers.0.mlp.down_proj.weight": torch.ones(3, 3)}),
+     errors.IncompatibleBaseError.exit_code, "model.layers.0.mlp.down_proj"),
+    (lambda w: w.update({"base_model.model.model.norm.weight": torch.ones(32, dtype=torch.complex64)}),
+     errors.AdapterConfigError.exit_code, "model.norm"),
+    (_nan_in_b, errors.AdapterConfigError.exit_code, "NaN"),
+    (_int_a_of_wrong_rank, errors.AdapterConfigError.exit_code, "inconsistent shapes"),
+], ids=["wrong-shaped-replacement", "complex-dtype", "nan-in-lora-B", "int-A-of-wrong-rank"])
+def test_bad_adapter_tensors_are_refused(good, tmp_path, capsys, edit, code, needle):
     adapter = copy_adapter(good[1], tmp_path)
-    weights = load_file(adapter / "adapter_model.safetensors")
-    weights["base_model.model.model.layers.0.mlp.down_proj.weight"] = torch.ones(3, 3)
-    save_file(weights, adapter / "adapter_model.safetensors")
-    run_failing(capsys, merge_args(adapter), tmp_path / "out", errors.IncompatibleBaseError.exit_code,
-                "model.layers.0.mlp.down_proj")
-
-
-def test_adapter_tensor_with_unmapped_dtype_is_refused(good, tmp_path, capsys):
-    adapter = copy_adapter(good[1], tmp_path)
-    weights = load_file(adapter / "adapter_model.safetensors")
-    weights["base_model.model.model.norm.weight"] = torch.ones(32, dtype=torch.complex64)
-    save_file(weights, adapter / "adapter_model.safetensors")
-    run_failing(capsys, merge_args(adapter), tmp_path / "out", errors.AdapterConfigError.exit_code, "model.norm")
-
-
-def test_nan_adapter_weights_are_refused(good, tmp_path, capsys):
-    adapter = copy_adapter(good[1], tmp_path)
-    weights = load_file(adapter / "adapter_model.safetensors")
-    key = next(k for k in weights if k.endswith("lora_B.weight"))
-    weights[key][0, 0] = float("nan")
-    save_file(weights, adapter / "adapter_model.safetensors")
-    run_failing(capsys, merge_args(adapter), tmp_path / "out", errors.AdapterConfigError.exit_code, "NaN")
-
-
-def test_integer_adapter_tensors_are_upcast_and_wrong_rank_refused(good, tmp_path, capsys):
-    adapter = copy_adapter(good[1], tmp_path)
-    weights = load_file(adapter / "adapter_model.safetensors")
-    key = next(k for k in weights if k.endswith("lora_A.weight"))
-    weights[key] = torch.ones(5, weights[key].shape[1], dtype=torch.int32)
-    save_file(weights, adapter / "adapter_model.safetensors")
-    run_failing(capsys, merge_args(adapter), tmp_path / "out", errors.AdapterConfigError.exit_code,
-                "inconsistent shapes")
+    edit_weights(adapter, edit)
+    run_failing(capsys, merge_args(adapter), tmp_path / "out", code, needle)
 
 
 def test_unknown_adapter_keys_are_ignored_with_a_warning(good, tmp_path, capsys):
     adapter = copy_adapter(good[1], tmp_path)
-    weights = load_file(adapter / "adapter_model.safetensors")
-    weights["base_model.model.../../etc/passwd"] = torch.ones(2)
-    save_file(weights, adapter / "adapter_model.safetensors")
+    edit_weights(adapter, lambda w: w.update({"base_model.model.../../etc/passwd": torch.ones(2)}))
     assert main(merge_args(adapter) + ["--out", str(tmp_path / "out"), "--quiet"]) == 0
     assert "ignored saved tensor" in capsys.readouterr().err
 
