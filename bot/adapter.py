@@ -44,24 +44,29 @@ TASK_DEFAULT_MODULES_TO_SAVE = {
 # initialisation of tensors the saved adapter then overwrites. Any other field set to a
 # value (a LoRA variant such as KaSA or BD-LoRA, target_parameters, layer_replication,
 # trainable_token_indices, a field newer than this list, ...) sends the merge to PEFT,
-# which applies it or refuses: exact either way. Checked against PEFT's configs in tests.
-_COMMON_FIELDS = frozenset({
+# which applies it or refuses: exact either way. Each set is a subset of the fields of PEFT's
+# own config class for that tuner (a field PEFT does not know, PEFT drops: IA3 has no
+# layers_to_transform), checked against PEFT's configs in tests.
+_PEFT_CONFIG_FIELDS = frozenset({
     "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "target_modules", "exclude_modules", "modules_to_save", "layers_to_transform",
-    "layers_pattern", "rank_pattern", "alpha_pattern", "r", "fan_in_fan_out",
+    "inference_mode", "target_modules", "exclude_modules", "modules_to_save",
 })
-STREAMED_FIELDS: dict[str, frozenset[str]] = {
-    "LORA": _COMMON_FIELDS | {
-        "lora_alpha", "lora_dropout", "bias", "use_rslora", "use_dora", "lora_bias", "init_lora_weights",
-        "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_core", "qalora_group_size",
-        "runtime_config",
-        "merge_weights",  # PEFT <= 0.3: whether training merged on eval; saved tensors are unmerged
-    },
-    "IA3": _COMMON_FIELDS | {"feedforward_modules", "init_ia3_weights"},
-    "LOHA": _COMMON_FIELDS | {"alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights"},
-    "LOKR": _COMMON_FIELDS | {"alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights",
-                              "decompose_both", "decompose_factor", "rank_dropout_scale"},
+_LYCORIS_FIELDS = _PEFT_CONFIG_FIELDS | {
+    "r", "alpha", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "rank_dropout",
+    "module_dropout", "use_effective_conv2d", "init_weights",
 }
+STREAMED_FIELDS: dict[str, frozenset[str]] = {
+    "LORA": _PEFT_CONFIG_FIELDS | {
+        "r", "lora_alpha", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
+        "lora_dropout", "bias", "use_rslora", "use_dora", "lora_bias", "init_lora_weights", "loftq_config",
+        "eva_config", "corda_config", "lora_ga_config", "megatron_core", "qalora_group_size", "runtime_config",
+    },
+    "IA3": _PEFT_CONFIG_FIELDS | {"feedforward_modules", "fan_in_fan_out", "init_ia3_weights"},
+    "LOHA": _LYCORIS_FIELDS,
+    "LOKR": _LYCORIS_FIELDS | {"decompose_both", "decompose_factor", "rank_dropout_scale"},
+}
+# Fields of PEFT versions too old for PEFT to know today, harmless when set.
+_OLD_PEFT_FIELDS = {"LORA": frozenset({"merge_weights"})}  # PEFT <= 0.3: merge on eval; saved tensors are unmerged
 # init_lora_weights values that only initialise A and B. PiSSA, OLoRA, CorDA, LoftQ and
 # LoRA-GA also rewrite the base weights when PEFT loads the adapter (and MiCA is a variant):
 # PEFT's merge reproduces that, a plain W + BA would not.
@@ -91,10 +96,10 @@ class AdapterConfig:
     @property
     def peft_only_field(self) -> str | None:
         """The first config field whose value the streaming merge does not model, if any."""
-        streamed = STREAMED_FIELDS.get(self.peft_type, frozenset())
+        streamed = STREAMED_FIELDS.get(self.peft_type, frozenset()) | _OLD_PEFT_FIELDS.get(self.peft_type, frozenset())
         for name, value in self.raw.items():
             if name == "init_lora_weights" and self.peft_type == "LORA":
-                if value not in _PLAIN_LORA_INITS and not (isinstance(value, str) and value.lower() in _PLAIN_LORA_INITS):
+                if value not in _PLAIN_LORA_INITS:  # exact, as PEFT compares ("EVA" is an error there)
                     return f"init_lora_weights={value!r}"
             elif name not in streamed and not _is_unset(value):
                 return name

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from bot.errors import IncompatibleBaseError, UnsupportedAdapterError
+from bot.adapter import all_finite, read_adapter_weights
+from bot.errors import AdapterConfigError, IncompatibleBaseError, UnsupportedAdapterError
 from bot.plan import DTYPE_CODES, MergePlan
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def _untie_if_adapted(model) -> bool:
 def peft_merge(plan: MergePlan, out: Path) -> tuple[list[str], dict[str, int]]:
     dtype = DTYPE_CODES.get(plan.spec.dtype)
     torch_dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dtype, "auto")
+    read_adapter_weights(plan.adapter.path)  # the same checks as the streaming path: readable, finite tensors
     model, _ = load_peft_model(plan, dtype=torch_dtype)
     untied = _untie_if_adapted(model)
     n_layers = sum(1 for m in model.modules() if hasattr(m, "merge") and hasattr(m, "get_base_layer"))
@@ -75,6 +77,10 @@ def peft_merge(plan: MergePlan, out: Path) -> tuple[list[str], dict[str, int]]:
         raise UnsupportedAdapterError(
             f"PEFT cannot merge {plan.adapter_config.peft_type} adapters ({str(e).splitlines()[0]})"
         ) from e
+    for name, tensor in merged.state_dict().items():
+        if tensor.is_floating_point() and not all_finite(tensor):
+            raise AdapterConfigError(f"PEFT's merge gave NaN or infinite values in {name}; the adapter's weights "
+                                     f"(or the base's, or a --dtype too narrow for them) are the cause")
     if untied:
         merged.config.tie_word_embeddings = False
     merged.save_pretrained(out, safe_serialization=True, max_shard_size=plan.spec.max_shard_bytes)

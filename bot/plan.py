@@ -303,7 +303,10 @@ def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.
                 f"adapter_config.json has no target_modules and PEFT has no default for {layout.model_type} models"
             )
     if peft_rules.is_all_linear(fields["target_modules"]):
-        fields["target_modules"] = peft_rules.all_linear_modules(layout.module_types, layout.output_embedding)
+        names = peft_rules.all_linear_modules(layout.module_types, layout.output_embedding)
+        prefix = f"{layout.base_model_prefix}." if layout.base_model_prefix else None
+        # an adapter trained on the bare model names its modules without the prefix
+        fields["target_modules"] = names + [n[len(prefix):] for n in names if prefix and n.startswith(prefix)]
     if acfg.peft_type == "IA3" and fields.get("feedforward_modules") is None:
         fields["feedforward_modules"] = peft_rules.default_feedforward_modules(layout.model_type) or []
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -204,15 +205,25 @@ def files_to_download(files: list[str], what: str, read_index: Callable[[str], d
     return sorted(set(wanted + pick_base_weight_files(files, index, index_name)))
 
 
+_CACHE_REPO_PREFIXES = ("models--", "datasets--", "spaces--")  # huggingface_hub's cache folder names
+
+
 def check_links_stay_inside(folder: Path, what: str) -> None:
     """Refuse a local folder whose files link outside it (a cloned repo can carry such links): the
     merge would read, and a publish upload, whatever they point at. A huggingface_hub snapshot
-    folder may link into its own repo cache folder (``../../blobs``)."""
+    folder (``models--org--name/snapshots/<sha>``) may link into its own ``../../blobs``."""
     folder = folder.resolve()
-    roots = [folder] + ([folder.parents[1]] if folder.parent.name == "snapshots" else [])
+    roots = [folder]
+    repo = folder.parents[1] if len(folder.parents) > 1 else None
+    if folder.parent.name == "snapshots" and repo is not None and repo.name.startswith(_CACHE_REPO_PREFIXES):
+        roots.append(repo / "blobs")
     for entry in folder.iterdir():
         if entry.is_symlink():
-            target = entry.resolve()
+            try:
+                target = Path(os.path.realpath(entry, strict=True))
+            except OSError:  # a dangling link or a loop
+                raise UsageError(f"{entry.name} in {what} folder {folder} is a broken link; remove it or copy the "
+                                 f"real file in") from None
             if not any(target.is_relative_to(root) for root in roots):
                 raise UsageError(f"{entry.name} in {what} folder {folder} links outside the folder ({target}); "
                                  f"copy the real file in")

@@ -33,6 +33,19 @@ def test_default_configs_as_peft_saves_them_stream(peft_type):
     assert acfg.is_native, acfg.peft_only_field
 
 
+@pytest.mark.parametrize("peft_type", sorted(CONFIG_CLASSES))
+def test_streamed_fields_are_fields_of_peft_config_class(peft_type):
+    """A field PEFT's class lacks is dropped by PEFT on load; the streaming merge must not act on it either."""
+    known = {f.name for f in dataclasses.fields(CONFIG_CLASSES[peft_type])}
+    assert STREAMED_FIELDS[peft_type] <= known, sorted(STREAMED_FIELDS[peft_type] - known)
+
+
+def test_ia3_with_a_lora_only_field_goes_to_peft():
+    raw = saved_config(IA3Config)
+    raw["layers_to_transform"] = [0]  # IA3Config has no such field: PEFT drops it and adapts every layer
+    assert parse_adapter_config(raw).peft_only_field == "layers_to_transform"
+
+
 def lora_variant_fields() -> list[str]:
     return [f.name for f in dataclasses.fields(LoraConfig) if f.metadata.get("is_lora_variant")]
 

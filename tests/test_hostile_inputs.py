@@ -165,6 +165,20 @@ def test_bad_adapter_tensors_are_refused(good, tmp_path, capsys, edit, code, nee
     run_failing(capsys, merge_args(adapter), tmp_path / "out", code, needle)
 
 
+def _scale_b(w: dict) -> None:
+    key = _first(w, "lora_B.weight")
+    w[key] = w[key] * 1e6
+
+
+@pytest.mark.parametrize("edit, extra, needle", [(_nan_in_b, [], "NaN"), (_scale_b, ["--dtype", "float16"], "NaN or infinite")],
+                         ids=["nan-in-lora-B", "float16-overflow"])
+def test_the_peft_fallback_refuses_non_finite_results_too(good, tmp_path, capsys, edit, extra, needle):
+    adapter = copy_adapter(good[1], tmp_path)
+    set_config(adapter, a_field_from_a_future_peft={"on": True})  # sends the merge through PEFT's own merge
+    edit_weights(adapter, edit)
+    run_failing(capsys, merge_args(adapter) + extra, tmp_path / "out", errors.AdapterConfigError.exit_code, needle)
+
+
 def test_unknown_adapter_keys_are_ignored_with_a_warning(good, tmp_path, capsys):
     adapter = copy_adapter(good[1], tmp_path)
     edit_weights(adapter, lambda w: w.update({"base_model.model.../../etc/passwd": torch.ones(2)}))
@@ -309,6 +323,24 @@ def test_symlink_out_of_a_local_adapter_is_refused(good, tmp_path, capsys):
     message = run_failing(capsys, merge_args(adapter), tmp_path / "out", errors.UsageError.exit_code,
                           "tokenizer_config.json", "links outside the folder")
     assert "S3cret" not in message
+
+
+def test_a_folder_merely_named_like_a_snapshot_gets_no_exemption(good, tmp_path, capsys):
+    secret = tmp_path / "home" / ".cache" / "huggingface" / "token"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("hf_" + "S3cret" * 6)
+    import shutil
+
+    adapter = tmp_path / "home" / "snapshots" / "my-adapter"
+    shutil.copytree(good[1], adapter)
+    (adapter / "tokenizer_config.json").symlink_to(Path("../../.cache/huggingface/token"))
+    run_failing(capsys, merge_args(adapter), tmp_path / "out", errors.UsageError.exit_code, "links outside the folder")
+
+
+def test_a_symlink_loop_in_a_local_folder_is_one_line(good, tmp_path, capsys):
+    adapter = copy_adapter(good[1], tmp_path)
+    (adapter / "loop").symlink_to(adapter / "loop")
+    run_failing(capsys, merge_args(adapter), tmp_path / "out", errors.UsageError.exit_code, "loop", "broken link")
 
 
 def test_a_snapshot_folder_linking_into_its_own_cache_is_accepted(good, tmp_path, capsys):

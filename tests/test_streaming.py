@@ -95,3 +95,37 @@ def test_row_blocks_cover_every_row_once_and_never_a_lone_row(rows_total, step):
     sizes = [b.stop - b.start for b in blocks]
     assert all(size >= 2 for size in sizes) or rows_total == 1
     assert max(sizes, default=0) <= max(step, 4)
+
+
+@pytest.mark.parametrize("rank,streams", [(16, True), (1024, False)])
+def test_high_rank_lora_is_merged_whole_and_stays_bit_identical(rank, streams, tmp_path):
+    """At high rank a row block's product sums differently from the whole product (BLAS blocking over
+    the rank), so such weights are merged whole, like PEFT: the bits must equal W + (B @ A) * s, rounded once."""
+    from safetensors.torch import save_file
+
+    from bot.plan import TensorJob
+    from bot.shards import read_header
+    from bot.tuners import ModuleOp
+
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(2048, 2048, generator=gen) * 0.02).to(torch.bfloat16)
+    save_file({"w": weight}, tmp_path / "base.safetensors")
+    info = read_header(tmp_path / "base.safetensors")[0]["w"]
+    adapter = {"a": torch.randn(rank, 2048, generator=gen) * 0.01, "b": torch.randn(2048, rank, generator=gen) * 0.01}
+    op = ModuleOp("LORA", "m", {"lora_A": "a", "lora_B": "b"}, scaling=0.5)
+    job = TensorJob("w", info, None, ((op, False),), "BF16", (2048, 2048))
+    assert bot.merge.rows_are_independent(job, adapter) == streams
+    merged = torch.cat([b.clone() for b in bot.merge.tensor_blocks(job, adapter, torch.device("cpu"))])
+    expected = (weight.float() + (adapter["b"] @ adapter["a"]) * 0.5).to(torch.bfloat16)  # PEFT's order
+    assert torch.equal(merged, expected)
+
+
+def test_an_ia3_scalar_applies_to_every_row_block():
+    """An (1, 1) IA3 vector on a one-column weight scales every row; slicing it by rows would drop it."""
+    from bot.tuners import ModuleOp, row_slice_tensors
+
+    op = ModuleOp("IA3", "m", {"ia3_l": "l"})
+    adapter = {"l": torch.tensor([[3.0]])}
+    assert torch.equal(row_slice_tensors(op, adapter, slice(4, 8))["ia3_l"], adapter["l"])
+    per_row = {"l": torch.arange(8.0).reshape(8, 1)}
+    assert torch.equal(row_slice_tensors(op, per_row, slice(4, 8))["ia3_l"], per_row["l"][4:8])

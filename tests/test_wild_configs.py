@@ -381,6 +381,13 @@ WILD: dict[str, Wild] = {
 }
 
 
+# The MicroVlm config with its targets written as PEFT's shorthand (found in review): the bare-model
+# names must still match what "all-linear" expands to on the ForCausalLM base.
+WILD["bare_llamamodel_all_linear"] = Wild(
+    WILD["bare_llamamodel_task_null"].source + " (target_modules rewritten as all-linear)", "llama_untied",
+    {**WILD["bare_llamamodel_task_null"].config, "target_modules": "all-linear"}, auto_class="AutoModel")
+
+
 def _build_adapter(cache, name: str, case: Wild, base):
     from peft import PeftConfig, get_peft_model
 

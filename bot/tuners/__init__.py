@@ -171,8 +171,8 @@ def row_slice_tensors(op: ModuleOp, adapter: Mapping[str, torch.Tensor], rows: s
             t["lora_B"] = t["lora_B"][rows]
         return t
     if op.tuner == "IA3" and not op.transpose:
-        if t["ia3_l"].shape[1] == 1:  # (out, 1): one factor per row
+        if t["ia3_l"].shape[1] == 1 and t["ia3_l"].shape[0] > 1:  # (out, 1): one factor per row
             t["ia3_l"] = t["ia3_l"][rows]
-        return t
+        return t  # (1, in), or a (1, 1) scalar: the same for every row
     return None
 
