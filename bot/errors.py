@@ -84,6 +84,12 @@ class RepoConflictError(PublishError):
     exit_code = 12
 
 
+class HubUnavailableError(MergeBotError):
+    """A read kept failing for passing reasons (5xx, rate limit, connection) after retries."""
+
+    exit_code = 13
+
+
 # User access tokens are hf_ + 34 letters/digits; OAuth tokens hf_oauth_ + more. Short hf_ names
 # (repo names like hf_dataset) are left alone.
 _TOKEN_RE = re.compile(r"hf_(?:oauth_)?[A-Za-z0-9]{20,}")

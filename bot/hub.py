@@ -23,7 +23,8 @@ from bot.errors import (AccessDeniedError, AuthenticationError, MergeBotError, P
                         SourceNotFoundError, UsageError)
 from bot.jsonfile import read_json_object
 from bot.provenance import has_marker, marker_line
-from bot.sources import http_status as _status, hub_failure, is_network_error, is_transient
+from bot.sources import (http_status as _status, hub_failure, is_network_error, is_transient, read_with_retries,
+                         retry_wait)
 from bot.spec import parse_source_ref
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,9 @@ def with_retries(attempt: Callable[[], PublishResult], *, doing: str, repo_id: s
                 cause = hub_failure(e)
                 if wait is None or cause is None or not (is_transient(cause) or _status(cause) == 412):
                     raise
+                wait = retry_wait(cause, wait)
+                if wait is None:  # rate-limited for longer than is worth waiting
+                    raise
                 log.warning("transient Hub error while %s (%s); retrying in %.1fs",
                             doing, _status(cause) or cause.__class__.__name__, wait)
         time.sleep(wait)
@@ -155,14 +159,27 @@ def account_of(api) -> Account:
         raise AuthenticationError("publishing needs a Hub token with write access: pass --token, set HF_TOKEN, "
                                   "or run `hf auth login`")
     with hub_write_errors("checking the token", "your account"):
-        me = api.whoami(cache=True)
+        me = read_with_retries(lambda: api.whoami(cache=True))
     access = (me.get("auth") or {}).get("accessToken") or {}
-    if access.get("role") == "read":
-        raise AuthenticationError("the token is read-only; publishing needs a token with write access "
-                                  "(create one at https://huggingface.co/settings/tokens)")
     orgs = {o.get("name") for o in me.get("orgs") or [] if isinstance(o, dict)
             and str(o.get("roleInOrg", "write")).lower() not in ("read", "contributor")}
-    return Account(me["name"], frozenset(n.lower() for n in {me["name"], *orgs} if isinstance(n, str)))
+    namespaces = {me["name"], *orgs}
+    if access.get("role") == "fineGrained":  # permissions per user/org entity, or global
+        namespaces = _fine_grained_write_namespaces(access.get("fineGrained") or {}, namespaces)
+    if access.get("role") == "read" or not namespaces:
+        raise AuthenticationError("the token is read-only; publishing needs a token with write access "
+                                  "(create one at https://huggingface.co/settings/tokens)")
+    return Account(me["name"], frozenset(n.lower() for n in namespaces if isinstance(n, str)))
+
+
+def _fine_grained_write_namespaces(fine: dict, own: set[str]) -> set[str]:
+    """Where a fine-grained token may write repos: every namespace of the account with a global
+    ``repo.write``, else the user/org entities whose scoped permissions include it."""
+    if "repo.write" in (fine.get("global") or []):
+        return own
+    return {entry["entity"].get("name") for entry in fine.get("scoped") or []
+            if isinstance(entry, dict) and isinstance(entry.get("entity"), dict)
+            and "repo.write" in (entry.get("permissions") or [])}
 
 
 def check_can_publish(api, target: PublishTarget) -> Account:
@@ -202,7 +219,7 @@ def main_report(api, repo_id: str, state: "RepoState | None") -> dict:
 class RepoState:
     sha: str | None
     files: tuple[str, ...]
-    private: bool
+    private: bool | None  # None: the server did not say
 
     @property
     def is_empty(self) -> bool:
@@ -211,13 +228,16 @@ class RepoState:
 
 def repo_state(api, repo_id: str) -> RepoState | None:
     """Head of main, its files and visibility; None when the repo does not exist (or is hidden from us)."""
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError
 
     try:
         info = api.model_info(repo_id)
-    except RepositoryNotFoundError:
-        return None
-    return RepoState(info.sha, tuple(s.rfilename for s in (info.siblings or [])), bool(info.private))
+    except HfHubHTTPError as e:  # RepositoryNotFoundError, or a plain 404 from a server that sends no error code
+        if _status(e) == 404:
+            return None
+        raise
+    private = info.private if isinstance(info.private, bool) else None
+    return RepoState(info.sha, tuple(s.rfilename for s in (info.siblings or [])), private)
 
 
 def check_target(target: PublishTarget, state: RepoState | None, *, holds_this_merge: bool = False) -> None:
@@ -233,7 +253,7 @@ def check_target(target: PublishTarget, state: RepoState | None, *, holds_this_m
         if not state.is_empty and not holds_this_merge:
             raise RepoConflictError(f"{target.repo_id} already exists and holds other files; pass --pr to propose "
                                     f"this merge as a pull request, or choose another --repo")
-        if target.private and not state.private:
+        if target.private and state.private is False:  # unknown (not reported) is not refused
             raise RepoConflictError(f"{target.repo_id} already exists and is public, so --private cannot be honoured; "
                                     f"make it private in its settings first, or choose another --repo")
 

@@ -19,7 +19,7 @@ from bot.errors import AdapterConfigError, IncompatibleBaseError, MergeBotError,
 from bot.jsonfile import MAX_JSON_BYTES, read_json_object
 from bot.plan import base_ref_for, check_not_quantized, check_peft_can_merge, suggest_unquantized
 from bot.provenance import Pinned, fingerprint, output_options, pin_local
-from bot.sources import files_to_download, hub_read_errors, read_with_retries
+from bot.sources import canonical_repo_id, files_to_download, hub_read_errors, read_with_retries
 from bot.spec import MergeSpec, SourceRef, parse_source_ref
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class Preflight:
     output_bytes: int  # estimate of the merged weights on disk
     private: tuple[str, ...] = ()  # inputs that are private repos
     gated: tuple[str, ...] = ()  # inputs that are gated repos (the caller has access)
+    visibility_unknown: tuple[str, ...] = ()  # inputs whose server did not say whether they are private or gated
+    sizes_known: bool = True  # False: some file sizes were not reported, so the byte counts are lower bounds
 
     def pinned_spec(self, spec: MergeSpec) -> MergeSpec:
         return replace(spec, adapter=self.adapter, base=self.base, base_note=self.base_note)
@@ -60,11 +62,11 @@ class Preflight:
 
 @dataclass(frozen=True)
 class _RepoFacts:
-    ref: SourceRef  # pinned to the SHA
-    sizes: dict[str, int]
+    ref: SourceRef  # canonical repo id, pinned to the SHA
+    sizes: dict[str, int | None]  # None: the listing gave no size
     card_data: dict[str, Any]
-    private: bool
-    gated: bool
+    private: bool | None  # None: the server did not say
+    gated: bool | None
 
 
 def _hub_api(token: str | None, endpoint: str | None):
@@ -76,10 +78,27 @@ def _hub_api(token: str | None, endpoint: str | None):
 def _repo_facts(api, ref: SourceRef, what: str) -> _RepoFacts:
     with hub_read_errors(what, ref):
         info = read_with_retries(lambda: api.model_info(ref.name, revision=ref.revision, files_metadata=True))
-    sizes = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
+    sizes = {s.rfilename: (int(s.size) if isinstance(s.size, int) else None) for s in (info.siblings or [])}
     card = info.card_data.to_dict() if info.card_data is not None else {}
-    return _RepoFacts(ref=SourceRef(name=ref.name, revision=info.sha), sizes=sizes, card_data=card,
-                      private=bool(info.private), gated=bool(info.gated))
+    private = info.private if isinstance(info.private, bool) else None
+    gated = None if info.gated is None else info.gated not in (False, "false", "False")  # False, "auto", "manual"
+    return _RepoFacts(ref=SourceRef(name=canonical_repo_id(info, ref.name), revision=info.sha), sizes=sizes,
+                      card_data=card, private=private, gated=gated)
+
+
+def _known_sizes(api, facts: _RepoFacts, files: list[str]) -> dict[str, int | None]:
+    """Sizes of ``files``, asking the Hub (HEAD) for those the listing left out; None where it will not say."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    sizes = {}
+    for name in files:
+        size = facts.sizes.get(name)
+        if size is None:
+            url = hf_hub_url(facts.ref.name, name, revision=facts.ref.revision, endpoint=api.endpoint)
+            with hub_read_errors("size of", facts.ref):
+                size = read_with_retries(lambda: get_hf_file_metadata(url, token=api.token)).size
+        sizes[name] = size
+    return sizes
 
 
 def _fetch(api, facts: _RepoFacts, filename: str, what: str) -> Path:
@@ -88,13 +107,13 @@ def _fetch(api, facts: _RepoFacts, filename: str, what: str) -> Path:
     if filename not in facts.sizes:
         raise error(f"{what} repo {facts.ref.name} has no {filename}; "
                     + ("is it a PEFT adapter?" if what == "adapter" else "is it a transformers model?"))
-    if facts.sizes[filename] > MAX_JSON_BYTES:
+    if (facts.sizes[filename] or 0) > MAX_JSON_BYTES:  # unknown sizes are capped when read
         raise error(
             f"{what} repo {facts.ref.name}: {filename} is {facts.sizes[filename] / 2**20:.0f} MiB, too large for a "
             f"JSON file; check the repo")
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-    with hub_read_errors(what, facts.ref):
+    with hub_read_errors(what, facts.ref, gated=facts.gated):
         # Always ask the Hub: a cached copy (a Space's cache is shared by its users) must not
         # stand in for this caller's access to a gated or private repo.
         url = hf_hub_url(facts.ref.name, filename, revision=facts.ref.revision, endpoint=api.endpoint)
@@ -156,7 +175,8 @@ def _resolve_adapter(api_factory, spec: MergeSpec) -> tuple[SourceRef, Pinned, A
     api = api_factory()
     facts = _repo_facts(api, spec.adapter, "adapter")
     acfg = read_adapter_config(_fetch(api, facts, "adapter_config.json", "adapter").parent)
-    size = sum(facts.sizes.get(f, 0) for f in _download_files(api, facts, "adapter"))
+    sizes = _known_sizes(api, facts, _download_files(api, facts, "adapter"))
+    size = None if None in sizes.values() else sum(sizes.values())
     return facts.ref, Pinned(facts.ref.name, facts.ref.revision, True), acfg, size, facts
 
 
@@ -188,9 +208,10 @@ def _resolve_base(api_factory, ref: SourceRef, *, explicit: bool, named_by: str)
             raise IncompatibleBaseError(
                 f"{ref.name}'s card names {original} as its original, but that is quantized too; pass a 16-bit "
                 f"base with --base (likely {suggest_unquantized(original) or 'the original release'})")
-    files = _download_files(api, facts, "base")
-    download = sum(facts.sizes.get(f, 0) for f in files)
-    weights = sum(facts.sizes.get(f, 0) for f in files if f.endswith((".safetensors", ".bin")))
+    sizes = _known_sizes(api, facts, _download_files(api, facts, "base"))
+    weight_sizes = [size for f, size in sizes.items() if f.endswith((".safetensors", ".bin"))]
+    download = None if None in sizes.values() else sum(sizes.values())
+    weights = None if None in weight_sizes else sum(weight_sizes)
     return facts.ref, Pinned(facts.ref.name, facts.ref.revision, True), config, weights, download, note, facts
 
 
@@ -209,8 +230,9 @@ def preflight(spec: MergeSpec, *, endpoint: str | None = None, check_disk: bool 
     named_by = "--base" if spec.base is not None else "adapter_config.json"
     base_ref, base_pin, base_config, weight_bytes, base_download, note, base_facts = _resolve_base(
         api_factory, base_ref_for(spec, acfg), explicit=spec.base is not None, named_by=named_by)
-    output = estimate_output_bytes(weight_bytes, base_config, spec.dtype)
-    download = adapter_download + base_download
+    sizes_known = None not in (adapter_download, base_download, weight_bytes)
+    output = estimate_output_bytes(weight_bytes or 0, base_config, spec.dtype)
+    download = (adapter_download or 0) + (base_download or 0)
     if check_disk:
         from huggingface_hub import constants
 
@@ -222,4 +244,6 @@ def preflight(spec: MergeSpec, *, endpoint: str | None = None, check_disk: bool 
         peft_type=acfg.peft_type, task_type=acfg.task_type, base_note=note,
         download_bytes=download, output_bytes=output,
         private=tuple(f.ref.name for f in facts if f.private), gated=tuple(f.ref.name for f in facts if f.gated),
+        visibility_unknown=tuple(f.ref.name for f in facts if f.private is None or f.gated is None),
+        sizes_known=sizes_known,
     )

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from bot.errors import AccessDeniedError, AuthenticationError, IncompatibleBaseError, SourceNotFoundError, UsageError
+from bot.errors import (AccessDeniedError, AuthenticationError, HubUnavailableError, IncompatibleBaseError,
+                        SourceNotFoundError, UsageError)
 from bot.jsonfile import read_json_object
 from bot.spec import SourceRef
 
@@ -134,18 +135,49 @@ def hub_failure(error: BaseException) -> BaseException | None:
 
 
 READ_RETRY_WAITS = (1.0, 2.0, 4.0)  # seconds between attempts of a read that failed transiently
+RATE_LIMIT_MAX_WAIT = 300.0  # the Hub's rate-limit windows are 5 minutes; a longer ask is given up on
+
+
+def requested_wait(error: BaseException) -> float | None:
+    """Seconds a rate-limited (429) client is asked to wait: the ``RateLimit`` header's ``t``
+    (what the Hub sends), else ``Retry-After`` in seconds; None when the answer says nothing."""
+    response = getattr(error, "response", None)
+    if http_status(error) != 429 or response is None:
+        return None
+    from huggingface_hub.utils import parse_ratelimit_headers
+
+    headers = {str(k).lower(): str(v) for k, v in dict(response.headers).items()}
+    info = parse_ratelimit_headers(headers)
+    if info is not None:
+        return float(info.reset_in_seconds)
+    try:
+        return max(0.0, float(headers.get("retry-after", "")))
+    except ValueError:
+        return None
+
+
+def retry_wait(cause: BaseException, scheduled: float) -> float | None:
+    """How long to wait before retrying after ``cause``: our backoff, or longer if the Hub asks;
+    None to give up now (the Hub asks for more than ``RATE_LIMIT_MAX_WAIT``)."""
+    asked = requested_wait(cause)
+    if asked is None:
+        return scheduled
+    return None if asked > RATE_LIMIT_MAX_WAIT else max(scheduled, asked)
 
 
 def read_with_retries(call: Callable[[], T], waits: tuple[float, ...] | None = None) -> T:
     """Run a Hub read, retrying transient failures (the Hub's 5xx/429, dropped connections) with backoff."""
     import time
 
-    for wait in (*(READ_RETRY_WAITS if waits is None else waits), None):
+    for scheduled in (*(READ_RETRY_WAITS if waits is None else waits), None):
         try:
             return call()
         except Exception as e:
             cause = hub_failure(e)
-            if wait is None or cause is None or not is_transient(cause):
+            if scheduled is None or cause is None or not is_transient(cause):
+                raise
+            wait = retry_wait(cause, scheduled)
+            if wait is None:
                 raise
             log.warning("transient Hub error on a read (%s); retrying in %.0fs",
                         http_status(cause) or cause.__class__.__name__, wait)
@@ -154,16 +186,18 @@ def read_with_retries(call: Callable[[], T], waits: tuple[float, ...] | None = N
 
 
 @contextmanager
-def hub_read_errors(what: str, ref: SourceRef) -> Iterator[None]:
-    """Turn huggingface_hub's read failures into one-line merge-bot errors naming the repo."""
+def hub_read_errors(what: str, ref: SourceRef, *, gated: bool | None = None) -> Iterator[None]:
+    """Turn huggingface_hub's read failures into one-line merge-bot errors naming the repo.
+
+    ``gated``: what the repo's listing said, for servers that refuse a gated file with a bare
+    401/403 rather than the ``GatedRepo`` error code."""
     errors = _hub_errors()
+    gated_message = (f"{what} repo {ref.name} is gated and your token's account has no access; "
+                     f"request access at {hub_page(ref.name)}, then retry with that account's token")
     try:
         yield
     except errors.GatedRepoError as e:
-        raise AccessDeniedError(
-            f"{what} repo {ref.name} is gated and your token's account has no access; "
-            f"request access at {hub_page(ref.name)}, then retry with that account's token"
-        ) from e
+        raise AccessDeniedError(gated_message) from e
     except errors.RevisionNotFoundError as e:
         raise SourceNotFoundError(f"{what} revision {ref.revision!r} does not exist in {ref.name}") from e
     except errors.RepositoryNotFoundError as e:
@@ -174,15 +208,23 @@ def hub_read_errors(what: str, ref: SourceRef) -> Iterator[None]:
         raise SourceNotFoundError(f"{what} repo {ref.name} lacks a file it needs: {e.__class__.__name__}") from e
     except errors.HfHubHTTPError as e:
         status = http_status(e)
+        if gated and status in (401, 403):
+            raise AccessDeniedError(gated_message) from e
         if status == 401:
             raise AuthenticationError(f"the Hub rejected the token while reading {what} repo {ref.name} (HTTP 401); "
                                       f"pass a valid --token, set HF_TOKEN, or run `hf auth login`") from e
         if status == 403:
             raise AccessDeniedError(f"the Hub refused to read {what} repo {ref.name} (HTTP 403); check your token") from e
+        if status == 404:
+            raise SourceNotFoundError(f"{what} repo {ref.name} or a file in it was not found on the Hub (HTTP 404)") from e
+        if is_transient(e):
+            busy = "rate-limited the reads" if status == 429 else "kept failing"
+            raise HubUnavailableError(f"the Hub {busy} while reading {what} repo {ref.name} (HTTP {status}); "
+                                      f"retry later") from e
         raise SourceNotFoundError(f"could not download {what} {ref.name} from the Hub (HTTP {status})") from e
     except Exception as e:
         if isinstance(e, errors.LocalEntryNotFoundError) or is_network_error(e):
-            raise SourceNotFoundError(
+            raise HubUnavailableError(
                 f"could not reach the Hub to download {what} {ref.name}; check your connection (or HF_HUB_OFFLINE)"
             ) from e
         raise
@@ -229,6 +271,21 @@ def check_links_stay_inside(folder: Path, what: str) -> None:
                                  f"copy the real file in")
 
 
+def canonical_repo_id(info, asked: str) -> str:
+    """The repo id as the Hub spells it (ids match case-insensitively, and renamed repos redirect),
+    so one repo gets one fingerprint however it was typed."""
+    from huggingface_hub.utils import validate_repo_id
+
+    canonical = getattr(info, "id", None)
+    if not isinstance(canonical, str) or "/" not in canonical:
+        return asked
+    try:
+        validate_repo_id(canonical)
+    except Exception:  # a server answering with junk: keep what the user typed
+        return asked
+    return canonical
+
+
 def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpoint: str | None = None) -> ResolvedSource:
     """Local folder as is; Hub repo pinned to a SHA and the needed files downloaded."""
     if ref.local:
@@ -249,4 +306,4 @@ def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpo
         wanted = files_to_download(files, what, read_index)
         path = read_with_retries(lambda: snapshot_download(ref.name, revision=sha, allow_patterns=wanted, token=token,
                                                            endpoint=endpoint))
-    return ResolvedSource(ref=ref, path=Path(path), repo_id=ref.name, sha=sha)
+    return ResolvedSource(ref=ref, path=Path(path), repo_id=canonical_repo_id(info, ref.name), sha=sha)

@@ -13,13 +13,23 @@ JSON ``{"error": ...}`` body), which the client turns into ``RepositoryNotFoundE
 Tests drive it through the Python API of :class:`HubServer` (seeding repos, granting access,
 injecting faults) and inspect what the client did through ``commits()``, ``files()``,
 ``discussions()`` and ``requests_log``.
+
+Variants. ``HubServer.variant`` is a set of flags (empty by default: the behaviour described above)
+that switch on details in which the real Hub, or another Hub-compatible server, differs from the
+defaults while staying within what ``huggingface_hub`` accepts. See ``VARIANTS`` for the list and
+where each behaviour comes from. ``rate_limit()`` opens a window of 429 answers carrying the Hub's
+``RateLimit`` / ``Retry-After`` headers, and ``add_user(..., fine_grained=True)`` gives a token the
+shape the Hub reports for fine-grained tokens.
 """
 
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
+import hmac
 import html
+import math
 import json
 import re
 import socket
@@ -30,13 +40,53 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote, urlencode
 
 LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub refuses regular (non-LFS) files above 10 MiB
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".gguf", ".msgpack")
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 PLURAL = {"models": "model", "datasets": "dataset", "spaces": "space"}
 DISCUSSIONS_PAGE_SIZE = 50
+
+# Switchable behaviours (``HubServer.variant``); none is on by default.
+VARIANTS = {
+    # LFS files: /resolve answers 302 to a signed URL on another origin (the "CDN", a second listening
+    # socket) with X-Repo-Commit / X-Linked-Etag / X-Linked-Size on the redirect itself, as huggingface.co
+    # does (cdn-lfs / cas-bridge hosts); the CDN refuses requests that carry an Authorization header (as
+    # S3 pre-signed URLs do). Client side: _httpx2_follow_hub_redirects_with_backoff stops at other hosts.
+    "cdn_redirect",
+    # with cdn_redirect: no X-Linked-Size on the redirect (get_hf_file_metadata then has no size).
+    "no_linked_size",
+    # Regular files of public, ungated repos: /resolve/{rev}/{path} answers 307 with a relative Location
+    # /api/resolve-cache/{type}s/{id}/{sha}/{path}?etag=..., as huggingface.co has done since 2025
+    # (huggingface/swift-transformers#209; huggingface_hub#4815).
+    "resolve_cache_redirect",
+    # LFS batch upload hrefs point at the CDN origin (pre-signed S3 URLs on huggingface.co).
+    "lfs_upload_elsewhere",
+    # Tree listings paginate with a Link: <...>; rel="next" header 2 entries a page (huggingface.co pages
+    # tree listings; huggingface_hub.utils._pagination follows Link), discussions 1 a page (count/start).
+    "paginate",
+    # Response header names in lower case (HTTP/2 front ends such as huggingface.co's send them so).
+    "lowercase_headers",
+    # GETs of regular files accepting gzip get Content-Encoding: gzip, chunked, no Content-Length, as
+    # huggingface.co serves compressible text (comment in file_download.http_get).
+    "gzip_text",
+    # Weak validators: ETag: W/"..." on regular files (file_download._normalize_etag accepts them).
+    "weak_etag",
+    # model_info(files_metadata=True): siblings carry only rfilename (no size, blobId, lfs), as when a
+    # server ignores ?blobs=true; RepoSibling documents all three as optional.
+    "no_file_metadata",
+    # model_info without the "gated" and "private" fields (ModelInfo documents both as optional).
+    "omit_gated_private",
+    # Error answers without X-Error-Code / X-Error-Message (only the JSON body), like a proxy or mirror
+    # that does not copy the Hub's custom headers; hf_raise_for_status then falls back on the status.
+    "no_error_codes",
+    # Repo ids are matched case-insensitively and answered under their canonical spelling, as on
+    # huggingface.co (huggingface_hub#1453, #2090: "repo ids are case insensitive across the Hub").
+    "canonical_names",
+}
+TREE_PAGE_SIZE_PAGINATED = 2
+DISCUSSIONS_PAGE_SIZE_PAGINATED = 1
 
 # Path patterns, matched against the raw (still percent-encoded) request path.
 _REPO = r"(?P<t>models|datasets|spaces)/(?P<ns>[^/]+)/(?P<name>[^/]+)"
@@ -104,6 +154,7 @@ class User:
     name: str
     orgs: tuple[str, ...]
     role: str = "write"
+    fine_grained: bool = False  # whoami reports role "fineGrained" with scoped permissions
 
 
 @dataclass
@@ -269,16 +320,25 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         body = self._read_body()
         headers = {k.lower(): v for k, v in self.headers.items()}
-        response = self.server.hub._handle(method, self.path, headers, body)
+        hub = self.server.hub
+        response = hub._handle(method, self.path, headers, body, cdn=getattr(self.server, "is_cdn", False))
         response.headers.setdefault("X-Request-Id", headers.get("x-amzn-trace-id") or str(uuid.uuid4()))
+        chunked = response.headers.get("Transfer-Encoding") == "chunked"
+        if not chunked and "Content-Length" not in response.headers:
+            response.headers["Content-Length"] = str(len(response.body))
+        lower = "lowercase_headers" in hub.variant
         self.send_response(response.status)
         for name, value in response.headers.items():
-            self.send_header(name, value)
-        if "Content-Length" not in response.headers:
-            self.send_header("Content-Length", str(len(response.body)))
+            self.send_header(name.lower() if lower else name, value)
         self.end_headers()
         if method != "HEAD":
-            self.wfile.write(response.body)
+            if chunked:
+                for start in range(0, len(response.body), 4096):
+                    piece = response.body[start:start + 4096]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\n\r\n")
+            else:
+                self.wfile.write(response.body)
 
 
 class _Server(ThreadingHTTPServer):
@@ -304,6 +364,16 @@ class HubServer:
         self._httpd = _Server((host, port), _Handler)
         self._httpd.hub = self
         self.url = f"http://{host}:{self._httpd.server_address[1]}"
+        # A second origin standing for the CDN / object store the real Hub redirects LFS traffic to
+        # (used only by the cdn_redirect and lfs_upload_elsewhere variants).
+        self._cdn_httpd = _Server((host, 0), _Handler)
+        self._cdn_httpd.hub = self
+        self._cdn_httpd.is_cdn = True
+        self.cdn_url = f"http://{host}:{self._cdn_httpd.server_address[1]}"
+        self._cdn_thread: threading.Thread | None = None
+        self._signing_key = uuid.uuid4().bytes
+        self.variant: set[str] = set()  # see VARIANTS; empty = default behaviour
+        self._rate_limit: list | None = None  # [method, pattern, seconds, window end or None]
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
@@ -315,6 +385,7 @@ class HubServer:
         self._delays: list[list] = []  # [method, pattern, seconds, remaining]
         self._counter = 0
         self.requests_log: list[tuple[str, str]] = []  # (method, raw path without query)
+        self.cdn_log: list[tuple[str, str]] = []  # the same, for requests that reached the CDN origin
         self.server_errors: list[str] = []  # tracebacks of handler crashes (answered with 500)
         self._routes = self._build_routes()
 
@@ -323,12 +394,19 @@ class HubServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="hub-server", daemon=True)
         self._thread.start()
+        self._cdn_thread = threading.Thread(target=self._cdn_httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                            name="hub-server-cdn", daemon=True)
+        self._cdn_thread.start()
 
     def stop(self) -> None:
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread.join(5)
             self._thread = None
+        if self._cdn_thread is not None:
+            self._cdn_httpd.shutdown()
+            self._cdn_thread.join(5)
+            self._cdn_thread = None
         with self._lock:
             for conn in list(self._connections):  # end keep-alive connections still held by clients
                 try:
@@ -336,6 +414,7 @@ class HubServer:
                 except OSError:
                     pass
         self._httpd.server_close()
+        self._cdn_httpd.server_close()
 
     def __enter__(self) -> "HubServer":
         self.start()
@@ -349,10 +428,15 @@ class HubServer:
             (self._connections.add if add else self._connections.discard)(conn)
 
     # ---- seeding and fault injection ----------------------------------------------------------
-    def add_user(self, name: str, token: str, orgs: tuple[str, ...] = (), *, role: str = "write") -> None:
-        """Register ``token`` for user ``name`` (member of ``orgs``). ``role="read"`` makes a read-only token."""
+    def add_user(self, name: str, token: str, orgs: tuple[str, ...] = (), *, role: str = "write",
+                 fine_grained: bool = False) -> None:
+        """Register ``token`` for user ``name`` (member of ``orgs``). ``role="read"`` makes a read-only token.
+
+        ``fine_grained=True``: whoami reports the token as the Hub reports fine-grained tokens
+        (``role: "fineGrained"`` with per-namespace permissions, ``repo.write`` only when ``role="write"``).
+        """
         with self._lock:
-            self._users[name] = User(name, tuple(orgs), role)
+            self._users[name] = User(name, tuple(orgs), role, fine_grained)
             self._tokens[token] = name
 
     def create_repo(self, repo_id: str, *, owner_token: str | None = None, private: bool = False,
@@ -410,10 +494,18 @@ class HubServer:
         with self._lock:
             self._delays.append([method.upper(), re.compile(path_regex), seconds, times])
 
+    def rate_limit(self, seconds: int, path_regex: str = r".*", method: str = "*") -> None:
+        """Rate-limit the caller like huggingface.co does: the next matching request opens a window of
+        ``seconds`` during which every matching request gets 429 with ``RateLimit: "api";r=0;t=N``,
+        ``RateLimit-Policy`` and ``Retry-After: N`` (https://huggingface.co/docs/hub/rate-limits)."""
+        with self._lock:
+            self._rate_limit = [method.upper(), re.compile(path_regex), int(seconds), None]
+
     def reset_faults(self) -> None:
         with self._lock:
             self._faults.clear()
             self._delays.clear()
+            self._rate_limit = None
 
     # ---- introspection -----------------------------------------------------------------------
     def commits(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> list[dict]:
@@ -492,10 +584,18 @@ class HubServer:
     def _can_write(self, user: User | None, repo: Repo) -> bool:
         return self._is_member(user, repo) and user.role == "write"
 
+    def _find_repo(self, repo_type: str, repo_id: str) -> Repo | None:
+        """The repo stored under this id; with ``canonical_names``, under any spelling of its case."""
+        repo = self._repos.get((repo_type, repo_id))
+        if repo is None and "canonical_names" in self.variant:
+            wanted = (repo_type, repo_id.lower())
+            repo = next((r for (t, i), r in self._repos.items() if (t, i.lower()) == wanted), None)
+        return repo
+
     def _readable_repo(self, req: Request, t: str, ns: str, name: str) -> tuple[Repo, User | None]:
         """The repo if the caller may see it; hidden repos answer exactly like missing ones."""
         user = self._auth(req)
-        repo = self._repos.get((PLURAL.get(t, t), f"{unquote(ns)}/{unquote(name)}"))
+        repo = self._find_repo(PLURAL.get(t, t), f"{unquote(ns)}/{unquote(name)}")
         if repo is None or (repo.private and not self._is_member(user, repo)):
             raise HubError(401 if user is None else 404, "Repository not found", "RepoNotFound")
         return repo, user
@@ -546,19 +646,28 @@ class HubServer:
             ("POST", rf"/lfs-verify/{_REPO}", self._lfs_verify),
             ("GET", rf"/{_WEB_REPO}/resolve/(?P<rest>.+)", self._resolve),
             ("HEAD", rf"/{_WEB_REPO}/resolve/(?P<rest>.+)", self._resolve),
+            ("GET", rf"/api/resolve-cache/{_REPO}/(?P<rest>[0-9a-f]{{40}}/.+)", self._resolve_cache),
+            ("HEAD", rf"/api/resolve-cache/{_REPO}/(?P<rest>[0-9a-f]{{40}}/.+)", self._resolve_cache),
         ]
         return [(method, re.compile(f"^{pattern}$"), fn) for method, pattern, fn in table]
 
-    def _handle(self, method: str, raw_path: str, headers: dict[str, str], body: bytes) -> Response:
+    def _handle(self, method: str, raw_path: str, headers: dict[str, str], body: bytes, cdn: bool = False) -> Response:
         path, _, query = raw_path.partition("?")
         host = headers.get("host")
         req = Request(method, path, parse_qs(query, keep_blank_values=True), headers, body,
                       f"http://{host}" if host else self.url)
         with self._lock:
             self.requests_log.append((method, path))  # logged on arrival, before any injected delay
+            if cdn:
+                self.cdn_log.append((method, path))
         time.sleep(self._take_delay(method, path))
         with self._lock:
             try:
+                if cdn:  # the CDN origin serves signed LFS downloads and uploads, nothing else
+                    return self._cdn(req)
+                limited = self._rate_limited(method, path)
+                if limited is not None:
+                    return limited
                 fault = self._take_fault(method, path)
                 if fault is not None:
                     raise HubError(fault.status, f"Injected fault ({fault.status}) for {method} {path}")
@@ -583,6 +692,22 @@ class HubServer:
                     return delay[2]
         return 0.0
 
+    def _rate_limited(self, method: str, path: str) -> Response | None:
+        limit = self._rate_limit
+        if limit is None or limit[0] not in ("*", method) or not (limit[1].search(path) or limit[1].search(unquote(path))):
+            return None
+        now = time.monotonic()
+        if limit[3] is None:
+            limit[3] = now + limit[2]
+        if now >= limit[3]:
+            self._rate_limit = None
+            return None
+        left = max(1, math.ceil(limit[3] - now))
+        err = HubError(429, "You have been rate-limited; you can retry this action in about 5 minutes.",
+                       headers={"RateLimit": f'"api";r=0;t={left}',
+                                "RateLimit-Policy": '"fixed window";"api";q=500;w=300', "Retry-After": str(left)})
+        return self._error_response(err)
+
     def _take_fault(self, method: str, path: str) -> _Fault | None:
         for fault in self._faults:
             if fault.method in ("*", method) and (fault.pattern.search(path) or fault.pattern.search(unquote(path))):
@@ -592,12 +717,14 @@ class HubServer:
                 return fault
         return None
 
-    @staticmethod
-    def _error_response(err: HubError) -> Response:
+    def _error_response(self, err: HubError) -> Response:
         headers = {"X-Error-Message": re.sub(r"[\r\n]+", " ", err.message).encode("latin-1", "replace").decode(
             "latin-1"), **err.headers}
         if err.code:
             headers["X-Error-Code"] = err.code
+        if "no_error_codes" in self.variant:
+            headers.pop("X-Error-Code", None)
+            headers.pop("X-Error-Message", None)
         return Response.of_json({"error": err.message, **err.extra}, err.status, headers)
 
     # ---- account and repo management -------------------------------------------------------------
@@ -611,8 +738,18 @@ class HubServer:
             "fullname": user.name, "email": f"{user.name}@example.com", "emailVerified": True, "isPro": False,
             "avatarUrl": f"/avatars/{user.name}.svg",
             "orgs": [{"type": "org", "name": org, "roleInOrg": "write"} for org in user.orgs],
-            "auth": {"type": "access_token", "accessToken": {"displayName": "test-token", "role": user.role}},
+            "auth": {"type": "access_token", "accessToken": self._access_token_json(user)},
         })
+
+    @staticmethod
+    def _access_token_json(user: User) -> dict:
+        if not user.fine_grained:
+            return {"displayName": "test-token", "role": user.role}
+        permissions = ["repo.content.read", "discussion.write"] + (["repo.write"] if user.role == "write" else [])
+        scoped = [{"entity": {"type": "user", "name": user.name}, "permissions": permissions}]
+        scoped += [{"entity": {"type": "org", "name": org}, "permissions": permissions} for org in user.orgs]
+        return {"displayName": "test-token", "role": "fineGrained",
+                "fineGrained": {"canReadGatedRepos": True, "global": [], "scoped": scoped}}
 
     def _create_repo(self, req: Request) -> Response:
         """POST /api/repos/create {name, organization, visibility|private, type}; 409 (with url) if taken."""
@@ -628,7 +765,9 @@ class HubServer:
         if (namespace != user.name and namespace not in user.orgs) or user.role != "write":
             raise HubError(403, f'You don\'t have the rights to create a {repo_type} under the namespace "{namespace}"')
         url = f"{req.base_url}/{URL_PREFIX[repo_type]}{repo_id}"
-        if (repo_type, repo_id) in self._repos:
+        existing = self._find_repo(repo_type, repo_id)
+        if existing is not None:
+            url = f"{req.base_url}/{URL_PREFIX[repo_type]}{existing.repo_id}"
             raise HubError(409, f"You already created this {repo_type} repo", extra={"url": url})
         private = body.get("visibility") == "private" or bool(body.get("private"))
         repo = self._new_repo(repo_type, repo_id, private, False)
@@ -667,7 +806,7 @@ class HubServer:
         siblings = []
         for path in sorted(commit.tree):
             sibling = {"rfilename": path}
-            if req.flag("blobs"):
+            if req.flag("blobs") and "no_file_metadata" not in self.variant:
                 blob = commit.tree[path]
                 sibling.update(size=blob.size, blobId=blob.oid)
                 if blob.lfs:
@@ -688,6 +827,9 @@ class HubServer:
                     info[key] = card[key]
         if repo.repo_type == "space":
             info["sdk"] = (card or {}).get("sdk", "static")
+        if "omit_gated_private" in self.variant:
+            info.pop("gated")
+            info.pop("private")
         expand = req.query.get("expand") or req.query.get("expand[]")
         if expand:
             info = {k: v for k, v in info.items() if k in expand or k in ("_id", "id")}
@@ -768,7 +910,15 @@ class HubServer:
                 files.append(p)
         expand = req.flag("expand")
         entries = [self._path_entry(repo, commit, p, expand) for p in sorted(dirs) + files]
-        return Response.of_json(entries)
+        if "paginate" not in self.variant:
+            return Response.of_json(entries)
+        start = int(req.param("cursor", "0"))
+        page, headers = entries[start:start + TREE_PAGE_SIZE_PAGINATED], {}
+        if start + TREE_PAGE_SIZE_PAGINATED < len(entries):
+            query = {k: v for k, v in req.query.items() if k != "cursor"}
+            query["cursor"] = [str(start + TREE_PAGE_SIZE_PAGINATED)]
+            headers["Link"] = f'<{req.base_url}{req.path}?{urlencode(query, doseq=True)}>; rel="next"'
+        return Response.of_json(page, headers=headers)
 
     def _paths_info(self, req: Request, t, ns, name, rev) -> Response:
         """POST /api/{type}s/{id}/paths-info/{rev} (form: paths=..., expand=...): entries that exist."""
@@ -793,6 +943,69 @@ class HubServer:
         blob = repo.commits[sha].tree.get(path)
         if blob is None:
             raise HubError(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": sha})
+        if blob.lfs and "cdn_redirect" in self.variant:
+            headers = {"X-Repo-Commit": sha, "ETag": f'"{blob.oid}"', "X-Linked-Etag": f'"{blob.sha256}"',
+                       "X-Linked-Size": str(blob.size), "Location": self._cdn_location(blob, path),
+                       "Content-Length": "0"}
+            if "no_linked_size" in self.variant:
+                del headers["X-Linked-Size"]
+            return Response(302, b"", headers)
+        if not blob.lfs and "resolve_cache_redirect" in self.variant and not repo.private and not repo.gated:
+            location = (f"/api/resolve-cache/{repo.repo_type}s/{repo.repo_id}/{sha}/{quote(path)}"
+                        f"?etag={quote(self._etag(blob))}")
+            return Response(307, b"", {"Location": location, "Content-Length": "0"})
+        return self._serve_blob(req, blob, path, sha)
+
+    def _resolve_cache(self, req: Request, t, ns, name, rest) -> Response:
+        """HEAD/GET /api/resolve-cache/{type}s/{id}/{sha}/{path}: a regular file at a commit (the target of
+        the resolve_cache_redirect variant's redirects)."""
+        repo, user = self._readable_repo(req, t, ns, name)
+        sha, _, path = rest.partition("/")
+        path = unquote(path)
+        if sha not in repo.commits:
+            raise HubError(404, f"Invalid rev id: {sha}", "RevisionNotFound")
+        self._check_gate(user, repo)
+        blob = repo.commits[sha].tree.get(path)
+        if blob is None:
+            raise HubError(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": sha})
+        return self._serve_blob(req, blob, path, sha)
+
+    def _etag(self, blob: Blob) -> str:
+        return f'"{blob.sha256}"' if blob.lfs else ('W/' if "weak_etag" in self.variant else '') + f'"{blob.oid}"'
+
+    def _cdn_location(self, blob: Blob, path: str) -> str:
+        expires = int(time.time()) + 3600
+        sig = hmac.new(self._signing_key, f"{blob.sha256}:{expires}".encode(), hashlib.sha256).hexdigest()
+        return f"{self.cdn_url}/cdn-lfs/{blob.sha256}?response-content-disposition=" \
+               f"{quote('attachment; filename=' + path.rsplit('/', 1)[-1])}&Expires={expires}&Signature={sig}"
+
+    def _cdn(self, req: Request) -> Response:
+        """The CDN origin: signed GET/HEAD of LFS objects, and (lfs_upload_elsewhere) pre-signed uploads."""
+        match = re.fullmatch(r"/lfs-upload/" + _REPO + r"/(?P<oid>[0-9a-f]{64})", req.path)
+        if req.method == "PUT" and match:
+            try:
+                return self._lfs_upload(req, **match.groupdict())
+            except HubError as err:
+                return Response(err.status, f"<Error><Message>{html.escape(err.message)}</Message></Error>".encode(),
+                                {"Content-Type": "application/xml"})
+        match = re.fullmatch(r"/cdn-lfs/(?P<sha>[0-9a-f]{64})", req.path)
+        if req.method not in ("GET", "HEAD") or not match:
+            return Response(404, b"<Error><Code>NoSuchKey</Code></Error>", {"Content-Type": "application/xml"})
+        if "authorization" in req.headers:  # like an S3 pre-signed URL: the signature is the only credential
+            return Response(400, b"<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed"
+                                 b"</Message></Error>", {"Content-Type": "application/xml"})
+        sha256, expires = match.group("sha"), req.param("Expires", "0")
+        expected = hmac.new(self._signing_key, f"{sha256}:{expires}".encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, req.param("Signature", "")) or int(expires) < time.time():
+            return Response(403, b"<Error><Code>AccessDenied</Code></Error>", {"Content-Type": "application/xml"})
+        data = self._lfs_store[sha256]
+        headers = {"ETag": f'"{sha256}"', "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        disposition = req.param("response-content-disposition")
+        if disposition:
+            headers["Content-Disposition"] = disposition
+        return self._ranged(req, data, headers)
+
+    def _serve_blob(self, req: Request, blob: Blob, path: str, sha: str) -> Response:
         filename = re.sub(r'[^\x20-\x7e]|"', "_", path.rsplit("/", 1)[-1])  # header-safe
         headers = {"X-Repo-Commit": sha, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
                    "Content-Disposition": f'inline; filename="{filename}";'}
@@ -800,21 +1013,30 @@ class HubServer:
             headers.update({"ETag": f'"{blob.sha256}"', "X-Linked-Etag": f'"{blob.sha256}"',
                             "X-Linked-Size": str(blob.size)})
         else:
-            headers["ETag"] = f'"{blob.oid}"'
-        status, body = 200, blob.data
+            headers["ETag"] = self._etag(blob)
+        if (not blob.lfs and "gzip_text" in self.variant and req.method == "GET" and not req.headers.get("range")
+                and "gzip" in req.headers.get("accept-encoding", "")):
+            headers.update({"Content-Encoding": "gzip", "Transfer-Encoding": "chunked"})
+            return Response(200, gzip.compress(blob.data), headers)
+        return self._ranged(req, blob.data, headers)
+
+    def _ranged(self, req: Request, data: bytes, headers: dict[str, str]) -> Response:
+        """``data`` whole (200) or the part a Range header asks for (206, 416 when unsatisfiable)."""
+        size = len(data)
+        status, body = 200, data
         byte_range = req.headers.get("range")
         if byte_range:
             match = re.fullmatch(r"bytes=(\d*)-(\d*)", byte_range.strip())
             start = int(match.group(1)) if match and match.group(1) else None
-            end = int(match.group(2)) if match and match.group(2) else blob.size - 1
+            end = int(match.group(2)) if match and match.group(2) else size - 1
             if match and start is None and match.group(2):  # suffix range: the last N bytes
-                start, end = max(blob.size - int(match.group(2)), 0), blob.size - 1
-            if start is None or start >= blob.size or start > end:
+                start, end = max(size - int(match.group(2)), 0), size - 1
+            if start is None or start >= size or start > end:
                 raise HubError(416, "Requested range not satisfiable",
-                               headers={"Content-Range": f"bytes */{blob.size}", **headers})
-            end = min(end, blob.size - 1)
-            status, body = 206, blob.data[start:end + 1]
-            headers["Content-Range"] = f"bytes {start}-{end}/{blob.size}"
+                               headers={"Content-Range": f"bytes */{size}", **headers})
+            end = min(end, size - 1)
+            status, body = 206, data[start:end + 1]
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         headers["Content-Length"] = str(len(body))
         return Response(status, body, headers)
 
@@ -847,6 +1069,8 @@ class HubServer:
         if ref and not ref.startswith("refs/pr/"):
             self._require_write(user, repo)
         base = f"{req.base_url}/lfs-%s/{repo.repo_type}s/{repo.repo_id}"
+        upload_base = (f"{self.cdn_url}/lfs-upload/{repo.repo_type}s/{repo.repo_id}"
+                       if "lfs_upload_elsewhere" in self.variant else base % "upload")
         objects = []
         for obj in body.get("objects", []):
             oid, size = obj.get("oid"), obj.get("size")
@@ -857,14 +1081,14 @@ class HubServer:
                 objects.append({"oid": oid, "size": size, "authenticated": True})
             else:
                 objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {
-                    "upload": {"href": f"{base % 'upload'}/{oid}?size={size}"},
+                    "upload": {"href": f"{upload_base}/{oid}?size={size}"},
                     "verify": {"href": base % "verify", "header": {}}}})
         return Response.of_json({"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
                                 content_type="application/vnd.git-lfs+json")
 
     def _upload_target(self, t: str, ns: str, name: str) -> Repo:
         """Upload/verify hrefs work like pre-signed URLs: no auth, the repo is in the path."""
-        repo = self._repos.get((PLURAL[t], f"{unquote(ns)}/{unquote(name)}"))
+        repo = self._find_repo(PLURAL[t], f"{unquote(ns)}/{unquote(name)}")
         if repo is None:
             raise HubError(404, "Repository not found", "RepoNotFound")
         return repo
@@ -1046,9 +1270,10 @@ class HubServer:
                     if (kind == "all" or (kind == "pull_request") == d.is_pull_request)
                     and (status == "all" or (d.status in ("open", "draft")) == (status == "open"))
                     and (author is None or d.author == author)]
-        start = int(req.param("p", "0")) * DISCUSSIONS_PAGE_SIZE
+        size = DISCUSSIONS_PAGE_SIZE_PAGINATED if "paginate" in self.variant else DISCUSSIONS_PAGE_SIZE
+        start = int(req.param("p", "0")) * size
         return Response.of_json({
-            "discussions": [self._discussion_json(repo, d) for d in selected[start:start + DISCUSSIONS_PAGE_SIZE]],
+            "discussions": [self._discussion_json(repo, d) for d in selected[start:start + size]],
             "count": len(selected), "start": start,
             "numClosedDiscussions": sum(d.status in ("closed", "merged") for d in repo.discussions)})
 

@@ -187,7 +187,7 @@ def test_token_is_redacted():
 
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}])
 def test_unreachable_hub_is_one_line(tmp_path, env):
-    """No Hub access (offline mode, or nothing listening): exit 3, one line, no traceback."""
+    """No Hub access (offline mode, or nothing listening): exit 13, one line, no traceback."""
     import os
     import subprocess
     import sys
@@ -195,7 +195,7 @@ def test_unreachable_hub_is_one_line(tmp_path, env):
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "bot", "merge", "someone/adapter", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, env={**os.environ, **env, "PYTHONPATH": str(root)})
-    assert proc.returncode == errors.SourceNotFoundError.exit_code, proc.stderr
+    assert proc.returncode == errors.HubUnavailableError.exit_code, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("Error: could not reach the Hub")

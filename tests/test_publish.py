@@ -436,7 +436,7 @@ def test_transient_errors_on_reads_are_retried(hub, models, capsys, monkeypatch,
     hub.fail_next("GET", r"^/api/models/alice/tiny-lora(/revision/.*)?$", status=503, times=10)
     code, _, err = run_cli(capsys, "merge", "alice/tiny-lora", "--out", str(tmp_path / "m2"), "--quiet")
     hub.reset_faults()
-    assert code == 3 and "HTTP 503" in error_line(err)
+    assert code == 13 and "HTTP 503" in error_line(err) and "retry later" in error_line(err)
 
 
 def test_a_pr_the_owner_closed_is_not_opened_again(hub, models, capsys):

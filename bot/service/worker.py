@@ -153,6 +153,12 @@ class Service:
     # ---- triage ----------------------------------------------------------------------------
     def policy(self, checked) -> None:
         """What the self-service bot will not publish, whoever asks; applied at triage and again in the worker."""
+        if checked.visibility_unknown:
+            raise RefusedError(f"the Hub did not say whether {', '.join(checked.visibility_unknown)} is gated or "
+                               f"private; the self-service bot only republishes models it knows are public")
+        if not checked.sizes_known:
+            raise RefusedError("the Hub did not report the model's file sizes, so this bot cannot check its size "
+                               "limit; run merge-bot yourself")
         restricted = checked.private + checked.gated
         if restricted:
             raise RefusedError(f"{', '.join(restricted)} is gated or private; the self-service bot only republishes "
@@ -209,7 +215,7 @@ class Service:
             if "|refresh:" in job.key:
                 what += " (the adapter has a new commit since the last merge)"
             self.queue.accept(job.id, requester=requester, target=target, adapter_sha=checked.adapter_pin.revision,
-                              target_private=bool(state and state.private),
+                              target_private=bool(state and state.private is not False),  # unknown: hide
                               reply=f"Accepted: I will merge `{checked.adapter_pin.name}` "
                                     f"(`{checked.adapter_pin.revision[:12]}`) into `{checked.base_pin.name}` and "
                                     f"publish it as {what}. Queue position: {{position}}. I will reply here with the "
@@ -234,8 +240,9 @@ class Service:
             return {name: ids[name] for name in used if name != "README.md"}
 
         try:
-            before = blobs(previous.adapter_sha)
-            return bool(before) and before == blobs(head)
+            before, after = blobs(previous.adapter_sha), blobs(head)
+            known = bool(before) and None not in before.values() and None not in after.values()
+            return known and before == after  # a server that gives no blob ids cannot show "unchanged"
         except Exception:
             return False
 
