@@ -277,6 +277,8 @@ def find_existing(api, target: PublishTarget, fp: str, *, author: str | None = N
         for discussion in api.get_repo_discussions(target.repo_id, author=author, discussion_type="pull_request"):
             if discussion.status not in ("open", "draft", "closed") or not discussion.title.startswith(TITLE_PREFIX):
                 continue  # merged PRs put the fingerprint on main (checked above); others never carry ours
+            if author is not None and str(discussion.author).lower() != author.lower():
+                continue  # a server that ignores the author filter must not make someone else's PR count
             details = api.get_discussion_details(target.repo_id, discussion.num)
             opening = next((e for e in details.events if getattr(e, "content", None)), None)
             if opening is not None and has_marker(opening.content, fp):

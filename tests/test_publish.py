@@ -312,24 +312,31 @@ def test_pr_replacing_a_model_deletes_its_stale_loadable_files(hub, models, caps
     assert_matches_peft(Path(local), models["base"], models["adapter"])
 
 
-def test_someone_elses_pr_with_our_marker_is_not_reused(hub, models, capsys):
+@pytest.mark.parametrize("server_filters_authors", [True, False])
+def test_someone_elses_pr_with_our_marker_is_not_reused(hub, models, capsys, server_filters_authors):
     from huggingface_hub import CommitOperationAdd, HfApi
 
     from bot.jobs import PublishJob
     from bot.preflight import preflight
     from bot.provenance import marker_line
 
-    hub.create_repo("alice/victim", owner_token=ALICE, files={"README.md": b"# mine\n"})
-    job = PublishJob(adapter="alice/tiny-lora", repo="alice/victim", pr=True)
+    victim = "alice/victim" if server_filters_authors else "alice/victim-no-author-filter"
+    hub.create_repo(victim, owner_token=ALICE, files={"README.md": b"# mine\n"})
+    job = PublishJob(adapter="alice/tiny-lora", repo=victim, pr=True)
     spec = job.merge_spec(Path("unused"), ALICE)
     fp = preflight(spec, check_disk=False).fingerprint(spec)
-    HfApi(token=BOB).create_commit("alice/victim", [CommitOperationAdd("evil.txt", b"x")],
+    HfApi(token=BOB).create_commit(victim, [CommitOperationAdd("evil.txt", b"x")],
                                    commit_message="Merge LORA adapter (lookalike)",
                                    commit_description=f"evil\n\n{marker_line(fp)}", create_pr=True)
-    code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/victim", "--pr")
+    if not server_filters_authors:
+        hub.variant.add("ignore_author_filter")
+    try:
+        code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", victim, "--pr")
+    finally:
+        hub.variant.discard("ignore_author_filter")
     assert code == 0, err
     assert "opened pull request" in out
-    assert len([d for d in hub.discussions("alice/victim") if d["is_pull_request"]]) == 2
+    assert len([d for d in hub.discussions(victim) if d["is_pull_request"]]) == 2
 
 
 def test_private_cannot_be_honoured_on_an_existing_public_repo(hub, models, capsys):
