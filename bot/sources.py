@@ -144,10 +144,12 @@ def requested_wait(error: BaseException) -> float | None:
     response = getattr(error, "response", None)
     if http_status(error) != 429 or response is None:
         return None
-    from huggingface_hub.utils import parse_ratelimit_headers
-
     headers = {str(k).lower(): str(v) for k, v in dict(response.headers).items()}
-    info = parse_ratelimit_headers(headers)
+    try:
+        from huggingface_hub.utils import parse_ratelimit_headers
+    except ImportError:  # older huggingface_hub: Retry-After only
+        parse_ratelimit_headers = None
+    info = parse_ratelimit_headers(headers) if parse_ratelimit_headers else None
     if info is not None:
         return float(info.reset_in_seconds)
     try:
