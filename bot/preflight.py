@@ -56,7 +56,8 @@ class Preflight:
         gib = 1024**3
         parts = [f"{self.peft_type} adapter {self.adapter_pin.name}@{self.adapter_pin.revision[:12]}",
                  f"base {self.base_pin.name}@{self.base_pin.revision[:12]}",
-                 f"download ~{self.download_bytes / gib:.2f} GiB, output ~{self.output_bytes / gib:.2f} GiB"]
+                 f"download ~{self.download_bytes / gib:.2f} GiB, output ~{self.output_bytes / gib:.2f} GiB"
+                 + ("" if self.sizes_known else " (at least: the Hub did not report every file size)")]
         return "; ".join(parts)
 
 

@@ -102,12 +102,15 @@ def preflight_view(adapter: str, base: str, dtype: str, repo: str, profile: gr.O
         access.append(f"`{name}` is private; your account can read it")
     for name in checked.gated:
         access.append(f"`{name}` is gated; your account has access")
+    for name in checked.visibility_unknown:
+        access.append(f"the Hub did not say whether `{name}` is public")
     lines = [
         "**Ready to merge.**", "",
         f"- Tuner: **{checked.peft_type}**" + (f" ({checked.task_type})" if checked.task_type else ""),
         f"- Adapter: `{checked.adapter_pin.name}` at `{checked.adapter_pin.revision[:12]}`",
         f"- Base: `{checked.base_pin.name}` at `{checked.base_pin.revision[:12]}`",
-        f"- Download: ~{_gib(checked.download_bytes)}; merged weights: ~{_gib(checked.output_bytes)}",
+        f"- Download: ~{_gib(checked.download_bytes)}; merged weights: ~{_gib(checked.output_bytes)}"
+        + ("" if checked.sizes_known else " (at least: the Hub did not report every file size)"),
         f"- Access: {'; '.join(access) if access else 'public repos'}",
     ]
     if checked.base_note:
