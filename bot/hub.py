@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from bot.card import CARD_NAME, with_repo_id
-from bot.errors import (AccessDeniedError, AuthenticationError, MergeBotError, PublishError, RepoConflictError,
-                        SourceNotFoundError, UsageError)
+from bot.errors import (AccessDeniedError, AuthenticationError, HubUnavailableError, MergeBotError, PublishError,
+                        RepoConflictError, SourceNotFoundError, UsageError)
 from bot.jsonfile import read_json_object
 from bot.provenance import has_marker, marker_line
 from bot.sources import (http_status as _status, hub_failure, is_network_error, is_transient, read_with_retries,
@@ -128,6 +128,7 @@ def with_retries(attempt: Callable[[], PublishResult], *, doing: str, repo_id: s
                  waits: tuple[float, ...] | None = None) -> PublishResult:
     """Run ``attempt`` until it succeeds, retrying transient failures; each attempt re-checks the target."""
     waits = RETRY_WAITS if waits is None else waits
+    waited = 0.0
     for wait in (*waits, None):
         with hub_write_errors(doing, repo_id):
             try:
@@ -138,9 +139,10 @@ def with_retries(attempt: Callable[[], PublishResult], *, doing: str, repo_id: s
                 cause = hub_failure(e)
                 if wait is None or cause is None or not (is_transient(cause) or _status(cause) == 412):
                     raise
-                wait = retry_wait(cause, wait)
+                wait = retry_wait(cause, wait, waited)
                 if wait is None:  # rate-limited for longer than is worth waiting
                     raise
+                waited += wait
                 log.warning("transient Hub error while %s (%s); retrying in %.1fs",
                             doing, _status(cause) or cause.__class__.__name__, wait)
         time.sleep(wait)
@@ -151,42 +153,66 @@ def with_retries(attempt: Callable[[], PublishResult], *, doing: str, repo_id: s
 class Account:
     name: str
     namespaces: frozenset[str]  # lower-cased: the user and orgs where it may create repos
+    repos: frozenset[str] = frozenset()  # lower-cased repo ids a fine-grained token may write (beyond namespaces)
+    can_open_prs: bool = True
 
 
 def account_of(api) -> Account:
-    """Who the API's token is, and where it may create repos; refuses missing, invalid or read-only tokens."""
+    """Who the API's token is, and where it may write; refuses missing, invalid or read-only tokens."""
     if not api.token:
         raise AuthenticationError("publishing needs a Hub token with write access: pass --token, set HF_TOKEN, "
                                   "or run `hf auth login`")
-    with hub_write_errors("checking the token", "your account"):
-        me = read_with_retries(lambda: api.whoami(cache=True))
+    try:
+        with hub_write_errors("checking the token", "your account"):
+            me = read_with_retries(lambda: api.whoami(cache=True))
+    except PublishError as e:  # the Hub kept failing or cannot be reached: nothing about the token is known
+        cause = hub_failure(e)
+        if cause is not None and (is_transient(cause) or is_network_error(cause)):
+            why = f"HTTP {_status(cause)}" if _status(cause) else f"no connection: {cause.__class__.__name__}"
+            raise HubUnavailableError(f"could not check the token: the Hub is unavailable ({why}); nothing was "
+                                      f"committed; retry later") from e
+        raise
     access = (me.get("auth") or {}).get("accessToken") or {}
     orgs = {o.get("name") for o in me.get("orgs") or [] if isinstance(o, dict)
             and str(o.get("roleInOrg", "write")).lower() not in ("read", "contributor")}
-    namespaces = {me["name"], *orgs}
-    if access.get("role") == "fineGrained":  # permissions per user/org entity, or global
-        namespaces = _fine_grained_write_namespaces(access.get("fineGrained") or {}, namespaces)
-    if access.get("role") == "read" or not namespaces:
+    account = Account(me["name"], frozenset(n.lower() for n in {me["name"], *orgs} if isinstance(n, str)))
+    if access.get("role") == "fineGrained":
+        account = _fine_grained_account(me["name"], access.get("fineGrained") or {}, account.namespaces)
+    if access.get("role") == "read" or not (account.namespaces or account.repos or account.can_open_prs):
         raise AuthenticationError("the token is read-only; publishing needs a token with write access "
                                   "(create one at https://huggingface.co/settings/tokens)")
-    return Account(me["name"], frozenset(n.lower() for n in namespaces if isinstance(n, str)))
+    return account
 
 
-def _fine_grained_write_namespaces(fine: dict, own: set[str]) -> set[str]:
-    """Where a fine-grained token may write repos: every namespace of the account with a global
-    ``repo.write``, else the user/org entities whose scoped permissions include it."""
-    if "repo.write" in (fine.get("global") or []):
-        return own
-    return {entry["entity"].get("name") for entry in fine.get("scoped") or []
-            if isinstance(entry, dict) and isinstance(entry.get("entity"), dict)
-            and "repo.write" in (entry.get("permissions") or [])}
+def _fine_grained_account(name: str, fine: dict, own: frozenset[str]) -> Account:
+    """What a fine-grained token may do: ``repo.write`` globally (every namespace of the account) or
+    scoped to a user/org or to single repos; ``discussion.write`` (or any write) to open pull requests."""
+    granted = set(fine.get("global") or [])
+    namespaces, repos = (set(own) if "repo.write" in granted else set()), set()
+    for entry in fine.get("scoped") or []:
+        entity = entry.get("entity") if isinstance(entry, dict) else None
+        if not isinstance(entity, dict) or not isinstance(entity.get("name"), str):
+            continue
+        permissions = set(entry.get("permissions") or [])
+        granted |= permissions & {"discussion.write"}
+        if "repo.write" in permissions:
+            granted.add("repo.write")
+            (namespaces if entity.get("type") in ("user", "org") else repos).add(entity["name"].lower())
+    return Account(name, frozenset(namespaces), frozenset(repos), can_open_prs=bool(granted & {"repo.write",
+                                                                                              "discussion.write"}))
 
 
 def check_can_publish(api, target: PublishTarget) -> Account:
-    """The token works, and a new repo would be in one of its namespaces (anyone may open a PR)."""
+    """The token works and may create or write ``target`` (with --pr: may open pull requests)."""
     account = account_of(api)
     owner = target.repo_id.split("/")[0]
-    if not target.pr and owner.lower() not in account.namespaces:
+    if target.pr and not account.can_open_prs:
+        raise AuthenticationError("the token may not open pull requests (it lacks discussion.write); use a token "
+                                  "with write access")
+    if not target.pr and not (account.namespaces or account.repos):
+        raise AuthenticationError("the token is read-only for repos (it may only open pull requests: pass --pr to "
+                                  "propose the merge on an existing repo, or use a token with repo.write)")
+    if not target.pr and owner.lower() not in account.namespaces and target.repo_id.lower() not in account.repos:
         raise AccessDeniedError(f"the token's account {account.name} cannot write to namespace {owner}; publish "
                                 f"under {account.name}/... or an org where you have write access, or pass --pr "
                                 f"to propose the merge on an existing repo")
@@ -240,11 +266,14 @@ def repo_state(api, repo_id: str) -> RepoState | None:
     return RepoState(info.sha, tuple(s.rfilename for s in (info.siblings or [])), private)
 
 
-def check_target(target: PublishTarget, state: RepoState | None, *, holds_this_merge: bool = False) -> None:
+def check_target(target: PublishTarget, state: RepoState | None, *, holds_this_merge: bool = False,
+                 just_created: bool = False) -> None:
     """Refusals that depend on the target repo, known before anything is merged or uploaded.
 
     ``holds_this_merge``: main already has this exact merge (same fingerprint), published
     without verification; a verified run may commit over it, since only the report changes.
+    ``just_created``: this run created the repo (private when asked), so a server that does not
+    report visibility is trusted for it; otherwise --private needs the repo known to be private.
     """
     if target.pr and state is None:
         raise SourceNotFoundError(f"{target.repo_id} does not exist (or your token cannot see it), so no pull "
@@ -253,23 +282,28 @@ def check_target(target: PublishTarget, state: RepoState | None, *, holds_this_m
         if not state.is_empty and not holds_this_merge:
             raise RepoConflictError(f"{target.repo_id} already exists and holds other files; pass --pr to propose "
                                     f"this merge as a pull request, or choose another --repo")
-        if target.private and state.private is False:  # unknown (not reported) is not refused
+        if target.private and state.private is False:
             raise RepoConflictError(f"{target.repo_id} already exists and is public, so --private cannot be honoured; "
                                     f"make it private in its settings first, or choose another --repo")
+        if target.private and state.private is None and not just_created:
+            raise RepoConflictError(f"{target.repo_id} already exists and the Hub does not say whether it is private, "
+                                    f"so --private cannot be honoured; choose a new --repo")
 
 
-def find_existing(api, target: PublishTarget, fp: str, *, author: str | None = None,
+def find_existing(api, target: PublishTarget, fp: str | tuple[str, ...], *, author: str | None = None,
                   verified: bool = False) -> PublishResult | None:
     """This exact merge already on main, or (with --pr) in an open pull request opened by ``author``.
 
+    ``fp``: the merge's fingerprint, or it and the older fingerprints the same merge may carry.
     With ``verified``, a merge on main counts only if it was published with its verification
     numbers: a ``--verify`` run after a plain one adds them instead of saying nothing to do.
     """
+    fps = (fp,) if isinstance(fp, str) else tuple(fp)
     state = repo_state(api, target.repo_id)
     if state is None:
         return None
     report = main_report(api, target.repo_id, state)
-    if report.get("fingerprint") == fp and (report.get("verification") or not verified):
+    if report.get("fingerprint") in fps and (report.get("verification") or not verified):
         return PublishResult(target.repo_id, "unchanged", f"{api.endpoint}/{target.repo_id}", state.sha)
     if target.pr:
         # Only our own account's PRs count: anyone can open a PR carrying the marker. A PR the owner
@@ -281,7 +315,7 @@ def find_existing(api, target: PublishTarget, fp: str, *, author: str | None = N
                 continue  # a server that ignores the author filter must not make someone else's PR count
             details = api.get_discussion_details(target.repo_id, discussion.num)
             opening = next((e for e in details.events if getattr(e, "content", None)), None)
-            if opening is not None and has_marker(opening.content, fp):
+            if opening is not None and any(has_marker(opening.content, one) for one in fps):
                 return PublishResult(target.repo_id, "pr-closed" if discussion.status == "closed" else "pr-exists",
                                      details.url)
     return None
@@ -329,11 +363,14 @@ def read_folder_report(folder: Path) -> dict:
 
 
 def publish_folder(folder: Path, target: PublishTarget, *, title: str, description: str, fingerprint: str,
-                   token: str | None, endpoint: str | None = None, verified: bool = False) -> PublishResult:
+                   token: str | None, endpoint: str | None = None, verified: bool = False,
+                   aliases: tuple[str, ...] = ()) -> PublishResult:
     """Create ``target`` and commit ``folder`` to it, or open one PR; idempotent by ``fingerprint``.
 
-    ``verified``: the folder's report carries verification numbers (see ``find_existing``).
+    ``verified``: the folder's report carries verification numbers (see ``find_existing``);
+    ``aliases``: older fingerprints of the same merge (see ``Preflight.fingerprints``).
     """
+    fps = (fingerprint, *aliases)
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
@@ -342,11 +379,11 @@ def publish_folder(folder: Path, target: PublishTarget, *, title: str, descripti
     description = f"{description}\n\n{marker_line(fingerprint)}\n"
 
     def attempt() -> PublishResult:
-        existing = find_existing(api, target, fingerprint, author=account.name, verified=verified)
+        existing = find_existing(api, target, fps, author=account.name, verified=verified)
         if existing is not None:
             return existing
         state = repo_state(api, target.repo_id)
-        same = main_report(api, target.repo_id, state).get("fingerprint") == fingerprint
+        same = main_report(api, target.repo_id, state).get("fingerprint") in fps
         check_target(target, state, holds_this_merge=same)
         if target.pr:
             info = api.create_commit(target.repo_id, _operations(folder, target.repo_id, state.files),
@@ -358,7 +395,7 @@ def publish_folder(folder: Path, target: PublishTarget, *, title: str, descripti
             # private=None lets an org's default visibility apply; a 409 (someone else was faster) is re-checked.
             api.create_repo(target.repo_id, private=True if target.private else None, exist_ok=True)
             state, action = repo_state(api, target.repo_id), "created"
-            check_target(PublishTarget(target.repo_id, private=target.private), state)
+            check_target(PublishTarget(target.repo_id, private=target.private), state, just_created=True)
         info = api.create_commit(target.repo_id, _operations(folder, target.repo_id), commit_message=title,
                                  commit_description=description, parent_commit=state.sha if state else None)
         return PublishResult(target.repo_id, action, f"{api.endpoint}/{target.repo_id}", info.oid)

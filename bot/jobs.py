@@ -125,11 +125,11 @@ def read_report(folder: Path) -> dict[str, Any]:
 
 
 def publish_merged_folder(folder: Path, target: PublishTarget, *, token: str | None,
-                          endpoint: str | None = None) -> PublishResult:
+                          endpoint: str | None = None, aliases: tuple[str, ...] = ()) -> PublishResult:
     report = read_report(folder)
     title, description = commit_text(report)
     return publish_folder(folder, target, title=title, description=description, fingerprint=report["fingerprint"],
-                          token=token, endpoint=endpoint, verified=bool(report.get("verification")))
+                          token=token, endpoint=endpoint, verified=bool(report.get("verification")), aliases=aliases)
 
 
 @dataclass
@@ -186,13 +186,13 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
         on_event(f"pre-flight: {checked.summary()}")
         if checked.base_note:
             on_event(f"note: {checked.base_note}")
-        fp = checked.fingerprint(spec)
+        fps = checked.fingerprints(spec)
         with hub_write_errors(f"checking {target.repo_id}", target.repo_id):
-            existing = find_existing(api, target, fp, author=account.name, verified=job.verify)
+            existing = find_existing(api, target, fps, author=account.name, verified=job.verify)
             if existing is not None:
                 return JobResult(existing)
             state = repo_state(api, target.repo_id)  # refuse now, not after the merge
-            check_target(target, state, holds_this_merge=main_report(api, target.repo_id, state).get("fingerprint") == fp)
+            check_target(target, state, holds_this_merge=main_report(api, target.repo_id, state).get("fingerprint") in fps)
         on_event("downloading the adapter and base")
         plan = resolve_plan(checked.pinned_spec(spec))
         for warning in plan.warnings:
@@ -204,7 +204,7 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
             else:
                 result = merge_runner(plan, job.verify)
         on_event(f"merged {result.tensors_merged} tensors in {result.seconds:.1f}s; publishing to {target.repo_id}")
-        published = publish_merged_folder(result.out_dir, target, token=token, endpoint=endpoint)
+        published = publish_merged_folder(result.out_dir, target, token=token, endpoint=endpoint, aliases=fps[1:])
         card = with_repo_id((result.out_dir / CARD_NAME).read_text(encoding="utf-8"), target.repo_id)
         return JobResult(published, result.report, card)
     finally:

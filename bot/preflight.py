@@ -45,12 +45,24 @@ class Preflight:
     gated: tuple[str, ...] = ()  # inputs that are gated repos (the caller has access)
     visibility_unknown: tuple[str, ...] = ()  # inputs whose server did not say whether they are private or gated
     sizes_known: bool = True  # False: some file sizes were not reported, so the byte counts are lower bounds
+    asked_names: tuple[str, str] | None = None  # (adapter, base) as typed, when the Hub spells either otherwise
 
     def pinned_spec(self, spec: MergeSpec) -> MergeSpec:
         return replace(spec, adapter=self.adapter, base=self.base, base_note=self.base_note)
 
     def fingerprint(self, spec: MergeSpec) -> str:
         return fingerprint(self.adapter_pin, self.base_pin, output_options(spec.dtype, spec.max_shard_bytes))
+
+    def fingerprints(self, spec: MergeSpec) -> tuple[str, ...]:
+        """This merge's fingerprint, then the one made from the repo ids as typed when the Hub spells
+        them otherwise: merge-bot pinned names as typed before it pinned them as the Hub spells them,
+        and merges published then must still be found."""
+        fps = [self.fingerprint(spec)]
+        if self.asked_names:
+            adapter, base = (replace(pin, name=name) for pin, name in zip((self.adapter_pin, self.base_pin),
+                                                                            self.asked_names))
+            fps.append(fingerprint(adapter, base, output_options(spec.dtype, spec.max_shard_bytes)))
+        return tuple(dict.fromkeys(fps))
 
     def summary(self) -> str:
         gib = 1024**3
@@ -64,6 +76,7 @@ class Preflight:
 @dataclass(frozen=True)
 class _RepoFacts:
     ref: SourceRef  # canonical repo id, pinned to the SHA
+    asked: str  # the repo id as it was typed (or named in a config or card)
     sizes: dict[str, int | None]  # None: the listing gave no size
     card_data: dict[str, Any]
     private: bool | None  # None: the server did not say
@@ -83,8 +96,8 @@ def _repo_facts(api, ref: SourceRef, what: str) -> _RepoFacts:
     card = info.card_data.to_dict() if info.card_data is not None else {}
     private = info.private if isinstance(info.private, bool) else None
     gated = None if info.gated is None else info.gated not in (False, "false", "False")  # False, "auto", "manual"
-    return _RepoFacts(ref=SourceRef(name=canonical_repo_id(info, ref.name), revision=info.sha), sizes=sizes,
-                      card_data=card, private=private, gated=gated)
+    return _RepoFacts(ref=SourceRef(name=canonical_repo_id(info, ref.name), revision=info.sha), asked=ref.name,
+                      sizes=sizes, card_data=card, private=private, gated=gated)
 
 
 def _known_sizes(api, facts: _RepoFacts, files: list[str]) -> dict[str, int | None]:
@@ -94,11 +107,12 @@ def _known_sizes(api, facts: _RepoFacts, files: list[str]) -> dict[str, int | No
     sizes = {}
     for name in files:
         size = facts.sizes.get(name)
-        if size is None:
+        if size is None:  # and remember it, so a file is asked about once
             url = hf_hub_url(facts.ref.name, name, revision=facts.ref.revision, endpoint=api.endpoint)
             with hub_read_errors("size of", facts.ref):
                 size = read_with_retries(lambda: get_hf_file_metadata(url, token=api.token)).size
-        sizes[name] = size
+            facts.sizes[name] = size if isinstance(size, int) else None
+        sizes[name] = facts.sizes[name]
     return sizes
 
 
@@ -118,7 +132,12 @@ def _fetch(api, facts: _RepoFacts, filename: str, what: str) -> Path:
         # Always ask the Hub: a cached copy (a Space's cache is shared by its users) must not
         # stand in for this caller's access to a gated or private repo.
         url = hf_hub_url(facts.ref.name, filename, revision=facts.ref.revision, endpoint=api.endpoint)
-        read_with_retries(lambda: get_hf_file_metadata(url, token=api.token))
+        metadata = read_with_retries(lambda: get_hf_file_metadata(url, token=api.token))
+        if facts.sizes[filename] is None and isinstance(metadata.size, int):
+            facts.sizes[filename] = metadata.size  # the listing left it out; later size counts reuse it
+            if metadata.size > MAX_JSON_BYTES:
+                raise error(f"{what} repo {facts.ref.name}: {filename} is {metadata.size / 2**20:.0f} MiB, too "
+                            f"large for a JSON file; check the repo")
         return Path(read_with_retries(lambda: api.hf_hub_download(facts.ref.name, filename,
                                                                   revision=facts.ref.revision)))
 
@@ -247,4 +266,10 @@ def preflight(spec: MergeSpec, *, endpoint: str | None = None, check_disk: bool 
         private=tuple(f.ref.name for f in facts if f.private), gated=tuple(f.ref.name for f in facts if f.gated),
         visibility_unknown=tuple(f.ref.name for f in facts if f.private is None or f.gated is None),
         sizes_known=sizes_known,
+        asked_names=_asked_names(adapter_pin, adapter_facts, base_pin, base_facts),
     )
+
+
+def _asked_names(adapter_pin: Pinned, adapter_facts, base_pin: Pinned, base_facts) -> tuple[str, str] | None:
+    names = (adapter_facts.asked if adapter_facts else adapter_pin.name, base_facts.asked if base_facts else base_pin.name)
+    return None if names == (adapter_pin.name, base_pin.name) else names

@@ -113,13 +113,13 @@ def http_status(error: BaseException) -> int | None:
 
 
 def is_transient(error: BaseException) -> bool:
-    """A failure worth retrying: 5xx, 429, or the connection itself."""
+    """A failure worth retrying: 5xx, 408, 429, or the connection itself."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     if isinstance(error, OfflineModeIsEnabled):  # a setting, not a passing failure
         return False
     status = http_status(error)
-    return (status is not None and (status >= 500 or status == 429)) or (status is None and is_network_error(error))
+    return (status is not None and (status >= 500 or status in (408, 429))) or (status is None and is_network_error(error))
 
 
 def hub_failure(error: BaseException) -> BaseException | None:
@@ -150,7 +150,7 @@ def requested_wait(error: BaseException) -> float | None:
     except ImportError:  # older huggingface_hub: Retry-After only
         parse_ratelimit_headers = None
     info = parse_ratelimit_headers(headers) if parse_ratelimit_headers else None
-    if info is not None:
+    if info is not None and info.remaining == 0:  # as huggingface_hub reads it: t counts only when r=0
         return float(info.reset_in_seconds)
     try:
         return max(0.0, float(headers.get("retry-after", "")))
@@ -158,19 +158,20 @@ def requested_wait(error: BaseException) -> float | None:
         return None
 
 
-def retry_wait(cause: BaseException, scheduled: float) -> float | None:
+def retry_wait(cause: BaseException, scheduled: float, waited: float = 0.0) -> float | None:
     """How long to wait before retrying after ``cause``: our backoff, or longer if the Hub asks;
-    None to give up now (the Hub asks for more than ``RATE_LIMIT_MAX_WAIT``)."""
+    None to give up now: one operation waits ``RATE_LIMIT_MAX_WAIT`` at most in all (``waited``
+    so far), the length of the Hub's rate-limit window."""
     asked = requested_wait(cause)
-    if asked is None:
-        return scheduled
-    return None if asked > RATE_LIMIT_MAX_WAIT else max(scheduled, asked)
+    wait = scheduled if asked is None else max(scheduled, asked)
+    return None if waited + wait > RATE_LIMIT_MAX_WAIT else wait
 
 
 def read_with_retries(call: Callable[[], T], waits: tuple[float, ...] | None = None) -> T:
     """Run a Hub read, retrying transient failures (the Hub's 5xx/429, dropped connections) with backoff."""
     import time
 
+    waited = 0.0
     for scheduled in (*(READ_RETRY_WAITS if waits is None else waits), None):
         try:
             return call()
@@ -178,12 +179,13 @@ def read_with_retries(call: Callable[[], T], waits: tuple[float, ...] | None = N
             cause = hub_failure(e)
             if scheduled is None or cause is None or not is_transient(cause):
                 raise
-            wait = retry_wait(cause, scheduled)
+            wait = retry_wait(cause, scheduled, waited)
             if wait is None:
                 raise
             log.warning("transient Hub error on a read (%s); retrying in %.0fs",
                         http_status(cause) or cause.__class__.__name__, wait)
             time.sleep(wait)
+            waited += wait
     raise AssertionError("unreachable")
 
 
@@ -205,6 +207,10 @@ def hub_read_errors(what: str, ref: SourceRef, *, gated: bool | None = None) -> 
     except errors.RepositoryNotFoundError as e:
         raise SourceNotFoundError(
             f"{what} repo {ref.name} not found on the Hub (or it is private and your token cannot see it)"
+        ) from e
+    except errors.LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: the download failed, offline
+        raise HubUnavailableError(
+            f"could not reach the Hub to download {what} {ref.name}; check your connection (or HF_HUB_OFFLINE)"
         ) from e
     except errors.EntryNotFoundError as e:
         raise SourceNotFoundError(f"{what} repo {ref.name} lacks a file it needs: {e.__class__.__name__}") from e

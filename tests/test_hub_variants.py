@@ -359,3 +359,102 @@ def test_bot_refresh_sees_new_adapter_weights_when_siblings_have_no_blob_ids(hub
     assert len(refresh) == 1
     # New weights: the refresh must be accepted for a merge, not closed as "unchanged".
     assert refresh[0].state not in ("done", "failed"), refresh[0].state
+
+
+# --------------------------------------------------------------------------------------------
+# Found in review: fine-grained scopes, unknown visibility, older fingerprints, outages at the token check
+# --------------------------------------------------------------------------------------------
+class _WhoamiOnly:
+    """An HfApi stand-in whose whoami answers as the Hub does for a fine-grained token."""
+
+    token = "hf_fine"
+
+    def __init__(self, global_permissions: list[str], scoped: list[dict]):
+        self._me = {"name": "finn", "orgs": [], "auth": {"accessToken": {
+            "role": "fineGrained", "fineGrained": {"global": global_permissions, "scoped": scoped}}}}
+
+    def whoami(self, cache: bool = False) -> dict:
+        return self._me
+
+
+@pytest.mark.parametrize("global_permissions, scoped, target, pr, allowed", [
+    # "Open pull requests on external repos" (global discussion.write) is enough for --pr
+    (["discussion.write"], [{"entity": {"type": "user", "name": "finn"}, "permissions": ["repo.content.read"]}],
+     "bob/model", True, True),
+    # ... but not for publishing a new repo
+    (["discussion.write"], [], "finn/new", False, False),
+    # repo.write scoped to exactly one repo: that repo, not its neighbours
+    ([], [{"entity": {"type": "model", "name": "finn/merged"}, "permissions": ["repo.write"]}], "finn/merged", False,
+     True),
+    ([], [{"entity": {"type": "model", "name": "finn/merged"}, "permissions": ["repo.write"]}], "finn/other", False,
+     False),
+    # repo.write on an org entity
+    ([], [{"entity": {"type": "org", "name": "team"}, "permissions": ["repo.write"]}], "team/merged", False, True),
+    # nothing that writes at all
+    ([], [{"entity": {"type": "user", "name": "finn"}, "permissions": ["repo.content.read"]}], "bob/model", True,
+     False),
+])
+def test_fine_grained_scopes_decide_what_may_be_published(global_permissions, scoped, target, pr, allowed):
+    from bot.errors import AccessDeniedError, AuthenticationError
+    from bot.hub import PublishTarget, check_can_publish
+
+    api = _WhoamiOnly(global_permissions, scoped)
+    if allowed:
+        check_can_publish(api, PublishTarget(target, pr=pr))
+    else:
+        with pytest.raises((AccessDeniedError, AuthenticationError)):
+            check_can_publish(api, PublishTarget(target, pr=pr))
+
+
+def test_private_into_an_existing_repo_of_unknown_visibility_is_refused(hub, seeded, capsys):
+    from huggingface_hub import HfApi
+
+    HfApi(token=ALICE).create_repo("alice/v-unknown-visibility", private=False)  # public and empty
+    hub.variant = {"omit_gated_private"}
+    try:
+        code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/v-unknown-visibility", "--private")
+    finally:
+        hub.variant = set()
+    assert code == 12 and "does not say whether it is private" in error_line(err)
+    assert not our_commits(hub, "alice/v-unknown-visibility")
+
+
+def test_a_merge_published_under_the_typed_spelling_is_still_found(hub, seeded, capsys):
+    """Before repo ids were pinned as the Hub spells them, the fingerprint used the name as typed."""
+    from bot.jobs import PublishJob
+    from bot.preflight import preflight
+
+    hub.variant = {"canonical_names"}
+    try:
+        hub.create_repo("alice/v-typed-lora", owner_token=ALICE, files=adapter_files(seeded["adapter"], "BOB/Tiny-Llama"))
+        code, _, err = run_cli(capsys, "run", "alice/v-typed-lora", "--repo", "alice/v-typed-merged")
+        assert code == 0, err
+        job = PublishJob(adapter="alice/v-typed-lora", repo="alice/v-typed-merged")
+        spec = job.merge_spec(Path("unused"), ALICE)
+        new, old = preflight(spec, check_disk=False).fingerprints(spec)
+        report = json.loads(hub.files("alice/v-typed-merged")["merge_report.json"])
+        assert report["fingerprint"] == new != old
+        report["fingerprint"] = old  # as an earlier merge-bot wrote it
+        hub.commit_files("alice/v-typed-merged", {"merge_report.json": json.dumps(report).encode()})
+        code, out, err = run_cli(capsys, "run", "alice/v-typed-lora", "--repo", "alice/v-typed-merged")
+    finally:
+        hub.variant = set()
+    assert code == 0 and "nothing to do" in out, err
+
+
+@pytest.mark.parametrize("outage", ["rate-limited for an hour", "no connection"])
+def test_an_outage_at_the_token_check_is_hub_unavailable(hub, seeded, capsys, monkeypatch, outage):
+    import bot.sources
+
+    monkeypatch.setattr(bot.sources, "READ_RETRY_WAITS", (0.01,))
+    if outage == "no connection":
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    else:
+        hub.rate_limit(3600, r"^/api/whoami")
+    try:
+        code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/v-outage")
+    finally:
+        hub.reset_faults()
+    assert code == 13 and "retry later" in error_line(err)
