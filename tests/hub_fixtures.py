@@ -7,6 +7,7 @@ from pathlib import Path
 from peft import LoraConfig
 
 from factory import build_adapter, build_base
+from hub_server import user_id
 
 ALICE = "hf_aliceTESTtoken0000000000000000000001"
 BOB = "hf_bobTESTtoken00000000000000000000000002"
@@ -59,3 +60,18 @@ def publish_models(hub, cache_dir: Path) -> dict:
     return {"base": base, "adapter": adapter}
 
 
+def webhook_payload(hub, num: int, comment_id: str, who: str, text: str, *, scope: str = "discussion.comment",
+                    repo: str) -> dict:
+    """What the Hub POSTs to a webhook for a new discussion (scope "discussion") or comment in ``repo``."""
+    web = f"{hub.url}/{repo}/discussions/{num}"
+    return {
+        "event": {"action": "create", "scope": scope},
+        "repo": {"type": "model", "name": repo, "id": "65f0c0ffee0000000000abcd", "private": False,
+                 "owner": {"id": user_id(repo.split("/")[0])}, "headSha": "0" * 40,
+                 "url": {"web": f"{hub.url}/{repo}", "api": f"{hub.url}/api/models/{repo}"}},
+        "discussion": {"id": f"disc{num:020d}", "num": num, "author": {"id": user_id(who)}, "title": "merge request",
+                       "isPullRequest": False, "status": "open", "url": {"web": web, "api": web}},
+        "comment": {"id": comment_id, "author": {"id": user_id(who)}, "hidden": False, "content": text,
+                    "url": {"web": f"{web}#{comment_id}"}},
+        "webhook": {"id": "6600000000000000000000ab", "version": 3},
+    }

@@ -20,8 +20,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants
 
 from bot import cli
 from factory import assert_matches_peft, build_base
-from hub_fixtures import ALICE, BOB, CAROL, adapter_files, folder_files
-from hub_server import user_id
+from hub_fixtures import ALICE, BOB, CAROL, adapter_files, folder_files, webhook_payload
 
 BOT = "hf_variantbotTESTtoken0000000000000000006"
 FINN = "hf_finnTESTfinegrained000000000000000007"  # fine-grained, read only
@@ -276,18 +275,7 @@ def make_service(tmp_path, **config):
 
 
 def payload(hub, num: int, comment_id: str, who: str, text: str, repo: str = REQUESTS) -> dict:
-    web = f"{hub.url}/{repo}/discussions/{num}"
-    return {
-        "event": {"action": "create", "scope": "discussion"},
-        "repo": {"type": "model", "name": repo, "id": "65f0c0ffee0000000000abcd", "private": False,
-                 "owner": {"id": user_id(repo.split("/")[0])}, "headSha": "0" * 40,
-                 "url": {"web": f"{hub.url}/{repo}", "api": f"{hub.url}/api/models/{repo}"}},
-        "discussion": {"id": f"disc{num:020d}", "num": num, "author": {"id": user_id(who)}, "title": "merge request",
-                       "isPullRequest": False, "status": "open", "url": {"web": web, "api": web}},
-        "comment": {"id": comment_id, "author": {"id": user_id(who)}, "hidden": False, "content": text,
-                    "url": {"web": f"{web}#{comment_id}"}},
-        "webhook": {"id": "6600000000000000000000ab", "version": 3},
-    }
+    return webhook_payload(hub, num, comment_id, who, text, scope="discussion.comment", repo=repo)
 
 
 def ask(hub, client, who: str, token: str, text: str) -> int:

@@ -26,8 +26,7 @@ from bot.service.config import ServiceConfig, parse_requests_repo
 from bot.service.commands import CommandError, parse_command
 from bot.service.webhook import create_app
 from bot.service.worker import Service
-from hub_fixtures import ALICE, BOB, CAROL
-from hub_server import user_id
+from hub_fixtures import ALICE, BOB, CAROL, webhook_payload
 
 ROOT = Path(__file__).resolve().parents[1]
 BOT = "hf_mergebotTESTtoken000000000000000000005"
@@ -59,18 +58,7 @@ def ask(hub, who: str, token: str, text: str) -> tuple[int, dict]:
 
 def payload(hub, num: int, comment_id: str, who: str, text: str, *, scope: str = "discussion.comment",
             repo: str = REQUESTS) -> dict:
-    web = f"{hub.url}/{repo}/discussions/{num}"
-    return {
-        "event": {"action": "create", "scope": scope},
-        "repo": {"type": "model", "name": repo, "id": "65f0c0ffee0000000000abcd", "private": False,
-                 "owner": {"id": user_id(repo.split("/")[0])}, "headSha": "0" * 40,
-                 "url": {"web": f"{hub.url}/{repo}", "api": f"{hub.url}/api/models/{repo}"}},
-        "discussion": {"id": f"disc{num:020d}", "num": num, "author": {"id": user_id(who)}, "title": "merge request",
-                       "isPullRequest": False, "status": "open", "url": {"web": web, "api": web}},
-        "comment": {"id": comment_id, "author": {"id": user_id(who)}, "hidden": False, "content": text,
-                    "url": {"web": f"{web}#{comment_id}"}},
-        "webhook": {"id": "6600000000000000000000ab", "version": 3},
-    }
+    return webhook_payload(hub, num, comment_id, who, text, scope=scope, repo=repo)
 
 
 def post(client: TestClient, body, secret: str = SECRET):
