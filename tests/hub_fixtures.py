@@ -75,3 +75,12 @@ def webhook_payload(hub, num: int, comment_id: str, who: str, text: str, *, scop
                     "url": {"web": f"{web}#{comment_id}"}},
         "webhook": {"id": "6600000000000000000000ab", "version": 3},
     }
+
+
+def push_payload(hub, repo: str, head: str, ref: str = "refs/heads/main", old: str | None = "0" * 40) -> dict:
+    """What the Hub POSTs to a webhook when ``ref`` of ``repo`` moves to ``head`` (scope "repo.content")."""
+    body = webhook_payload(hub, 0, "0" * 24, repo.split("/")[0], "", repo=repo)
+    body.update({"event": {"action": "update", "scope": "repo.content"}, "discussion": None, "comment": None,
+                 "updatedRefs": [{"ref": ref, "oldSha": old, "newSha": head}]})
+    body["repo"]["headSha"] = head
+    return body

@@ -20,7 +20,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants
 
 from bot import cli
 from factory import assert_matches_peft, build_base
-from hub_fixtures import ALICE, BOB, CAROL, adapter_files, folder_files, webhook_payload
+from hub_fixtures import ALICE, BOB, CAROL, adapter_files, folder_files, push_payload, webhook_payload
 
 BOT = "hf_variantbotTESTtoken0000000000000000006"
 FINN = "hf_finnTESTfinegrained000000000000000007"  # fine-grained, read only
@@ -335,10 +335,7 @@ def test_bot_refresh_sees_new_adapter_weights_when_siblings_have_no_blob_ids(hub
     save_file({k: v * 1.5 if "lora_B" in k else v for k, v in weights.items()}, path)
     head = hub.commit_files("alice/v-evolving-lora", {"adapter_model.safetensors": path.read_bytes()},
                             message="retrain")
-    update = payload(hub, 0, "z" * 24, "alice", "")
-    update.update({"event": {"action": "update", "scope": "repo.content"}, "discussion": None, "comment": None})
-    update["repo"].update({"name": "alice/v-evolving-lora", "headSha": head})
-    update["updatedRefs"] = [{"ref": "refs/heads/main", "oldSha": "0" * 40, "newSha": head}]
+    update = push_payload(hub, "alice/v-evolving-lora", head)
     response = client.post("/webhooks/merge", content=json.dumps(update),
                            headers={"X-Webhook-Secret": SECRET, "Content-Type": "application/json"})
     assert response.json()["status"] == "queued"

@@ -26,7 +26,7 @@ from bot.service.config import ServiceConfig, parse_requests_repo
 from bot.service.commands import CommandError, parse_command
 from bot.service.webhook import create_app
 from bot.service.worker import Service
-from hub_fixtures import ALICE, BOB, CAROL, webhook_payload
+from hub_fixtures import ALICE, BOB, CAROL, push_payload, webhook_payload
 
 ROOT = Path(__file__).resolve().parents[1]
 BOT = "hf_mergebotTESTtoken000000000000000000005"
@@ -336,10 +336,7 @@ def test_new_adapter_commit_triggers_a_refresh_pr_on_the_merged_repo(hub, servic
     save_file(retrained, path)
     head = hub.commit_files("alice/evolving-lora", {"adapter_model.safetensors": path.read_bytes()},
                             message="retrain")
-    update = payload(hub, 0, "x" * 24, "alice", "")
-    update.update({"event": {"action": "update", "scope": "repo.content"}, "discussion": None, "comment": None})
-    update["repo"].update({"name": "alice/evolving-lora", "headSha": head})
-    update["updatedRefs"] = [{"ref": "refs/heads/main", "oldSha": "0" * 40, "newSha": head}]
+    update = push_payload(hub, "alice/evolving-lora", head)
     assert post(client, update).json()["status"] == "queued"
     assert post(client, update).json()["status"] == "ignored"  # same head again: nothing new
     drain(service)
@@ -443,10 +440,7 @@ def test_overlong_or_hostile_commands_get_a_short_quoted_reply(hub, service):
 
 def test_refresh_ignores_pr_refs_and_tags(hub, service):
     client = TestClient(create_app(service))
-    update = payload(hub, 0, "y" * 24, "alice", "")
-    update.update({"event": {"action": "update", "scope": "repo.content"}, "discussion": None, "comment": None,
-                   "updatedRefs": [{"ref": "refs/pr/3", "oldSha": None, "newSha": "1" * 40}]})
-    update["repo"]["name"] = "alice/tiny-lora"
+    update = push_payload(hub, "alice/tiny-lora", "1" * 40, ref="refs/pr/3", old=None)
     assert post(client, update).json()["status"] == "ignored"
 
 
