@@ -362,6 +362,29 @@ def read_folder_report(folder: Path) -> dict:
     return data
 
 
+def upload_with_xet_only_if_offered(api, repo_id: str) -> None:
+    """huggingface_hub uploads through Xet whenever ``hf_xet`` is installed, with no fallback, so
+    every upload to a Hub-compatible server without Xet would fail. Ask the server for a Xet write
+    token first; when it gives none (no Xet, or none for this caller), switch this process to the
+    LFS upload protocol, which the Hub also accepts."""
+    import importlib.util
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    if constants.HF_HUB_DISABLE_XET or importlib.util.find_spec("hf_xet") is None:
+        return
+    url = f"{api.endpoint}/api/models/{repo_id}/xet-write-token/main"
+    try:
+        response = get_session().get(url, headers=build_hf_headers(token=api.token))
+        offered = response.status_code == 200 and constants.HUGGINGFACE_HEADER_X_XET_ENDPOINT in response.headers
+    except Exception:  # noqa: BLE001 - any failure to offer Xet means: upload the other way
+        offered = False
+    if not offered:
+        log.info("%s offers no Xet upload for %s; uploading with LFS", api.endpoint, repo_id)
+        constants.HF_HUB_DISABLE_XET = True
+
+
 def publish_folder(folder: Path, target: PublishTarget, *, title: str, description: str, fingerprint: str,
                    token: str | None, endpoint: str | None = None, verified: bool = False,
                    aliases: tuple[str, ...] = ()) -> PublishResult:
@@ -386,6 +409,7 @@ def publish_folder(folder: Path, target: PublishTarget, *, title: str, descripti
         same = main_report(api, target.repo_id, state).get("fingerprint") in fps
         check_target(target, state, holds_this_merge=same)
         if target.pr:
+            upload_with_xet_only_if_offered(api, target.repo_id)
             info = api.create_commit(target.repo_id, _operations(folder, target.repo_id, state.files),
                                      commit_message=title, commit_description=description, create_pr=True,
                                      parent_commit=state.sha)
@@ -396,6 +420,7 @@ def publish_folder(folder: Path, target: PublishTarget, *, title: str, descripti
             api.create_repo(target.repo_id, private=True if target.private else None, exist_ok=True)
             state, action = repo_state(api, target.repo_id), "created"
             check_target(PublishTarget(target.repo_id, private=target.private), state, just_created=True)
+        upload_with_xet_only_if_offered(api, target.repo_id)
         info = api.create_commit(target.repo_id, _operations(folder, target.repo_id), commit_message=title,
                                  commit_description=description, parent_commit=state.sha if state else None)
         return PublishResult(target.repo_id, action, f"{api.endpoint}/{target.repo_id}", info.oid)

@@ -443,3 +443,18 @@ def test_an_outage_at_the_token_check_is_hub_unavailable(hub, seeded, capsys, mo
     finally:
         hub.reset_faults()
     assert code == 13 and "retry later" in error_line(err)
+
+
+def test_upload_falls_back_to_lfs_on_a_server_without_xet(hub, seeded, capsys, monkeypatch):
+    """huggingface_hub uploads through Xet whenever hf_xet is installed (no fallback of its own); this
+    server, like many Hub-compatible ones, offers no Xet write token, so merge-bot must upload with LFS."""
+    import importlib.util
+
+    if importlib.util.find_spec("hf_xet") is None:  # huggingface_hub installs it on every platform CI uses
+        pytest.fail("hf_xet is not installed, so this test cannot show the fallback")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # what a user's machine has by default
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/v-no-xet")
+    assert code == 0, err
+    assert len(our_commits(hub, "alice/v-no-xet")) == 1
+    assert constants.HF_HUB_DISABLE_XET is True
+    assert any(path.endswith("/xet-write-token/main") for _, path in hub.requests_log)
