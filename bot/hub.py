@@ -365,8 +365,9 @@ def read_folder_report(folder: Path) -> dict:
 def upload_with_xet_only_if_offered(api, repo_id: str) -> None:
     """huggingface_hub uploads through Xet whenever ``hf_xet`` is installed, with no fallback, so
     every upload to a Hub-compatible server without Xet would fail. Ask the server for a Xet write
-    token first; when it gives none (no Xet, or none for this caller), switch this process to the
-    LFS upload protocol, which the Hub also accepts."""
+    token first; when it has no such route (or no answer), switch this process to the LFS upload
+    protocol, which the Hub also accepts. A 401/403 only means this caller gets no token for main
+    (a pull request on someone else's repo asks for its own), so Xet stays on."""
     import importlib.util
 
     from huggingface_hub import constants
@@ -377,7 +378,8 @@ def upload_with_xet_only_if_offered(api, repo_id: str) -> None:
     url = f"{api.endpoint}/api/models/{repo_id}/xet-write-token/main"
     try:
         response = get_session().get(url, headers=build_hf_headers(token=api.token))
-        offered = response.status_code == 200 and constants.HUGGINGFACE_HEADER_X_XET_ENDPOINT in response.headers
+        offered = response.status_code in (401, 403) or (
+            response.status_code == 200 and constants.HUGGINGFACE_HEADER_X_XET_ENDPOINT in response.headers)
     except Exception:  # noqa: BLE001 - any failure to offer Xet means: upload the other way
         offered = False
     if not offered:
