@@ -377,7 +377,8 @@ def upload_with_xet_only_if_offered(api, repo_id: str) -> None:
         return
     url = f"{api.endpoint}/api/models/{repo_id}/xet-write-token/main"
     try:
-        response = get_session().get(url, headers=build_hf_headers(token=api.token))
+        response = get_session().get(url, headers=build_hf_headers(token=api.token),
+                                     timeout=constants.HF_HUB_ETAG_TIMEOUT)
         offered = response.status_code in (401, 403) or (
             response.status_code == 200 and constants.HUGGINGFACE_HEADER_X_XET_ENDPOINT in response.headers)
     except Exception:  # noqa: BLE001 - any failure to offer Xet means: upload the other way
