@@ -9,8 +9,29 @@ failing test, not a silent drift.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Sequence
+
+import regex
+
+from bot.errors import AdapterConfigError
+
+# A pattern from a config must not hang a merge (or the self-service bot): PEFT's own matching
+# backtracks without limit on a pattern like "(a+)+$". ``regex`` matches as ``re`` does for these
+# patterns (tests/test_peft_rules.py checks it against PEFT) and can give up after a time.
+_MATCH_SECONDS = 1.0
+
+
+def _match(pattern: str, key: str, *, field: str, full: bool = False):
+    """``re.match``/``re.fullmatch`` of a config-supplied pattern, as a one-line error when it is not
+    a valid regular expression or takes too long."""
+    try:
+        return (regex.fullmatch if full else regex.match)(pattern, key, timeout=_MATCH_SECONDS)
+    except TimeoutError as e:
+        raise AdapterConfigError(f"adapter_config.json: the {field} pattern {pattern[:60]!r} takes too long to "
+                                 f"match (catastrophic backtracking); simplify it") from e
+    except regex.error as e:
+        raise AdapterConfigError(f"adapter_config.json: the {field} pattern {pattern[:60]!r} is not a valid "
+                                 f"regular expression ({e})") from e
 
 
 def is_excluded(cfg: Mapping[str, Any], key: str) -> bool:
@@ -18,12 +39,12 @@ def is_excluded(cfg: Mapping[str, Any], key: str) -> bool:
     exclude = cfg.get("exclude_modules")
     if exclude:
         if isinstance(exclude, str):
-            if re.fullmatch(exclude, key):
+            if _match(exclude, key, field="exclude_modules", full=True):
                 return True
         elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
             return True
     modules_to_save = cfg.get("modules_to_save")
-    if modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save):
+    if modules_to_save and any(_match(rf"(^|.*\.){m}($|\..*)", key, field="modules_to_save") for m in modules_to_save):
         return True
     return False
 
@@ -76,7 +97,7 @@ def is_targeted(cfg: Mapping[str, Any], key: str) -> bool:
     if target_modules is None:
         return False
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, key) is not None
+        return _match(target_modules, key, field="target_modules", full=True) is not None
     if key in target_modules:
         return True
     if not any(key.endswith(f".{t}") for t in target_modules):
@@ -87,10 +108,10 @@ def is_targeted(cfg: Mapping[str, Any], key: str) -> bool:
     layers_pattern = cfg.get("layers_pattern")
     match = None
     if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        match = regex.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
     else:
         for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            match = _match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key, field="layers_pattern")
             if match is not None:
                 break
     if match is None:
@@ -102,7 +123,7 @@ def is_targeted(cfg: Mapping[str, Any], key: str) -> bool:
 def pattern_key(pattern_keys: Sequence[str], key: str) -> str | None:
     """The ``rank_pattern``/``alpha_pattern`` entry that applies to ``key`` (PEFT's ``get_pattern_key``)."""
     for pattern in pattern_keys:
-        if re.match(rf"(.*\.)?({pattern})$", key):
+        if _match(rf"(.*\.)?({pattern})$", key, field="rank_pattern/alpha_pattern"):
             return pattern
     return None
 

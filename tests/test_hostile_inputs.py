@@ -119,6 +119,38 @@ def test_malformed_config_fields_are_one_line(good, tmp_path, capsys, changes, c
     run_failing(capsys, merge_args(adapter), tmp_path / "out", code, needle)
 
 
+def test_a_backtracking_target_regex_does_not_hang_the_merge(good, tmp_path, capsys):
+    """Python's re (and so PEFT) needs minutes for this pattern on a 31-character module name."""
+    import time
+
+    adapter = copy_adapter(good[1], tmp_path)
+    set_config(adapter, base_model_name_or_path=str(good[0]), target_modules=r"([\w.]+)+!")
+    start = time.monotonic()
+    run_failing(capsys, merge_args(adapter), tmp_path / "out", errors.IncompatibleBaseError.exit_code,
+                "changes nothing")
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("field, value", [("target_modules", "(q_proj"), ("exclude_modules", "[a-"),
+                                          ("rank_pattern", {"q_proj(": 8})])
+def test_an_invalid_regex_in_the_config_is_one_line(good, tmp_path, capsys, field, value):
+    adapter = copy_adapter(good[1], tmp_path)
+    set_config(adapter, base_model_name_or_path=str(good[0]), **{field: value})
+    run_failing(capsys, merge_args(adapter), tmp_path / "out", errors.AdapterConfigError.exit_code,
+                "not a valid regular expression")
+
+
+def test_a_pattern_that_runs_out_of_time_is_one_line(monkeypatch):
+    from bot import peft_rules
+
+    def slow(*args, **kwargs):
+        raise TimeoutError("regex timed out")
+
+    monkeypatch.setattr(peft_rules.regex, "fullmatch", slow)
+    with pytest.raises(errors.AdapterConfigError, match="takes too long to match"):
+        peft_rules.is_targeted({"target_modules": "(a+)+$"}, "model.layers.0.q_proj")
+
+
 def test_duplicate_keys_take_the_last_value_like_peft(good, tmp_path, capsys):
     """json.loads keeps the last duplicate, as PEFT's own json.load does: same adapter either way."""
     adapter = copy_adapter(good[1], tmp_path)
