@@ -109,7 +109,7 @@ def _known_sizes(api, facts: _RepoFacts, files: list[str]) -> dict[str, int | No
         size = facts.sizes.get(name)
         if size is None:  # and remember it, so a file is asked about once
             url = hf_hub_url(facts.ref.name, name, revision=facts.ref.revision, endpoint=api.endpoint)
-            with hub_read_errors("size of", facts.ref):
+            with hub_read_errors("a file of", facts.ref, gated=facts.gated):
                 size = read_with_retries(lambda: get_hf_file_metadata(url, token=api.token)).size
             facts.sizes[name] = size if isinstance(size, int) else None
         sizes[name] = facts.sizes[name]

@@ -221,19 +221,15 @@ class ShardWriter:
             raise RuntimeError(f"shard writer expected {spec.name if spec else 'nothing'}, got {name}")
         return spec
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        spec = self._next(name)
-        if tensor.dtype != spec.torch_dtype or tuple(tensor.shape) != spec.shape:
-            raise RuntimeError(f"{name}: planned {spec.dtype}{list(spec.shape)}, got {tensor.dtype}{list(tensor.shape)}")
-        self._write_bytes(tensor)
-
     def write_blocks(self, name: str, blocks: Iterable[torch.Tensor]) -> None:
         """Write one tensor as consecutive pieces (row blocks, in order) whose bytes add up to it."""
         spec = self._next(name)
         written = 0
         for block in blocks:
-            if block.dtype != spec.torch_dtype:
-                raise RuntimeError(f"{name}: planned {spec.dtype}, got a {block.dtype} block")
+            if block.dtype != spec.torch_dtype or block.dim() != len(spec.shape) or \
+                    tuple(block.shape[1:]) != spec.shape[1:]:
+                raise RuntimeError(f"{name}: planned {spec.dtype}{list(spec.shape)}, got a {block.dtype}"
+                                   f"{list(block.shape)} block")
             written += self._write_bytes(block)
         if written != spec.nbytes:
             raise RuntimeError(f"{name}: planned {spec.nbytes} bytes, got {written}")
