@@ -1,6 +1,6 @@
 """A small Hugging Face Hub look-alike HTTP server for tests.
 
-The real ``huggingface_hub`` client (2.x, on httpx) talks to it as it would to huggingface.co:
+The real ``huggingface_hub`` client (2.x, on httpx) talks to it as it would to the real Hub:
 point ``HfApi(endpoint=server.url)`` / ``HF_ENDPOINT`` at it, with ``HF_HUB_DISABLE_XET=1`` so
 uploads use the legacy LFS protocol. Standard library only, plus ``yaml`` to read model cards.
 
@@ -51,25 +51,25 @@ DISCUSSIONS_PAGE_SIZE = 50
 # Switchable behaviours (``HubServer.variant``); none is on by default.
 VARIANTS = {
     # LFS files: /resolve answers 302 to a signed URL on another origin (the "CDN", a second listening
-    # socket) with X-Repo-Commit / X-Linked-Etag / X-Linked-Size on the redirect itself, as huggingface.co
+    # socket) with X-Repo-Commit / X-Linked-Etag / X-Linked-Size on the redirect itself, as the real Hub
     # does (cdn-lfs / cas-bridge hosts); the CDN refuses requests that carry an Authorization header (as
     # S3 pre-signed URLs do). Client side: _httpx2_follow_hub_redirects_with_backoff stops at other hosts.
     "cdn_redirect",
     # with cdn_redirect: no X-Linked-Size on the redirect (get_hf_file_metadata then has no size).
     "no_linked_size",
     # Regular files of public, ungated repos: /resolve/{rev}/{path} answers 307 with a relative Location
-    # /api/resolve-cache/{type}s/{id}/{sha}/{path}?etag=..., as huggingface.co has done since 2025
+    # /api/resolve-cache/{type}s/{id}/{sha}/{path}?etag=..., as the real Hub has done since 2025
     # (huggingface/swift-transformers#209; huggingface_hub#4815).
     "resolve_cache_redirect",
-    # LFS batch upload hrefs point at the CDN origin (pre-signed S3 URLs on huggingface.co).
+    # LFS batch upload hrefs point at the CDN origin (pre-signed S3 URLs on the real Hub).
     "lfs_upload_elsewhere",
-    # Tree listings paginate with a Link: <...>; rel="next" header 2 entries a page (huggingface.co pages
+    # Tree listings paginate with a Link: <...>; rel="next" header 2 entries a page (the real Hub pages
     # tree listings; huggingface_hub.utils._pagination follows Link), discussions 1 a page (count/start).
     "paginate",
-    # Response header names in lower case (HTTP/2 front ends such as huggingface.co's send them so).
+    # Response header names in lower case (HTTP/2 front ends such as the real Hub's send them so).
     "lowercase_headers",
     # GETs of regular files accepting gzip get Content-Encoding: gzip, chunked, no Content-Length, as
-    # huggingface.co serves compressible text (comment in file_download.http_get).
+    # the real Hub serves compressible text (comment in file_download.http_get).
     "gzip_text",
     # Weak validators: ETag: W/"..." on regular files (file_download._normalize_etag accepts them).
     "weak_etag",
@@ -82,7 +82,7 @@ VARIANTS = {
     # that does not copy the Hub's custom headers; hf_raise_for_status then falls back on the status.
     "no_error_codes",
     # Repo ids are matched case-insensitively and answered under their canonical spelling, as on
-    # huggingface.co (huggingface_hub#1453, #2090: "repo ids are case insensitive across the Hub").
+    # the real Hub (huggingface_hub#1453, #2090: "repo ids are case insensitive across the Hub").
     "canonical_names",
     # The discussions listing ignores ?author= (an older or simpler server): the client must check
     # each pull request's author itself.
@@ -498,9 +498,9 @@ class HubServer:
             self._delays.append([method.upper(), re.compile(path_regex), seconds, times])
 
     def rate_limit(self, seconds: int, path_regex: str = r".*", method: str = "*") -> None:
-        """Rate-limit the caller like huggingface.co does: the next matching request opens a window of
+        """Rate-limit the caller like the real Hub does: the next matching request opens a window of
         ``seconds`` during which every matching request gets 429 with ``RateLimit: "api";r=0;t=N``,
-        ``RateLimit-Policy`` and ``Retry-After: N`` (https://huggingface.co/docs/hub/rate-limits)."""
+        ``RateLimit-Policy`` and ``Retry-After: N`` (the Hub's rate-limits documentation)."""
         with self._lock:
             self._rate_limit = [method.upper(), re.compile(path_regex), int(seconds), None]
 

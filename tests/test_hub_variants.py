@@ -1,7 +1,7 @@
 """merge-bot against Hub behaviours our default test server does not show.
 
 Each ``HubServer.variant`` flag (see ``hub_server.VARIANTS`` for what each one does and where the
-real Hub, or huggingface_hub, documents it) switches on one way in which huggingface.co, or another
+real Hub, or huggingface_hub, documents it) switches on one way in which the real Hub, or another
 Hub-compatible server, legitimately answers differently. The main flows run against each: ``run``
 from a sharded base plus an idempotent re-run, ``--pr`` plus a re-run, and the pre-flight refusal of
 a gated base. Dedicated tests cover what needs its own set-up: canonical (case-insensitive) repo ids,
@@ -28,7 +28,7 @@ WREN = "hf_wrenTESTfinegrained000000000000000008"  # fine-grained, may write
 SECRET = "variant-secret"
 REQUESTS = "variant-bot/requests"
 
-# What each matrix entry switches on. "hub_like" is huggingface.co's own download/upload shape.
+# What each matrix entry switches on. "hub_like" is the real Hub's own download/upload shape.
 MATRIX = {
     "cdn_redirect": {"cdn_redirect"},
     "cdn_no_linked_size": {"cdn_redirect", "no_linked_size"},
@@ -171,7 +171,7 @@ def test_gated_base_without_access_is_refused_in_preflight(hub, seeded, variant,
 
 
 # --------------------------------------------------------------------------------------------
-# Canonical repo ids (huggingface.co matches repo ids case-insensitively)
+# Canonical repo ids (the real Hub matches repo ids case-insensitively)
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["canonical_names"], indirect=True)
 def test_target_spelled_differently_is_the_same_repo(hub, seeded, variant, capsys):
@@ -223,7 +223,7 @@ def test_fine_grained_read_only_token_is_refused_before_any_download(hub, seeded
 
 
 # --------------------------------------------------------------------------------------------
-# Rate limits: huggingface.co answers 429 with RateLimit: "api";r=0;t=<seconds> over 5-minute windows
+# Rate limits: the real Hub answers 429 with RateLimit: "api";r=0;t=<seconds> over 5-minute windows
 # --------------------------------------------------------------------------------------------
 def test_rate_limit_on_the_token_check_is_waited_out(hub, seeded, capsys, fresh_cache):
     hub.rate_limit(1, r"^/api/whoami")
