@@ -290,22 +290,22 @@ def check_target(target: PublishTarget, state: RepoState | None, *, holds_this_m
                                     f"so --private cannot be honoured; choose a new --repo")
 
 
-def find_existing(api, target: PublishTarget, fp: str | tuple[str, ...], *, author: str | None = None,
-                  verified: bool = False) -> PublishResult | None:
-    """This exact merge already on main, or (with --pr) in an open pull request opened by ``author``.
+def survey_target(api, target: PublishTarget, fps: tuple[str, ...], *, author: str | None = None,
+                  verified: bool = False) -> tuple[PublishResult | None, RepoState | None]:
+    """What ``target`` holds of this merge, read once: the result when it is already there (on main, or
+    with --pr in a pull request opened by ``author``), else None and the repo's state, after the
+    refusals of ``check_target``.
 
-    ``fp``: the merge's fingerprint, or it and the older fingerprints the same merge may carry.
-    With ``verified``, a merge on main counts only if it was published with its verification
-    numbers: a ``--verify`` run after a plain one adds them instead of saying nothing to do.
+    ``fps``: the merge's fingerprint, then older fingerprints the same merge may carry. With
+    ``verified``, a merge on main counts only if it was published with its verification numbers:
+    a ``--verify`` run after a plain one adds them (over the same merge) instead of doing nothing.
     """
-    fps = (fp,) if isinstance(fp, str) else tuple(fp)
     state = repo_state(api, target.repo_id)
-    if state is None:
-        return None
     report = main_report(api, target.repo_id, state)
-    if report.get("fingerprint") in fps and (report.get("verification") or not verified):
-        return PublishResult(target.repo_id, "unchanged", f"{api.endpoint}/{target.repo_id}", state.sha)
-    if target.pr:
+    on_main = report.get("fingerprint") in fps
+    if on_main and (report.get("verification") or not verified):
+        return PublishResult(target.repo_id, "unchanged", f"{api.endpoint}/{target.repo_id}", state.sha), state
+    if target.pr and state is not None:
         # Only our own account's PRs count: anyone can open a PR carrying the marker. A PR the owner
         # closed is an answer too: it is reported, not opened again (a scheduled batch would nag).
         for discussion in api.get_repo_discussions(target.repo_id, author=author, discussion_type="pull_request"):
@@ -317,8 +317,9 @@ def find_existing(api, target: PublishTarget, fp: str | tuple[str, ...], *, auth
             opening = next((e for e in details.events if getattr(e, "content", None)), None)
             if opening is not None and any(has_marker(opening.content, one) for one in fps):
                 return PublishResult(target.repo_id, "pr-closed" if discussion.status == "closed" else "pr-exists",
-                                     details.url)
-    return None
+                                     details.url), state
+    check_target(target, state, holds_this_merge=on_main)
+    return None, state
 
 
 # Files that decide what transformers (or PEFT) loads. A pull request that replaces a model
@@ -393,7 +394,7 @@ def publish_folder(folder: Path, target: PublishTarget, *, title: str, descripti
                    aliases: tuple[str, ...] = ()) -> PublishResult:
     """Create ``target`` and commit ``folder`` to it, or open one PR; idempotent by ``fingerprint``.
 
-    ``verified``: the folder's report carries verification numbers (see ``find_existing``);
+    ``verified``: the folder's report carries verification numbers (see ``survey_target``);
     ``aliases``: older fingerprints of the same merge (see ``Preflight.fingerprints``).
     """
     fps = (fingerprint, *aliases)
@@ -405,12 +406,9 @@ def publish_folder(folder: Path, target: PublishTarget, *, title: str, descripti
     description = f"{description}\n\n{marker_line(fingerprint)}\n"
 
     def attempt() -> PublishResult:
-        existing = find_existing(api, target, fps, author=account.name, verified=verified)
+        existing, state = survey_target(api, target, fps, author=account.name, verified=verified)
         if existing is not None:
             return existing
-        state = repo_state(api, target.repo_id)
-        same = main_report(api, target.repo_id, state).get("fingerprint") in fps
-        check_target(target, state, holds_this_merge=same)
         if target.pr:
             upload_with_xet_only_if_offered(api, target.repo_id)
             info = api.create_commit(target.repo_id, _operations(folder, target.repo_id, state.files),

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bot.errors import MergeBotError, UsageError
-from bot.hub import (PublishResult, PublishTarget, check_can_publish, check_target, find_existing,
-                     hub_write_errors, main_report, parse_repo_id, publish_folder, repo_state)
+from bot.hub import (PublishResult, PublishTarget, check_can_publish, hub_write_errors, parse_repo_id,
+                     publish_folder, survey_target)
 from bot.spec import DTYPES, MergeSpec, parse_size, parse_source_ref
 
 EventFn = Callable[[str], None]
@@ -188,11 +188,9 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
             on_event(f"note: {checked.base_note}")
         fps = checked.fingerprints(spec)
         with hub_write_errors(f"checking {target.repo_id}", target.repo_id):
-            existing = find_existing(api, target, fps, author=account.name, verified=job.verify)
+            existing, _ = survey_target(api, target, fps, author=account.name, verified=job.verify)  # refusals now
             if existing is not None:
                 return JobResult(existing)
-            state = repo_state(api, target.repo_id)  # refuse now, not after the merge
-            check_target(target, state, holds_this_merge=main_report(api, target.repo_id, state).get("fingerprint") in fps)
         on_event("downloading the adapter and base")
         plan = resolve_plan(checked.pinned_spec(spec))
         for warning in plan.warnings:
