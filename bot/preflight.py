@@ -122,10 +122,6 @@ def _fetch(api, facts: _RepoFacts, filename: str, what: str) -> Path:
     if filename not in facts.sizes:
         raise error(f"{what} repo {facts.ref.name} has no {filename}; "
                     + ("is it a PEFT adapter?" if what == "adapter" else "is it a transformers model?"))
-    if (facts.sizes[filename] or 0) > MAX_JSON_BYTES:  # unknown sizes are capped when read
-        raise error(
-            f"{what} repo {facts.ref.name}: {filename} is {facts.sizes[filename] / 2**20:.0f} MiB, too large for a "
-            f"JSON file; check the repo")
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     with hub_read_errors(what, facts.ref, gated=facts.gated):
@@ -135,9 +131,10 @@ def _fetch(api, facts: _RepoFacts, filename: str, what: str) -> Path:
         metadata = read_with_retries(lambda: get_hf_file_metadata(url, token=api.token))
         if facts.sizes[filename] is None and isinstance(metadata.size, int):
             facts.sizes[filename] = metadata.size  # the listing left it out; later size counts reuse it
-            if metadata.size > MAX_JSON_BYTES:
-                raise error(f"{what} repo {facts.ref.name}: {filename} is {metadata.size / 2**20:.0f} MiB, too "
-                            f"large for a JSON file; check the repo")
+        size = facts.sizes[filename] or 0  # still unknown: capped when read (read_json_object)
+        if size > MAX_JSON_BYTES:  # refused before the download
+            raise error(f"{what} repo {facts.ref.name}: {filename} is {size / 2**20:.0f} MiB, too large for a "
+                        f"JSON file; check the repo")
         return Path(read_with_retries(lambda: api.hf_hub_download(facts.ref.name, filename,
                                                                   revision=facts.ref.revision)))
 
