@@ -151,15 +151,21 @@ def test_bad_repo_id(tmp_path, capsys):
     run_failing(capsys, ["merge", "not a repo!!"], tmp_path / "out", errors.UsageError.exit_code, "Hub repo id")
 
 
+class _Evil:
+    """Unpickling this runs code; a weights_only load must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def save_pickle_bomb(path: Path, key: str) -> None:
+    torch.save({key: _Evil()}, path)
+
+
 def test_pickled_bin_adapter_is_refused(good, tmp_path, capsys):
     adapter = copy_adapter(good[1], tmp_path)
     (adapter / "adapter_model.safetensors").unlink()
-
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
-    torch.save({"x": Evil()}, adapter / "adapter_model.bin")
+    save_pickle_bomb(adapter / "adapter_model.bin", "x")
     run_failing(capsys, ["merge", str(adapter)], tmp_path / "out", errors.AdapterConfigError.exit_code,
                 "cannot be read safely")
 

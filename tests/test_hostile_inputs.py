@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from bot import errors
 from bot.cli import main
 from hub_fixtures import ALICE, BOB, adapter_files, folder_files
-from test_errors import copy_adapter, good, run_failing  # noqa: F401  (good is a fixture)
+from test_errors import copy_adapter, good, run_failing, save_pickle_bomb  # noqa: F401  (good is a fixture)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -332,12 +332,7 @@ def test_index_naming_a_missing_file_is_one_line(good, tmp_path, capsys):
 def test_pickled_bin_base_is_refused(good, tmp_path, capsys):
     base = copy_base(good[0], tmp_path)
     (base / "model.safetensors").unlink()
-
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
-    torch.save({"model.norm.weight": Evil()}, base / "pytorch_model.bin")
+    save_pickle_bomb(base / "pytorch_model.bin", "model.norm.weight")
     run_failing(capsys, merge_args(good[1], base), tmp_path / "out", errors.IncompatibleBaseError.exit_code,
                 "cannot be read safely")
 

@@ -289,27 +289,26 @@ def ask(hub, client, who: str, token: str, text: str) -> int:
     return discussion.num
 
 
-@pytest.mark.parametrize("variant", ["omit_gated_private"], indirect=True)
-def test_bot_refuses_a_gated_base_when_model_info_omits_gated(hub, bot_account, variant, tmp_path):
+def triaged(hub, tmp_path, request: str, **config):
+    """Alice asks the bot for ``request``; the one job after triage, and the replies it queued."""
     from bot.service.webhook import create_app
 
-    service = make_service(tmp_path)
-    ask(hub, TestClient(create_app(service)), "alice", ALICE, "/merge alice/var-lora-on-gated")
+    service = make_service(tmp_path, **config)
+    ask(hub, TestClient(create_app(service)), "alice", ALICE, request)
     service.triage_once()
     (job,) = service.queue.jobs()
-    replies = [r.body for r in service.queue.pending_replies()]
+    return job, [r.body for r in service.queue.pending_replies()]
+
+
+@pytest.mark.parametrize("variant", ["omit_gated_private"], indirect=True)
+def test_bot_refuses_a_gated_base_when_model_info_omits_gated(hub, bot_account, variant, tmp_path):
+    job, replies = triaged(hub, tmp_path, "/merge alice/var-lora-on-gated")
     assert job.state == "failed" and "gated or private" in (job.error or ""), replies
 
 
 @pytest.mark.parametrize("variant", ["no_file_metadata"], indirect=True)
 def test_bot_size_limit_holds_when_siblings_have_no_size(hub, bot_account, variant, tmp_path):
-    from bot.service.webhook import create_app
-
-    service = make_service(tmp_path, max_output_gb=1e-9)
-    ask(hub, TestClient(create_app(service)), "alice", ALICE, "/merge alice/tiny-lora --dtype float16")
-    service.triage_once()
-    (job,) = service.queue.jobs()
-    replies = [r.body for r in service.queue.pending_replies()]
+    job, replies = triaged(hub, tmp_path, "/merge alice/tiny-lora --dtype float16", max_output_gb=1e-9)
     assert job.state == "failed" and "limit" in (job.error or ""), replies
 
 
