@@ -79,3 +79,14 @@ def index_checkpoint(folder: Path) -> tuple[dict[str, TensorInfo | BinTensorInfo
                     continue
                 tensors[name] = BinTensorInfo(name, CODE_FROM_DTYPE[t.dtype], tuple(t.shape), path)
     return tensors, sorted({t.dtype for t in tensors.values()})
+
+
+def index_remote_checkpoint(remote) -> dict[str, TensorInfo]:
+    """Every tensor of a base whose safetensors files stay on the Hub (``bot.remote.RemoteWeights``), in
+    file order, from the files' headers; each ``TensorInfo.file`` is the bare file name."""
+    from bot.remote import read_remote_header
+
+    tensors: dict[str, TensorInfo] = {}
+    for name in remote.files:
+        tensors.update(read_remote_header(remote, name, None))
+    return tensors

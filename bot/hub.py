@@ -291,7 +291,7 @@ def check_target(target: PublishTarget, state: RepoState | None, *, holds_this_m
 
 
 def survey_target(api, target: PublishTarget, fps: tuple[str, ...], *, author: str | None = None,
-                  verified: bool = False) -> tuple[PublishResult | None, RepoState | None]:
+                  verified: bool = False, just_created: bool = False) -> tuple[PublishResult | None, RepoState | None]:
     """What ``target`` holds of this merge, read once: the result when it is already there (on main, or
     with --pr in a pull request opened by ``author``), else None and the repo's state, after the
     refusals of ``check_target``.
@@ -318,7 +318,7 @@ def survey_target(api, target: PublishTarget, fps: tuple[str, ...], *, author: s
             if opening is not None and any(has_marker(opening.content, one) for one in fps):
                 return PublishResult(target.repo_id, "pr-closed" if discussion.status == "closed" else "pr-exists",
                                      details.url), state
-    check_target(target, state, holds_this_merge=on_main)
+    check_target(target, state, holds_this_merge=on_main, just_created=just_created)
     return None, state
 
 
@@ -335,14 +335,15 @@ def _is_loadable(name: str) -> bool:
     return "/" not in name and (is_tokenizer_file(name) or any(fnmatch.fnmatch(name, p) for p in _LOADABLE))
 
 
-def _operations(folder: Path, repo_id: str, replaced: tuple[str, ...] = ()):
-    """Add every file of ``folder``; delete the loadable files of ``replaced`` that the folder does not have."""
+def _operations(folder: Path, repo_id: str, replaced: tuple[str, ...] = (), uploaded: tuple = ()):
+    """Add every file of ``folder`` (``uploaded``: operations pre-uploaded already, whose files may be gone);
+    delete the loadable files of ``replaced`` that the commit does not write."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    ops, names = [], set()
+    ops, names = list(uploaded), {op.path_in_repo for op in uploaded}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if path.is_symlink() or not path.is_file() or rel.startswith(".") or "/." in rel:
+        if path.is_symlink() or not path.is_file() or rel.startswith(".") or "/." in rel or rel in names:
             continue  # no hidden files (.cache, editor files) and never what a symlink points at
         names.add(rel)
         if rel == CARD_NAME:
@@ -389,6 +390,133 @@ def upload_with_xet_only_if_offered(api, repo_id: str) -> None:
         constants.HF_HUB_DISABLE_XET = True
 
 
+class Publication:
+    """One commit being prepared on a target: files are pre-uploaded as they are ready (``upload``,
+    in a background thread, one at a time), then everything lands in one ``commit``.
+
+    Made by ``open_publication``, which surveys the target and creates it when new. Nothing shows
+    on the target before the commit except, for a new repo, the empty repo itself: a run that
+    fails keeps it (empty), so a rerun finds the blobs it pre-uploaded and does not send them again.
+    """
+
+    def __init__(self, api, target: PublishTarget, fps: tuple[str, ...], *, author: str, verified: bool,
+                 created: bool, on_uploaded: Callable[[int], None] | None = None):
+        import queue
+        import threading
+
+        self.api, self.target, self.fps = api, target, fps
+        self.author, self.verified, self.created = author, verified, created
+        self.on_uploaded = on_uploaded
+        self.uploaded: list = []  # CommitOperationAdd, pre-uploaded
+        self.uploaded_bytes = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._slot = threading.Semaphore(1)  # one file waiting or uploading: bounded disk
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="merge-bot-upload", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from huggingface_hub import CommitOperationAdd
+
+        while True:
+            path = self._queue.get()
+            if path is None:
+                return
+            try:
+                if self._error is None:
+                    op = CommitOperationAdd(path.name, str(path))
+                    with_retries(lambda: self.api.preupload_lfs_files(
+                        self.target.repo_id, additions=[op], create_pr=self.target.pr, free_memory=True),
+                        doing=f"uploading {path.name} to {self.target.repo_id}", repo_id=self.target.repo_id)
+                    if op._is_uploaded:  # an LFS/Xet blob now; a small regular file stays and is committed
+                        self.uploaded.append(op)
+                        self.uploaded_bytes += op.upload_info.size
+                        path.unlink(missing_ok=True)
+                        if self.on_uploaded:
+                            self.on_uploaded(op.upload_info.size)
+            except BaseException as e:  # raised in the caller's thread by the next upload() or commit()
+                self._error = e
+            finally:
+                self._slot.release()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def upload(self, path: Path) -> None:
+        """Pre-upload ``path`` (a file named as in the repo) in the background, then delete it; waits while
+        the previous file is still uploading."""
+        self._raise_error()
+        self._slot.acquire()
+        self._queue.put(Path(path))
+
+    def wait_uploads(self) -> None:
+        self._slot.acquire()
+        self._slot.release()
+        self._raise_error()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> "Publication":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def commit(self, folder: Path, *, title: str, description: str) -> PublishResult:
+        """One commit (or pull request) of the pre-uploaded files and every other file of ``folder``;
+        each attempt re-checks the target, so a retry never commits twice."""
+        self.wait_uploads()
+        target, api = self.target, self.api
+        description = f"{description}\n\n{marker_line(self.fps[0])}\n"
+
+        def attempt() -> PublishResult:
+            existing, state = survey_target(api, target, self.fps, author=self.author, verified=self.verified,
+                                            just_created=self.created)
+            if existing is not None:
+                return existing
+            if target.pr:
+                info = api.create_commit(target.repo_id, _operations(folder, target.repo_id, state.files,
+                                                                     tuple(self.uploaded)),
+                                         commit_message=title, commit_description=description, create_pr=True,
+                                         parent_commit=state.sha)
+                return PublishResult(target.repo_id, "pr-opened", info.pr_url or info.commit_url, info.oid)
+            info = api.create_commit(target.repo_id, _operations(folder, target.repo_id, (), tuple(self.uploaded)),
+                                     commit_message=title, commit_description=description,
+                                     parent_commit=state.sha if state else None)
+            action = "created" if self.created else "committed"
+            return PublishResult(target.repo_id, action, f"{api.endpoint}/{target.repo_id}", info.oid)
+
+        return with_retries(attempt, doing=f"publishing to {target.repo_id}", repo_id=target.repo_id)
+
+
+def open_publication(api, target: PublishTarget, fps: tuple[str, ...], *, author: str, verified: bool = False,
+                     on_uploaded: Callable[[int], None] | None = None) -> PublishResult | Publication:
+    """The result when ``target`` already has this merge; else a ``Publication`` on it (a new repo is
+    created now: files can only be pre-uploaded into a repo that exists)."""
+    def attempt():
+        existing, state = survey_target(api, target, fps, author=author, verified=verified)
+        if existing is not None:
+            return existing, False
+        created = False
+        if state is None and not target.pr:
+            # private=None lets an org's default visibility apply; a 409 (someone else was faster) is re-checked.
+            api.create_repo(target.repo_id, private=True if target.private else None, exist_ok=True)
+            check_target(PublishTarget(target.repo_id, private=target.private), repo_state(api, target.repo_id),
+                         just_created=True)
+            created = True
+        return None, created
+
+    existing, created = with_retries(attempt, doing=f"preparing {target.repo_id}", repo_id=target.repo_id)
+    if existing is not None:
+        return existing
+    upload_with_xet_only_if_offered(api, target.repo_id)
+    return Publication(api, target, fps, author=author, verified=verified, created=created, on_uploaded=on_uploaded)
+
+
 def publish_folder(folder: Path, target: PublishTarget, *, title: str, description: str, fingerprint: str,
                    token: str | None, endpoint: str | None = None, verified: bool = False,
                    aliases: tuple[str, ...] = ()) -> PublishResult:
@@ -397,33 +525,12 @@ def publish_folder(folder: Path, target: PublishTarget, *, title: str, descripti
     ``verified``: the folder's report carries verification numbers (see ``survey_target``);
     ``aliases``: older fingerprints of the same merge (see ``Preflight.fingerprints``).
     """
-    fps = (fingerprint, *aliases)
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
     account = check_can_publish(api, target)
-    folder = Path(folder)
-    description = f"{description}\n\n{marker_line(fingerprint)}\n"
-
-    def attempt() -> PublishResult:
-        existing, state = survey_target(api, target, fps, author=account.name, verified=verified)
-        if existing is not None:
-            return existing
-        if target.pr:
-            upload_with_xet_only_if_offered(api, target.repo_id)
-            info = api.create_commit(target.repo_id, _operations(folder, target.repo_id, state.files),
-                                     commit_message=title, commit_description=description, create_pr=True,
-                                     parent_commit=state.sha)
-            return PublishResult(target.repo_id, "pr-opened", info.pr_url or info.commit_url, info.oid)
-        action = "committed"
-        if state is None:
-            # private=None lets an org's default visibility apply; a 409 (someone else was faster) is re-checked.
-            api.create_repo(target.repo_id, private=True if target.private else None, exist_ok=True)
-            state, action = repo_state(api, target.repo_id), "created"
-            check_target(PublishTarget(target.repo_id, private=target.private), state, just_created=True)
-        upload_with_xet_only_if_offered(api, target.repo_id)
-        info = api.create_commit(target.repo_id, _operations(folder, target.repo_id), commit_message=title,
-                                 commit_description=description, parent_commit=state.sha if state else None)
-        return PublishResult(target.repo_id, action, f"{api.endpoint}/{target.repo_id}", info.oid)
-
-    return with_retries(attempt, doing=f"publishing to {target.repo_id}", repo_id=target.repo_id)
+    opened = open_publication(api, target, (fingerprint, *aliases), author=account.name, verified=verified)
+    if isinstance(opened, PublishResult):
+        return opened
+    with opened:
+        return opened.commit(Path(folder), title=title, description=description)

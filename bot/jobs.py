@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bot.errors import MergeBotError, UsageError
-from bot.hub import (PublishResult, PublishTarget, check_can_publish, hub_write_errors, parse_repo_id,
-                     publish_folder, survey_target)
+from bot.hub import (PublishResult, PublishTarget, check_can_publish, hub_write_errors, open_publication,
+                     parse_repo_id, publish_folder, survey_target)
 from bot.spec import DTYPES, MergeSpec, parse_size, parse_source_ref
 
 EventFn = Callable[[str], None]
@@ -163,24 +163,27 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
                     work_dir: Path | None = None, on_event: EventFn = lambda _: None,
                     on_progress=None, merge_runner: MergeRunner | None = None,
                     policy: Callable[[Any], None] | None = None) -> JobResult:
-    """Pre-flight, skip if the target already has this merge, else merge into a temp folder and publish.
+    """Pre-flight, skip if the target already has this merge, else merge and publish in one commit.
 
-    ``merge_runner(plan, verify)`` replaces the merge step (the Space runs it on a GPU worker);
-    ``policy(preflight)`` may raise to refuse a job after pre-flight (the self-service bot's rules).
+    Without verification the merge streams Hub to Hub (``stream_publish``): scratch disk stays at a
+    few shards whatever the model's size. With it (or a custom ``merge_runner``), the merged folder is
+    built whole in ``work_dir`` first. ``merge_runner(plan, verify)`` replaces the merge step (the Space
+    runs it on a GPU worker); ``policy(preflight)`` may raise to refuse a job after pre-flight (the
+    self-service bot's rules).
     """
     from huggingface_hub import HfApi
 
-    from bot.card import CARD_NAME, with_repo_id
     from bot.plan import resolve_plan
     from bot.preflight import preflight
 
     target = job.target
     api = HfApi(endpoint=endpoint, token=token)
     account = check_can_publish(api, target)  # a bad token or foreign namespace is known before any download
+    streamed = merge_runner is None and not job.verify
     work = Path(tempfile.mkdtemp(prefix="merge-bot-", dir=work_dir))
     try:
         spec = job.merge_spec(work / "merged", token)
-        checked = preflight(spec, endpoint=endpoint)
+        checked = preflight(spec, endpoint=endpoint, streamed=streamed)
         if policy is not None:
             policy(checked)
         on_event(f"pre-flight: {checked.summary()}")
@@ -191,19 +194,73 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
             existing, _ = survey_target(api, target, fps, author=account.name, verified=job.verify)  # refusals now
             if existing is not None:
                 return JobResult(existing)
-        on_event("downloading the adapter and base")
-        plan = resolve_plan(checked.pinned_spec(spec))
+        on_event("reading the adapter and the base's headers" if streamed else "downloading the adapter and base")
+        plan = resolve_plan(checked.pinned_spec(spec), stream_base=streamed)
         for warning in plan.warnings:
             on_event(f"warning: {warning}")
-        on_event("merging")
         with MERGE_LOCK:  # one merge at a time per process (the Space's form and its bot share the disk)
+            if streamed:
+                return stream_publish(plan, api, target, fps, author=account.name, work=work, on_event=on_event,
+                                      on_progress=on_progress)
+            on_event("merging")
             if merge_runner is None:
                 result = run_merge_plan(plan, job.verify, on_progress)
             else:
                 result = merge_runner(plan, job.verify)
         on_event(f"merged {result.tensors_merged} tensors in {result.seconds:.1f}s; publishing to {target.repo_id}")
         published = publish_merged_folder(result.out_dir, target, token=token, endpoint=endpoint, aliases=fps[1:])
-        card = with_repo_id((result.out_dir / CARD_NAME).read_text(encoding="utf-8"), target.repo_id)
-        return JobResult(published, result.report, card)
+        return JobResult(published, result.report, _card_of(result.out_dir, target.repo_id))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _card_of(folder: Path, repo_id: str) -> str:
+    from bot.card import CARD_NAME, with_repo_id
+
+    return with_repo_id((folder / CARD_NAME).read_text(encoding="utf-8"), repo_id)
+
+
+def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, author: str, work: Path,
+                   on_event: EventFn = lambda _: None, on_progress=None) -> JobResult:
+    """Merge ``plan`` Hub to Hub: base pieces fetched ahead, each output shard pre-uploaded as it closes
+    and deleted, then one commit (see ``bot.pipeline``). Scratch lives in ``work``."""
+    from bot.merge import merge_into
+    from bot.pipeline import PieceFetcher, Rate, check_scratch_space, scratch_bytes
+
+    largest = max((j.output.nbytes for j in plan.jobs), default=0)
+    check_scratch_space(work, scratch_bytes(plan.spec.max_shard_bytes, largest) if plan.jobs else plan.output_bytes)
+    down = Rate(sum(j.source.nbytes for j in plan.jobs if plan.base.remote and hasattr(j.source, "begin")))
+    up = Rate(plan.output_bytes)
+
+    def uploaded(n: int) -> None:
+        up.add(n)
+        on_event(f"uploaded {up.describe()}")
+
+    with hub_write_errors(f"preparing {target.repo_id}", target.repo_id):
+        opened = open_publication(api, target, fps, author=author, on_uploaded=uploaded)
+    if isinstance(opened, PublishResult):
+        return JobResult(opened)
+    fetcher = PieceFetcher(plan.base.remote, list(plan.jobs), work / "pieces", on_bytes=down.add) \
+        if plan.base.remote else None
+    folder = work / "out"
+    folder.mkdir()
+    tensors = len(plan.jobs)
+
+    def merged(done: int, total: int, what: str) -> None:
+        if on_progress is not None:
+            on_progress(done, total, what)
+
+    try:
+        with opened:
+            on_event(f"merging {tensors} tensors; each shard is uploaded as soon as it is written")
+            result = merge_into(plan, folder, base_pieces=fetcher, on_shard=opened.upload, on_progress=merged)
+            if fetcher is not None:
+                on_event(f"downloaded {down.describe()}")
+            title, description = commit_text(result.report)
+            on_event(f"merged {result.tensors_merged} tensors in {result.seconds:.1f}s; committing to "
+                     f"{target.repo_id}")
+            published = opened.commit(folder, title=title, description=description)
+    finally:
+        if fetcher is not None:
+            fetcher.close()
+    return JobResult(published, result.report, _card_of(folder, target.repo_id))

@@ -296,8 +296,13 @@ def write_report(result: MergeResult, folder: Path) -> None:
     (folder / REPORT_NAME).write_text(json.dumps(result.report, indent=2, sort_keys=True) + "\n")
 
 
-def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None = None) -> tuple[list[str], int]:
-    """Write every planned tensor into ``out``; return the weight file names and how many were merged."""
+def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None = None, base_pieces=None,
+                 on_shard: Callable[[Path], None] | None = None) -> tuple[list[str], int]:
+    """Write every planned tensor into ``out``; return the weight file names and how many were merged.
+
+    ``base_pieces`` (a ``bot.pipeline.PieceFetcher``) supplies base tensors that are still on the Hub;
+    ``on_shard(path)`` runs as each shard is complete (the pipeline uploads it, then deletes it).
+    """
     adapter = {}
     needed = {j.replacement for j in plan.jobs if j.replacement} | {
         key for j in plan.jobs for op, _ in j.ops for key in op.tensors.values()}
@@ -316,11 +321,15 @@ def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None =
         try:
             for spec in shard:
                 job = by_name[spec.name]
+                if base_pieces is not None:
+                    job = base_pieces.localize(job)
                 if job.is_passthrough and isinstance(job.source, TensorInfo):
                     writer.copy_raw(job.name, job.source)
                 else:
                     writer.write_blocks(job.name, tensor_blocks(job, adapter, device))
                     merged += bool(job.ops or job.replacement)
+                if base_pieces is not None:
+                    base_pieces.release(job)
                 done += 1
                 if on_progress:
                     on_progress(done, total, job.name)
@@ -328,6 +337,8 @@ def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None =
             writer.abort()
             raise
         writer.close()
+        if on_shard is not None:
+            on_shard(out / file_name)
     if len(names) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(index_json(shards, names), indent=2) + "\n")
         names = names + ["model.safetensors.index.json"]
@@ -340,28 +351,45 @@ def execute_plan(plan: MergePlan, *, on_progress: ProgressFn | None = None,
     out = Path(plan.spec.out)
     check_output_dir(out, overwrite=plan.spec.overwrite)
     check_disk_space(out, plan.output_bytes)
-    start = time.perf_counter()
     with staged_output(out, overwrite=plan.spec.overwrite) as tmp:
-        if plan.fallback_reason:
-            from bot.fallback import peft_merge
+        result = merge_into(plan, tmp, on_progress=on_progress, verify=verify)
+    result.out_dir = out
+    return result
 
-            log.warning("%s: merging in memory with PEFT; peak memory will be the whole model", plan.fallback_reason)
-            files, counts = peft_merge(plan, tmp)
-            merged, written = counts.get("merged_modules", 0), 0
-        else:
-            files, merged = stream_merge(plan, tmp, on_progress=on_progress)
-            write_config(plan, tmp)
-            counts, written = dict(plan.module_counts), len(plan.jobs)
-        files = files + ["config.json"] * ("config.json" not in files) + copy_side_files(plan, tmp)
-        result = MergeResult(out_dir=out, files=sorted(set(files)), module_counts=counts, tensors_written=written,
-                             tensors_merged=merged, seconds=time.perf_counter() - start,
-                             peak_rss_bytes=peak_rss_bytes(), fallback=bool(plan.fallback_reason))
-        if verify is not None:
-            result.verification = verify(plan, tmp)
-        result.report = build_report(plan, result)
-        write_report(result, tmp)
-        has_tokenizer = any(is_tokenizer_file(name) for name in result.files)
-        (tmp / CARD_NAME).write_text(build_card(result.report, plan.adapter.path, plan.base.path,
-                                                has_tokenizer=has_tokenizer), encoding="utf-8")
-        result.files = sorted(set(result.files) | {REPORT_NAME, CARD_NAME})
+
+def merge_into(plan: MergePlan, folder: Path, *, on_progress: ProgressFn | None = None,
+               verify: Callable[[MergePlan, Path], dict[str, Any]] | None = None, base_pieces=None,
+               on_shard: Callable[[Path], None] | None = None) -> MergeResult:
+    """Write the whole output (weights, config, side files, report, card) into the empty ``folder``.
+
+    ``base_pieces`` and ``on_shard``: see ``stream_merge`` (the Hub-to-Hub pipeline).
+    """
+    start = time.perf_counter()
+    if plan.fallback_reason:
+        from bot.fallback import peft_merge
+
+        log.warning("%s: merging in memory with PEFT; peak memory will be the whole model", plan.fallback_reason)
+        files, counts = peft_merge(plan, folder)
+        merged, written = counts.get("merged_modules", 0), 0
+        if on_shard is not None:
+            for name in files:
+                if name.endswith(".safetensors"):
+                    on_shard(folder / name)
+    else:
+        files, merged = stream_merge(plan, folder, on_progress=on_progress, base_pieces=base_pieces,
+                                     on_shard=on_shard)
+        write_config(plan, folder)
+        counts, written = dict(plan.module_counts), len(plan.jobs)
+    files = files + ["config.json"] * ("config.json" not in files) + copy_side_files(plan, folder)
+    result = MergeResult(out_dir=folder, files=sorted(set(files)), module_counts=counts, tensors_written=written,
+                         tensors_merged=merged, seconds=time.perf_counter() - start,
+                         peak_rss_bytes=peak_rss_bytes(), fallback=bool(plan.fallback_reason))
+    if verify is not None:
+        result.verification = verify(plan, folder)
+    result.report = build_report(plan, result)
+    write_report(result, folder)
+    has_tokenizer = any(is_tokenizer_file(name) for name in result.files)
+    (folder / CARD_NAME).write_text(build_card(result.report, plan.adapter.path, plan.base.path,
+                                               has_tokenizer=has_tokenizer), encoding="utf-8")
+    result.files = sorted(set(result.files) | {REPORT_NAME, CARD_NAME})
     return result

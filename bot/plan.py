@@ -19,7 +19,7 @@ from bot.adapter import (NATIVE_TYPES, AdapterConfig, AdapterTensors, read_adapt
                          split_adapter_keys)
 from bot.architecture import (CONV1D_MODEL_TYPES, ModelLayout, checkpoint_layout, describe_model, infer_linear_kind,
                                load_config)
-from bot.checkpoint import BinTensorInfo, index_checkpoint
+from bot.checkpoint import BinTensorInfo, index_checkpoint, index_remote_checkpoint
 from bot.errors import AdapterConfigError, IncompatibleBaseError, UnsupportedAdapterError, UsageError
 from bot.jsonfile import read_json_object
 from bot.shards import CODE_FROM_DTYPE, OutputTensor, TensorInfo
@@ -125,12 +125,16 @@ def check_peft_can_merge(acfg: AdapterConfig) -> None:
         raise UnsupportedAdapterError(f"PEFT cannot merge {acfg.peft_type} adapters into the base weights")
 
 
-def resolve_plan(spec: MergeSpec) -> MergePlan:
+def resolve_plan(spec: MergeSpec, *, stream_base: bool = False) -> MergePlan:
+    """Resolve the sources and decide every output tensor. ``stream_base``: a Hub base's safetensors
+    weights are not downloaded; the plan reads their headers remotely and its tensors are fetched
+    piece by piece while merging (``bot.pipeline``). PEFT's own merge needs them whole: downloaded then."""
     adapter = resolve_source(spec.adapter, what="adapter", token=spec.token)
     acfg = read_adapter_config(adapter.path)
     if not acfg.is_native:
         check_peft_can_merge(acfg)
-    base = resolve_source(base_ref_for(spec, acfg), what="base", token=spec.token)
+    base_ref = base_ref_for(spec, acfg)
+    base = resolve_source(base_ref, what="base", token=spec.token, stream_weights=stream_base and acfg.is_native)
     config_path = base.path / "config.json"
     if not config_path.is_file():
         raise IncompatibleBaseError(f"base {base.label} has no config.json; is it a transformers model?")
@@ -145,13 +149,15 @@ def resolve_plan(spec: MergeSpec) -> MergePlan:
         return MergePlan(**common, fallback_reason=f"{what} is merged by PEFT itself")
     weights = read_adapter_weights(adapter.path)
     parts = split_adapter_keys(list(weights))
-    checkpoint, _ = index_checkpoint(base.path)
+    checkpoint = index_remote_checkpoint(base.remote) if base.remote else index_checkpoint(base.path)[0]
     layout = checkpoint_layout(base_config, list(checkpoint))
     if needs_model_layout(acfg, parts, list(weights), layout, base_config):
         layout = describe_model(load_config(base.path), task_type=acfg.task_type)
     try:
         return _plan_streaming(common, acfg, weights, parts, checkpoint, layout)
     except _NeedsPeft as e:
+        if base.remote:  # PEFT loads the whole base from a folder
+            common["base"] = resolve_source(base_ref, what="base", token=spec.token)
         return MergePlan(**common, fallback_reason=str(e))
 
 

@@ -232,8 +232,12 @@ def _resolve_base(api_factory, ref: SourceRef, *, explicit: bool, named_by: str)
     return facts.ref, Pinned(facts.ref.name, facts.ref.revision, True), config, weights, download, note, facts
 
 
-def preflight(spec: MergeSpec, *, endpoint: str | None = None, check_disk: bool = True) -> Preflight:
-    """Pin, check access, mergeability and quantization, and size the job; raises on any refusal."""
+def preflight(spec: MergeSpec, *, endpoint: str | None = None, check_disk: bool = True,
+              streamed: bool = False) -> Preflight:
+    """Pin, check access, mergeability and quantization, and size the job; raises on any refusal.
+
+    ``streamed``: the merge will stream Hub to Hub (``bot.pipeline``), so the disk it needs is a few
+    pieces and shards of scratch, not the base plus the output."""
     api_cache: list[Any] = []
 
     def api_factory():
@@ -253,8 +257,15 @@ def preflight(spec: MergeSpec, *, endpoint: str | None = None, check_disk: bool 
     if check_disk:
         from huggingface_hub import constants
 
-        check_free_space(Path(constants.HF_HUB_CACHE), download, what="the download", hint="set HF_HOME elsewhere")
-        check_free_space(Path(spec.out).resolve().parent, output, what="the merged model", hint="choose another --out")
+        if streamed:
+            from bot.pipeline import scratch_bytes
+
+            check_free_space(Path(spec.out).resolve().parent, min(download + output, scratch_bytes(spec.max_shard_bytes)),
+                             what="the streamed merge's scratch files", hint="set --work-dir elsewhere")
+        else:
+            check_free_space(Path(constants.HF_HUB_CACHE), download, what="the download", hint="set HF_HOME elsewhere")
+            check_free_space(Path(spec.out).resolve().parent, output, what="the merged model",
+                             hint="choose another --out")
     facts = [f for f in (adapter_facts, base_facts) if f is not None]
     return Preflight(
         adapter=adapter_ref, base=base_ref, adapter_pin=adapter_pin, base_pin=base_pin,

@@ -63,18 +63,32 @@ class TensorInfo:
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse a safetensors header; return tensors (in file order) and ``__metadata__``."""
     path = Path(path)
-    size = path.stat().st_size
     with open(path, "rb") as fh:
         prefix = fh.read(8)
-        if len(prefix) != 8:
-            raise IncompatibleBaseError(f"{path.name} is not a safetensors file (too short); re-download it")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
-            raise IncompatibleBaseError(f"{path.name} has a corrupt safetensors header; re-download it")
-        try:
-            header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise IncompatibleBaseError(f"{path.name} has a corrupt safetensors header; re-download it") from e
+        header_len = header_length(prefix, path.name, path.stat().st_size)
+        return parse_header(fh.read(header_len), path.stat().st_size, path)
+
+
+def header_length(prefix: bytes, name: str, file_size: int) -> int:
+    """The JSON header's length from a safetensors file's first 8 bytes, checked against the file's size."""
+    if len(prefix) != 8:
+        raise IncompatibleBaseError(f"{name} is not a safetensors file (too short); re-download it")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > _MAX_HEADER_BYTES or 8 + header_len > file_size:
+        raise IncompatibleBaseError(f"{name} has a corrupt safetensors header; re-download it")
+    return header_len
+
+
+def parse_header(raw: bytes, size: int, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors and ``__metadata__`` of a safetensors file of ``size`` bytes whose JSON header is ``raw``.
+
+    ``path`` is where the tensors' bytes will be read from (for a Hub file not fetched yet, its name).
+    """
+    header_len = len(raw)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IncompatibleBaseError(f"{path.name} has a corrupt safetensors header; re-download it") from e
     corrupt = IncompatibleBaseError(f"{path.name} has a corrupt safetensors header; re-download it")
     if not isinstance(header, dict):
         raise corrupt

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from bot.errors import (AccessDeniedError, AuthenticationError, HubUnavailableError, IncompatibleBaseError,
                         SourceNotFoundError, UsageError)
@@ -40,6 +40,7 @@ class ResolvedSource:
     path: Path
     repo_id: str | None = None
     sha: str | None = None
+    remote: Any = None  # bot.remote.RemoteWeights: the safetensors weights stay on the Hub (streamed merges)
 
     @property
     def label(self) -> str:
@@ -294,12 +295,17 @@ def canonical_repo_id(info, asked: str) -> str:
     return canonical
 
 
-def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpoint: str | None = None) -> ResolvedSource:
-    """Local folder as is; Hub repo pinned to a SHA and the needed files downloaded."""
+def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpoint: str | None = None,
+                   stream_weights: bool = False) -> ResolvedSource:
+    """Local folder as is; Hub repo pinned to a SHA and the needed files downloaded.
+
+    ``stream_weights``: leave a base's safetensors weights on the Hub (``ResolvedSource.remote``)
+    unless they are all in the local cache already; only the small files are downloaded.
+    """
     if ref.local:
         check_links_stay_inside(Path(ref.name), what)
         return ResolvedSource(ref=ref, path=Path(ref.name))
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
 
     api = HfApi(endpoint=endpoint, token=token)
     with hub_read_errors(what, ref):
@@ -312,6 +318,16 @@ def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpo
                                     error=IncompatibleBaseError, what=f"{what} {name}", fix="check the repo")
 
         wanted = files_to_download(files, what, read_index)
+        repo_id = canonical_repo_id(info, ref.name)
+        weights = [f for f in wanted if f.endswith(".safetensors")]
+        remote = None
+        if stream_weights and weights and not all(
+                isinstance(try_to_load_from_cache(ref.name, f, revision=sha), str) for f in weights):
+            from bot.remote import RemoteWeights
+
+            remote = RemoteWeights(repo_id=ref.name, sha=sha, endpoint=api.endpoint, files=tuple(weights),
+                                   token=token)
+            wanted = [f for f in wanted if f not in weights]
         path = read_with_retries(lambda: snapshot_download(ref.name, revision=sha, allow_patterns=wanted, token=token,
                                                            endpoint=endpoint))
-    return ResolvedSource(ref=ref, path=Path(path), repo_id=canonical_repo_id(info, ref.name), sha=sha)
+    return ResolvedSource(ref=ref, path=Path(path), repo_id=repo_id, sha=sha, remote=remote)

@@ -384,6 +384,7 @@ class HubServer:
         self._tokens: dict[str, str] = {}  # token -> user name
         self._repos: dict[tuple[str, str], Repo] = {}
         self._lfs_store: dict[str, bytes] = {}  # sha256 -> content of every LFS object ever stored
+        self.lfs_bytes_received = 0  # bytes of every LFS upload (PUT) accepted, for re-upload counts
         self._faults: list[_Fault] = []
         self._delays: list[list] = []  # [method, pattern, seconds, remaining]
         self._counter = 0
@@ -1104,6 +1105,7 @@ class HubServer:
         if req.param("size") is not None and int(req.param("size")) != len(req.body):
             raise HubError(400, "Uploaded content does not match the announced size")
         self._lfs_store[oid] = req.body
+        self.lfs_bytes_received += len(req.body)
         repo.lfs_oids.add(oid)
         return Response(200)
 

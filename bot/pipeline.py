@@ -1,0 +1,186 @@
+"""Hub to Hub with bounded disk: base pieces fetched ahead, shards merged, each shard uploaded as it closes.
+
+Three things run at once, each bounded:
+
+- ``PieceFetcher`` (one thread) downloads the base in contiguous byte ranges of up to
+  ``PIECE_BYTES`` (many tensors per request) into scratch files, at most ``PREFETCH`` pieces
+  ahead of the merge; a piece is deleted as soon as its last tensor is merged.
+- the merge (the calling thread) writes output shards in order (``bot.merge.stream_merge``);
+- ``bot.hub.Publication`` (one thread) pre-uploads each closed shard (LFS or Xet) and deletes
+  it; the merge waits when one shard is still waiting for upload.
+
+Scratch disk therefore peaks at about ``PREFETCH`` pieces plus two output shards, whatever
+the model's size (``scratch_bytes``), and wall time approaches the slower of download and
+upload plus one shard's merge, instead of their sum.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from bot.errors import OutputError
+from bot.plan import TensorJob
+from bot.shards import TensorInfo
+
+log = logging.getLogger(__name__)
+
+PIECE_BYTES = 512 * 1024 * 1024  # one range request; a tensor larger than this is one piece of its own
+PREFETCH = 2  # pieces on disk at once: the one being merged and the next one downloading
+_SMALL_FILES = 64 * 1024 * 1024  # config, tokenizer, card, report: generous
+
+
+def scratch_bytes(max_shard_bytes: int, largest_tensor: int = 0) -> int:
+    """Peak scratch disk of a streamed publish: fetched pieces, the shard being written and the one
+    being uploaded, and the small files."""
+    piece = max(PIECE_BYTES, largest_tensor)  # a tensor larger than a piece is fetched whole
+    return PREFETCH * piece + 2 * max(max_shard_bytes, largest_tensor) + _SMALL_FILES
+
+
+@dataclass
+class Piece:
+    file: str  # the base's file name on the Hub
+    start: int
+    end: int
+    names: list[str] = field(default_factory=list)  # output tensors that read from this piece
+    path: Path | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    left: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def plan_pieces(jobs: list[TensorJob], piece_bytes: int | None = None) -> list[Piece]:
+    """Group the jobs' base tensors, in the order the merge reads them, into contiguous byte ranges.
+
+    Consecutive tensors of one file that follow each other share a piece up to ``piece_bytes``; a
+    tensor read out of order (an untied head that starts from the input embedding) gets its own.
+    """
+    piece_bytes = PIECE_BYTES if piece_bytes is None else piece_bytes
+    pieces: list[Piece] = []
+    for job in jobs:
+        source = job.source
+        if not isinstance(source, TensorInfo):
+            continue
+        last = pieces[-1] if pieces else None
+        if last is not None and last.file == source.file.name and last.start <= source.begin and source.end <= last.end:
+            last.names.append(job.name)  # already inside (the same tensor read twice)
+        elif (last is not None and last.file == source.file.name and source.begin == last.end
+              and source.end - last.start <= piece_bytes):
+            last.end = source.end
+            last.names.append(job.name)
+        else:
+            pieces.append(Piece(source.file.name, source.begin, source.end, [job.name]))
+    for piece in pieces:
+        piece.left = len(piece.names)
+    return pieces
+
+
+ByteCounter = Callable[[int], None]
+
+
+class PieceFetcher:
+    """Fetches the pieces of a remote base in order, ``prefetch`` ahead, and hands the merge local tensors."""
+
+    def __init__(self, remote, jobs: list[TensorJob], scratch: Path, *, piece_bytes: int | None = None,
+                 prefetch: int = PREFETCH, on_bytes: ByteCounter | None = None):
+        self.remote = remote
+        self.scratch = Path(scratch)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.pieces = plan_pieces(jobs, piece_bytes)
+        self.total_bytes = sum(p.nbytes for p in self.pieces)
+        self._piece_of = {}
+        for piece in self.pieces:
+            for name in piece.names:
+                self._piece_of.setdefault(name, piece)
+        self._slots = threading.Semaphore(prefetch)
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._on_bytes = on_bytes
+        self._thread = threading.Thread(target=self._run, name="merge-bot-fetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from bot.remote import fetch_range
+
+        try:
+            for i, piece in enumerate(self.pieces):
+                while not self._slots.acquire(timeout=0.2):
+                    if self._stop.is_set():
+                        return
+                if self._stop.is_set():
+                    return
+                path = self.scratch / f"piece-{i:05d}"
+                fetch_range(self.remote, piece.file, piece.start, piece.end, path, self._on_bytes)
+                piece.path = path
+                piece.ready.set()
+        except BaseException as e:  # handed to the merge thread, which raises it
+            self._error = e
+            for piece in self.pieces:
+                piece.ready.set()
+
+    def localize(self, job: TensorJob) -> TensorJob:
+        """``job`` reading its base tensor from the downloaded piece (waits for it)."""
+        piece = self._piece_of.get(job.name)
+        if piece is None:
+            return job
+        while not piece.ready.wait(0.5):
+            if not self._thread.is_alive() and not piece.ready.is_set():
+                raise OutputError("the base download stopped unexpectedly; nothing was committed; retry")
+        if self._error is not None:
+            raise self._error
+        source = job.source
+        local = replace(source, file=piece.path, begin=source.begin - piece.start, end=source.end - piece.start)
+        return replace(job, source=local)
+
+    def release(self, job: TensorJob) -> None:
+        """The merge is done with ``job``'s base tensor; a piece whose tensors are all merged is deleted."""
+        piece = self._piece_of.get(job.name)
+        if piece is None:
+            return
+        piece.left -= 1
+        if piece.left == 0 and piece.path is not None:
+            piece.path.unlink(missing_ok=True)
+            self._slots.release()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class Rate:
+    """Bytes done against a total, with speed and ETA, for progress lines; safe across threads."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.started = total, 0, time.monotonic()
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+
+    def describe(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        speed = self.done / elapsed
+        eta = (self.total - self.done) / speed if speed > 0 and self.total > self.done else 0.0
+        return (f"{human_bytes(self.done)}/{human_bytes(self.total)} at {human_bytes(speed)}/s, "
+                f"ETA {eta:.0f}s")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_scratch_space(work: Path, needed: int) -> None:
+    from bot.preflight import check_free_space
+
+    check_free_space(work, needed, what="the streamed merge's scratch files", hint="set --work-dir elsewhere")

@@ -1,0 +1,116 @@
+"""Reading a Hub repo's safetensors weights in place: headers by HTTP range, then byte ranges into scratch.
+
+A merge streamed Hub to Hub never holds the base in the huggingface_hub cache. The plan is
+made from each shard's header (two small range reads per file), and the merge later fetches
+the base in large contiguous pieces (many tensors, up to ``PIECE_BYTES`` each; see
+``bot.pipeline``), each written to a scratch file and deleted once merged. Pieces are large
+on purpose: the Hub rate-limits ``/resolve`` requests, so a 70B base is a few hundred
+requests, not one per tensor or block.
+
+Requests go through huggingface_hub's own HTTP session (its proxies, headers and user
+agent), with the caller's token; redirects to another host (the Hub's CDN or Xet bridge)
+drop the token, as httpx does for any cross-origin redirect.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from bot.errors import IncompatibleBaseError
+from bot.shards import TensorInfo, header_length, parse_header
+from bot.sources import read_with_retries
+
+_FIRST_READ = 256 * 1024  # most headers fit (a 70B shard's is ~30 KB); a longer one costs one more request
+_CHUNK = 1024 * 1024
+_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class RemoteWeights:
+    """The base's weight files on the Hub, at a pinned commit, not downloaded."""
+
+    repo_id: str
+    sha: str
+    endpoint: str
+    files: tuple[str, ...]  # safetensors file names, in index order
+    token: str | None = None
+
+    def __repr__(self) -> str:  # never the token
+        return f"RemoteWeights({self.repo_id}@{self.sha[:12]}, {len(self.files)} files)"
+
+    def url(self, name: str) -> str:
+        from huggingface_hub import hf_hub_url
+
+        return hf_hub_url(self.repo_id, name, revision=self.sha, endpoint=self.endpoint)
+
+
+def _get(remote: RemoteWeights, name: str, start: int, end: int, write: Callable[[bytes], None]) -> int | None:
+    """GET bytes [start, end) of ``name`` (``end`` None: to the end) into ``write``; returns the file's total
+    size when the answer says it. HTTP errors come as huggingface_hub's typed errors."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    headers = build_hf_headers(token=remote.token)
+    headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+    headers["Accept-Encoding"] = "identity"  # byte offsets are of the stored file
+    with get_session().stream("GET", remote.url(name), headers=headers, follow_redirects=True,
+                              timeout=_TIMEOUT) as response:
+        if response.status_code >= 400:
+            response.read()
+            hf_raise_for_status(response)
+        if response.status_code != 206 and start:
+            raise IncompatibleBaseError(f"the Hub ignored a range request for {name} (HTTP {response.status_code}); "
+                                        f"retry later")
+        total = None
+        content_range = response.headers.get("content-range", "")
+        if "/" in content_range and content_range.rsplit("/", 1)[1].isdigit():
+            total = int(content_range.rsplit("/", 1)[1])
+        want = None if end is None else end - start
+        if want is not None and total is not None:
+            want = min(want, max(total - start, 0))  # a range past the end is cut to the file
+        got = 0
+        for chunk in response.iter_bytes(_CHUNK):
+            if want is not None and got + len(chunk) > want:
+                chunk = chunk[: want - got]  # a server that sent the whole file (200) for a range from 0
+            write(chunk)
+            got += len(chunk)
+            if want is not None and got >= want:
+                break
+        if want is not None and got != want:
+            raise ConnectionError(f"{name}: the Hub sent {got} of {want} bytes")
+        return total
+
+
+def read_remote_header(remote: RemoteWeights, name: str, size: int | None) -> dict[str, TensorInfo]:
+    """The tensors of one safetensors file on the Hub, from its header alone. Each ``TensorInfo.file``
+    is the bare file name: the bytes are fetched later (``fetch_range``)."""
+    def attempt() -> dict[str, TensorInfo]:
+        parts: list[bytes] = []
+        total = _get(remote, name, 0, _FIRST_READ if size is None else min(_FIRST_READ, size), parts.append)
+        data = b"".join(parts)
+        file_size = size if size is not None else total
+        if file_size is None:
+            raise IncompatibleBaseError(f"the Hub does not say how large {name} of {remote.repo_id} is; "
+                                        f"download the base and pass it with --base")
+        header_len = header_length(data[:8], name, file_size)
+        if len(data) < 8 + header_len:
+            _get(remote, name, len(data), 8 + header_len, parts.append)
+            data = b"".join(parts)
+        tensors, _ = parse_header(data[8:8 + header_len], file_size, Path(name))
+        return tensors
+
+    return read_with_retries(attempt)
+
+
+def fetch_range(remote: RemoteWeights, name: str, start: int, end: int, dest: Path,
+                on_bytes: Callable[[int], None] | None = None) -> None:
+    """Write bytes [start, end) of ``name`` to the new file ``dest``; transient failures restart the piece."""
+    def attempt() -> None:
+        with open(dest, "wb") as fh:
+            def write(chunk: bytes) -> None:
+                fh.write(chunk)
+                if on_bytes:
+                    on_bytes(len(chunk))
+            _get(remote, name, start, end, write)
+
+    read_with_retries(attempt)

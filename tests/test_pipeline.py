@@ -1,0 +1,162 @@
+"""Hub to Hub with bounded disk (bot.pipeline): base pieces streamed in, shards uploaded as they close.
+
+Peak scratch disk is measured here, by polling the work folder from outside the code under
+test; published tensors are compared bit for bit with a local merge of the same inputs.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from huggingface_hub import snapshot_download
+from peft import LoraConfig
+from safetensors import safe_open
+
+from bot import cli, pipeline
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from factory import VOCAB, assert_matches_peft, build_adapter
+from hub_fixtures import ALICE, BOB, adapter_files, folder_files
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD = "64KB"  # output shards: many per model
+PIECE = 32 * 1024
+
+
+class DiskWatch:
+    """Peak bytes held by files under ``folder``, sampled every millisecond in a thread."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.peak, self._stop = folder, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for root, _, files in os.walk(self.folder):
+                for name in files:
+                    try:
+                        total += os.stat(os.path.join(root, name)).st_size
+                    except OSError:
+                        pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.001)
+
+    def __enter__(self) -> "DiskWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture(scope="module")
+def sharded(hub, models, cache_dir):
+    """A base in several shards on the test Hub, and a LoRA on every linear layer of it."""
+    base = cache_dir / "base-pipeline-llama"
+    if not (base / "config.json").exists():
+        torch.manual_seed(99)
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                             architectures=["LlamaForCausalLM"])
+        LlamaForCausalLM(config).save_pretrained(base, max_shard_size="200KB")
+    adapter = build_adapter(cache_dir, "pipeline-lora", base, "llama_untied",
+                            LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"]))
+    hub.create_repo("bob/sharded-llama", owner_token=BOB, files=folder_files(base))
+    hub.create_repo("alice/sharded-lora", owner_token=ALICE, files=adapter_files(adapter, "bob/sharded-llama"))
+    weights = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    assert len(list(base.glob("*.safetensors"))) >= 3
+    return {"base": base, "adapter": adapter, "weights": weights}
+
+
+def _tensors(folder: Path) -> dict[str, bytes]:
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                out[name] = f.get_tensor(name).contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes()
+    return out
+
+
+def test_streamed_run_keeps_disk_to_a_few_pieces_and_publishes_what_a_local_merge_writes(
+        hub, sharded, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "PIECE_BYTES", PIECE)
+    work = tmp_path / "work"
+    work.mkdir()
+    cache = Path(os.environ["HF_HOME"])
+    before = {p for p in cache.rglob("*.safetensors")}
+    with DiskWatch(work) as disk:
+        code = cli.main(["run", "alice/sharded-lora", "--repo", "alice/sharded-merged", "--max-shard-size", SHARD,
+                         "--work-dir", str(work), "--token", ALICE])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "published alice/sharded-merged in one commit" in out
+    assert len([c for c in hub.commits("alice/sharded-merged") if c["title"].startswith("Merge ")]) == 1
+
+    # Bounded: at most PREFETCH pieces, two output shards and the small files; less than half the model.
+    bound = pipeline.PREFETCH * PIECE + 2 * 64_000 + 64 * 1024
+    assert 0 < disk.peak <= bound, (disk.peak, bound)
+    assert disk.peak < sharded["weights"] / 2, (disk.peak, sharded["weights"])
+    assert not list(work.iterdir()), "scratch left behind"
+    # The base's weights never went through the huggingface_hub cache.
+    assert not [p for p in cache.rglob("*.safetensors") if p not in before and "sharded-llama" in str(p)]
+
+    published = Path(snapshot_download("alice/sharded-merged", cache_dir=tmp_path / "dl"))
+    assert len(list(published.glob("*.safetensors"))) >= 3
+    local = tmp_path / "local"
+    assert cli.main(["merge", str(sharded["adapter"]), "--base", str(sharded["base"]), "--out", str(local),
+                     "--max-shard-size", SHARD]) == 0
+    capsys.readouterr()
+    assert _tensors(published) == _tensors(local)
+    assert sorted(p.name for p in published.glob("*.safetensors")) == sorted(p.name for p in local.glob("*.safetensors"))
+    assert_matches_peft(published, sharded["base"], sharded["adapter"])
+
+
+def test_a_run_killed_before_its_commit_reuploads_nothing_on_restart(hub, sharded, tmp_path):
+    env = {**os.environ, "HF_TOKEN": ALICE}
+    argv = [sys.executable, "-m", "bot", "run", "alice/sharded-lora", "--repo", "alice/killed-merged",
+            "--max-shard-size", SHARD]
+    hub.delay_next("POST", r"/api/models/alice/killed-merged/commit/.*", seconds=60)
+    start = hub.lfs_bytes_received
+    child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(m == "POST" and "/commit/" in p and "killed-merged" in p for m, p in hub.requests_log):
+        assert child.poll() is None, child.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    first = hub.lfs_bytes_received - start
+    assert first > 0
+    assert not [c for c in hub.commits("alice/killed-merged") if c["title"].startswith("Merge ")]
+
+    again = hub.lfs_bytes_received
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert hub.lfs_bytes_received - again == 0, "pre-uploaded shards were sent again"
+    assert len([c for c in hub.commits("alice/killed-merged") if c["title"].startswith("Merge ")]) == 1
+    assert ALICE not in done.stderr + done.stdout
+
+
+def test_an_upload_that_keeps_failing_is_one_line_and_commits_nothing(hub, sharded, capsys, tmp_path, monkeypatch):
+    hub.fail_next("PUT", r"/lfs-upload/.*", status=400, times=50)
+    work = tmp_path / "work"
+    work.mkdir()
+    code = cli.main(["run", "alice/sharded-lora", "--repo", "alice/failing-merged", "--max-shard-size", SHARD,
+                     "--work-dir", str(work), "--token", ALICE])
+    _, err = capsys.readouterr()
+    assert code == 9, err
+    assert err.rstrip().splitlines()[-1].startswith("Error: ") and "Traceback" not in err
+    assert "nothing was committed" in err
+    assert not [c for c in hub.commits("alice/failing-merged") if c["title"].startswith("Merge ")]
+    assert not list(work.iterdir()), "scratch left behind"
+    hub.reset_faults()
