@@ -728,12 +728,13 @@ class HubServer:
             self._tokens[token] = name
 
     def create_repo(self, repo_id: str, *, owner_token: str | None = None, private: bool = False,
-                    gated: bool | str = False, files: dict[str, bytes] | None = None, repo_type: str = "model",
+                    gated: bool | str = False, files: dict[str, bytes | Path] | None = None, repo_type: str = "model",
                     card_data: dict | None = None) -> str:
         """Create a repo whose ``main`` holds exactly ``files`` in one commit; returns that commit's sha.
 
         ``gated=True`` means ``"auto"``. ``card_data`` is served as ``cardData`` when no README.md front
-        matter provides one. Files are stored as LFS by the same rule as uploads (``is_lfs_path``).
+        matter provides one. Files are stored as LFS by the same rule as uploads (``is_lfs_path``); a
+        ``Path`` value is read from disk (streamed into the object store when it is on disk).
         """
         if repo_id.count("/") != 1:
             raise ValueError("repo_id must be 'namespace/name'")
@@ -1196,8 +1197,9 @@ class HubServer:
             entry = {"type": "file", "oid": blob.oid, "size": blob.size, "path": path}
             if blob.lfs:
                 entry["lfs"] = blob.lfs_json("oid")
-            if self._xet is not None and blob.xet_hash:
-                entry["xetHash"] = blob.xet_hash
+            in_cas = self._xet.lookup(blob.sha256) if self._xet is not None and blob.lfs else None
+            if in_cas is not None:  # only what the offered CAS holds (a CAS of earlier tests may not be it)
+                entry["xetHash"] = in_cas[0]
         else:
             prefix = path + "/"
             content = sorted((p, b.oid) for p, b in commit.tree.items() if p.startswith(prefix))
@@ -1718,3 +1720,59 @@ def _split_revision(rest: str) -> tuple[str, str]:
 def _oid(tree: dict[str, Blob], path: str) -> str | None:
     blob = tree.get(path)
     return blob.oid if blob is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# Standalone: python -m tests.hub_server (for benchmarks, in a process of its own)
+# --------------------------------------------------------------------------------------------
+def _parse_user(spec: str) -> tuple[str, str, tuple[str, ...]]:
+    name, _, rest = spec.partition(":")
+    token, _, orgs = rest.partition(":")
+    if not name or not token:
+        raise ValueError(f"--user wants NAME:TOKEN[:ORG,ORG], got {spec!r}")
+    return name, token, tuple(o for o in orgs.split(",") if o)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve until interrupted; print one JSON line {"url", "cdn_url", "cas", "bandwidth"} once listening."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="python -m tests.hub_server", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0: any free port (see the printed url)")
+    parser.add_argument("--data", help="folder for LFS objects (DATA/lfs) and the Xet CAS (DATA/xet-cas); "
+                                       "default: LFS objects in memory, CAS in a temporary folder")
+    parser.add_argument("--bandwidth", type=float, help="bytes/s each way, shared by all connections (e.g. 2e8)")
+    parser.add_argument("--xet", action="store_true", help="speak Xet (local:// CAS served by hf_xet)")
+    parser.add_argument("--user", action="append", default=[], metavar="NAME:TOKEN[:ORG,ORG]",
+                        help="a user with a write token (repeatable)")
+    parser.add_argument("--seed", action="append", default=[], metavar="REPO_ID=FOLDER",
+                        help="create a model repo holding FOLDER's files in one commit (repeatable); "
+                             "its namespace must be a --user")
+    args = parser.parse_args(argv)
+    data = Path(args.data) if args.data else None
+    hub = HubServer(args.host, args.port, bandwidth=args.bandwidth, data=data,
+                    xet=(data / "xet-cas" if data else True) if args.xet else False)
+    for spec in args.user:
+        name, token, orgs = _parse_user(spec)
+        hub.add_user(name, token, orgs)
+    for spec in args.seed:
+        repo_id, _, folder = spec.partition("=")
+        root = Path(folder)
+        files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+        hub.create_repo(repo_id, files=files)
+    hub.start()
+    print(json.dumps({"url": hub.url, "cdn_url": hub.cdn_url, "cas": str(hub._xet.folder) if hub._xet else None,
+                      "bandwidth": args.bandwidth}), flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    hub.stop()
+
+
+if __name__ == "__main__":
+    main()
