@@ -2,7 +2,8 @@
 
 The real ``huggingface_hub`` client (2.x, on httpx) talks to it as it would to the real Hub:
 point ``HfApi(endpoint=server.url)`` / ``HF_ENDPOINT`` at it, with ``HF_HUB_DISABLE_XET=1`` so
-uploads use the legacy LFS protocol. Standard library only, plus ``yaml`` to read model cards.
+uploads use the legacy LFS protocol (or with Xet, see below). Standard library only, plus ``yaml``
+to read model cards and ``hf_xet`` in Xet mode.
 
 What it models: users, orgs and tokens; model/dataset/space repos with git-like commits,
 branches and PR refs; regular and LFS files; private and gated repos; discussions and pull
@@ -20,6 +21,13 @@ defaults while staying within what ``huggingface_hub`` accepts. See ``VARIANTS``
 where each behaviour comes from. ``rate_limit()`` opens a window of 429 answers carrying the Hub's
 ``RateLimit`` / ``Retry-After`` headers, and ``add_user(..., fine_grained=True)`` gives a token the
 shape the Hub reports for fine-grained tokens.
+
+Xet. ``HubServer(xet=True)`` / ``enable_xet(folder)`` adds the Xet routes and headers, with a
+``local://`` CAS folder that the ``hf_xet`` wheel serves itself (see ``enable_xet`` and ``XetCas``);
+``cas_bytes()`` and ``xet_files()`` show what went into it. ``HubServer(bandwidth=N)`` /
+``set_bandwidth(N)`` paces bodies to N bytes/s each way, shared by all connections (``Pacer``); Xet
+transfers to a ``local://`` CAS never pass through the server and are not paced.
+``python -m tests.hub_server --help`` runs it as a process of its own (benchmarks).
 """
 
 from __future__ import annotations
