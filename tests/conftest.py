@@ -53,3 +53,27 @@ def models(hub, cache_dir) -> dict:
     from hub_fixtures import publish_models
 
     return publish_models(hub, cache_dir)
+
+
+@pytest.fixture
+def xet_hub(hub, tmp_path_factory, monkeypatch):
+    """The session Hub speaking Xet, and this process's huggingface_hub with Xet on, for one test.
+
+    The suite keeps HF_HUB_DISABLE_XET=1 (LFS) by default. huggingface_hub reads the flag from
+    ``constants`` at call time (``is_xet_available``, ``shared_blobs_enabled``), so patching the
+    constant (and the environment, for child processes) switches uploads and downloads to hf_xet.
+    Its cache of Xet connection info (keyed by token URL) is cleared so that no CAS url of an
+    earlier test is reused. The CAS folder outlives the test: files committed through it stay readable.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _xet
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "0")
+    _xet.XET_CONNECTION_INFO_CACHE.clear()
+    hub.enable_xet(tmp_path_factory.mktemp("xet-cas"))
+    try:
+        yield hub
+    finally:
+        hub.disable_xet()
+        _xet.XET_CONNECTION_INFO_CACHE.clear()

@@ -2,7 +2,8 @@
 
 The real ``huggingface_hub`` client (2.x, on httpx) talks to it as it would to the real Hub:
 point ``HfApi(endpoint=server.url)`` / ``HF_ENDPOINT`` at it, with ``HF_HUB_DISABLE_XET=1`` so
-uploads use the legacy LFS protocol. Standard library only, plus ``yaml`` to read model cards.
+uploads use the legacy LFS protocol (or with Xet, see below). Standard library only, plus ``yaml``
+to read model cards and ``hf_xet`` in Xet mode.
 
 What it models: users, orgs and tokens; model/dataset/space repos with git-like commits,
 branches and PR refs; regular and LFS files; private and gated repos; discussions and pull
@@ -20,6 +21,13 @@ defaults while staying within what ``huggingface_hub`` accepts. See ``VARIANTS``
 where each behaviour comes from. ``rate_limit()`` opens a window of 429 answers carrying the Hub's
 ``RateLimit`` / ``Retry-After`` headers, and ``add_user(..., fine_grained=True)`` gives a token the
 shape the Hub reports for fine-grained tokens.
+
+Xet. ``HubServer(xet=True)`` / ``enable_xet(folder)`` adds the Xet routes and headers, with a
+``local://`` CAS folder that the ``hf_xet`` wheel serves itself (see ``enable_xet`` and ``XetCas``);
+``cas_bytes()`` and ``xet_files()`` show what went into it. ``HubServer(bandwidth=N)`` /
+``set_bandwidth(N)`` paces bodies to N bytes/s each way, shared by all connections (``Pacer``); Xet
+transfers to a ``local://`` CAS never pass through the server and are not paced.
+``python -m tests.hub_server --help`` runs it as a process of its own (benchmarks).
 """
 
 from __future__ import annotations
@@ -31,8 +39,11 @@ import hmac
 import html
 import math
 import json
+import os
 import re
 import socket
+import struct
+import tempfile
 import threading
 import time
 import traceback
@@ -40,6 +51,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlencode
 
 LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub refuses regular (non-LFS) files above 10 MiB
@@ -139,17 +151,214 @@ class HubError(Exception):
 # State
 # --------------------------------------------------------------------------------------------
 class Blob:
-    """Immutable file content; LFS blobs are identified by the git oid of their pointer file."""
+    """Immutable file content; LFS blobs are identified by the git oid of their pointer file.
 
-    def __init__(self, data: bytes, lfs: bool):
-        self.data, self.lfs, self.size = data, lfs, len(data)
-        self.sha256 = hashlib.sha256(data).hexdigest()
+    Regular blobs hold their bytes. LFS blobs may instead be given ``sha256``, ``size`` and ``load``
+    (a callable returning the bytes): their content then lives only in the server's object store or
+    its Xet CAS, and is read from there when someone asks for it. ``xet_hash`` is set once the
+    content is in the Xet CAS (uploaded through Xet, or copied there when the server serves Xet).
+    """
+
+    def __init__(self, data: bytes | None, lfs: bool, *, sha256: str | None = None, size: int | None = None,
+                 load=None, xet_hash: str | None = None):
+        if data is not None:
+            sha256, size = hashlib.sha256(data).hexdigest(), len(data)
+        elif not (lfs and sha256 and size is not None and load is not None):
+            raise ValueError("a blob without data must be an LFS blob with sha256, size and load")
+        self._data, self._load, self.lfs, self.size, self.sha256 = data, load, lfs, size, sha256
+        self.xet_hash = xet_hash
         pointer = lfs_pointer(self.sha256, self.size) if lfs else None
         self.pointer_size = len(pointer) if pointer else None
         self.oid = git_blob_sha1(pointer if pointer else data)
 
+    @property
+    def data(self) -> bytes:
+        return self._data if self._data is not None else self._load()
+
     def lfs_json(self, sha_key: str) -> dict | None:
         return {sha_key: self.sha256, "size": self.size, "pointerSize": self.pointer_size} if self.lfs else None
+
+
+class ObjectStore:
+    """LFS object content by sha256: in memory, or one file per object under ``folder`` (benchmarks with
+    multi-GB models keep it out of the server's memory, and range reads read only the range)."""
+
+    def __init__(self, folder=None):
+        self._memory: dict[str, bytes] = {}
+        self.folder = None if folder is None else Path(folder)
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, sha256: str) -> Path:
+        return self.folder / sha256
+
+    def __contains__(self, sha256: str) -> bool:
+        return sha256 in self._memory if self.folder is None else self._path(sha256).is_file()
+
+    def size(self, sha256: str) -> int | None:
+        if sha256 not in self:
+            return None
+        return len(self._memory[sha256]) if self.folder is None else self._path(sha256).stat().st_size
+
+    def put(self, sha256: str, data: bytes) -> None:
+        if self.folder is None:
+            self._memory[sha256] = data
+        elif sha256 not in self:
+            tmp = self._path(sha256 + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, self._path(sha256))
+
+    def put_file(self, path: Path) -> tuple[str, int]:
+        """Store a local file's content, streamed when the store is on disk; returns (sha256, size)."""
+        if self.folder is None:
+            data = Path(path).read_bytes()
+            sha256 = hashlib.sha256(data).hexdigest()
+            self.put(sha256, data)
+            return sha256, len(data)
+        digest, tmp = hashlib.sha256(), self._path(f"incoming-{uuid.uuid4().hex}.tmp")
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            for piece in iter(lambda: src.read(1 << 20), b""):
+                digest.update(piece)
+                dst.write(piece)
+        sha256 = digest.hexdigest()
+        os.replace(tmp, self._path(sha256))
+        return sha256, self._path(sha256).stat().st_size
+
+    def read(self, sha256: str, start: int = 0, stop: int | None = None) -> bytes:
+        if self.folder is None:
+            return self._memory[sha256][start:stop]
+        with open(self._path(sha256), "rb") as f:
+            f.seek(start)
+            return f.read(-1 if stop is None else max(stop - start, 0))
+
+
+def _xet_hex(raw: bytes) -> str:
+    """Xet prints a 32-byte hash as four little-endian u64 words in hex (xet-core merklehash)."""
+    return "".join("%016x" % word for word in struct.unpack("<4Q", raw))
+
+
+_SHARD_BOOKEND = b"\xff" * 32
+_SHARD_FLAG_VERIFICATION, _SHARD_FLAG_METADATA_EXT = 1 << 31, 1 << 30
+
+
+def shard_files(data: bytes) -> list[tuple[str, str | None, int]]:
+    """(xet file hash, sha256 or None, size) of every file a Xet shard describes.
+
+    The shard layout (xet-core ``metadata_shard``): a 48-byte header, then the file info section,
+    ended by a bookend entry whose hash is all 0xFF bytes. Each file is a 48-byte header (hash, flags
+    u32, entry count u32, 8 unused bytes), its 48-byte segment entries (xorb hash, flags u32, unpacked
+    bytes u32, chunk range 2 x u32), as many 48-byte verification entries when flagged, then one
+    48-byte metadata extension (sha256 + 16 unused bytes) when flagged.
+    """
+    out, pos = [], 48
+    while pos + 48 <= len(data):
+        raw_hash, (flags, count) = data[pos:pos + 32], struct.unpack_from("<II", data, pos + 32)
+        pos += 48
+        if raw_hash == _SHARD_BOOKEND:
+            break
+        size = sum(struct.unpack_from("<I", data, pos + i * 48 + 36)[0] for i in range(count))
+        pos += count * 48 * (2 if flags & _SHARD_FLAG_VERIFICATION else 1)
+        sha256 = None
+        if flags & _SHARD_FLAG_METADATA_EXT:
+            sha256, pos = _xet_hex(data[pos:pos + 32]), pos + 48
+        out.append((_xet_hex(raw_hash), sha256, size))
+    return out
+
+
+class XetCas:
+    """The Xet storage a Xet-speaking HubServer hands out: a ``local://`` CAS folder.
+
+    The released ``hf_xet`` wheel serves ``local://<folder>`` endpoints itself, disk-backed (xorbs,
+    shards and a global dedup table under ``<folder>/xet``): clients upload and download there with no
+    HTTP involved. The server only reads the shards clients leave there, to learn which sha256 (what a
+    commit names) is which Xet file hash (what a download asks for), and uses ``hf_xet`` itself to put
+    seeded files in the CAS and to read Xet files back for plain HTTP downloads.
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder).resolve()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.url = f"local://{self.folder}"  # an absolute folder: local:///...
+        self._by_sha256: dict[str, tuple[str, int]] = {}
+        self._shards_read: set[tuple[str, int]] = set()
+        self._session = None
+
+    def bytes_used(self) -> int:
+        """Bytes of every file under the CAS folder (xorbs, shards, dedup index)."""
+        return sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
+
+    def lookup(self, sha256: str) -> tuple[str, int] | None:
+        """(xet hash, size) of a file uploaded with this sha256, from the shards in the folder."""
+        if sha256 not in self._by_sha256:
+            for shard in self.folder.rglob("*.mdb"):
+                key = (str(shard), shard.stat().st_size)
+                if key in self._shards_read:
+                    continue
+                self._shards_read.add(key)
+                try:
+                    entries = shard_files(shard.read_bytes())
+                except (struct.error, OSError):
+                    continue
+                for xet_hash, file_sha256, size in entries:
+                    if file_sha256:
+                        self._by_sha256.setdefault(file_sha256, (xet_hash, size))
+        return self._by_sha256.get(sha256)
+
+    def _hf_xet(self):
+        import hf_xet
+
+        if self._session is None:
+            self._session = hf_xet.XetSession()
+        return hf_xet, {"endpoint": self.url, "token": "test-server", "token_expiry_unix_secs": int(time.time()) + 3600}
+
+    def store(self, content: bytes | Path, sha256: str) -> str:
+        """Put ``content`` (bytes, or a file streamed from disk) in the CAS, deduplicated by hf_xet;
+        returns its Xet file hash."""
+        hf_xet, auth = self._hf_xet()
+        with self._session.new_upload_commit(**auth) as commit:
+            if isinstance(content, Path):
+                handle = commit.start_upload_file(str(content), sha256=sha256)
+            else:
+                handle = commit.start_upload_bytes(content, sha256=sha256)
+        info = handle.result().xet_info
+        self._by_sha256[sha256] = (info.hash, info.file_size)
+        return info.hash
+
+    def load_to(self, xet_hash: str, size: int, target: Path) -> None:
+        hf_xet, auth = self._hf_xet()
+        with self._session.new_file_download_group(**auth) as group:
+            group.start_download_file(hf_xet.XetFileInfo(xet_hash, size), str(target))
+
+    def load(self, xet_hash: str, size: int) -> bytes:
+        with tempfile.TemporaryDirectory(prefix="hub-server-xet-") as tmp:
+            self.load_to(xet_hash, size, Path(tmp) / "file")
+            return (Path(tmp) / "file").read_bytes()
+
+
+class Pacer:
+    """One direction of a network link of ``rate`` bytes/s, shared by every connection.
+
+    Each piece of a body reserves the next ``n / rate`` seconds of the link (first come, first
+    served, under one lock) and its sender sleeps until the reservation ends: the total over all
+    connections never exceeds ``rate``, however many there are, as on one real link.
+    """
+
+    PIECE = 64 * 1024
+
+    def __init__(self, rate: float):
+        if rate <= 0:
+            raise ValueError("bandwidth must be positive (bytes/s)")
+        self.rate = float(rate)
+        self._lock = threading.Lock()
+        self._free_at = 0.0
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(now, self._free_at) + n / self.rate
+            wait = self._free_at - now
+        if wait > 0:
+            time.sleep(wait)
 
 
 @dataclass
@@ -307,6 +516,32 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
+    def _read(self, n: int) -> bytes:
+        """``n`` body bytes, paced when the server has a bandwidth (the upload direction)."""
+        pacer = self.server.hub._pacers[0]
+        if pacer is None:
+            return self.rfile.read(n)
+        out = bytearray()
+        while len(out) < n:
+            piece = self.rfile.read(min(Pacer.PIECE, n - len(out)))
+            if not piece:
+                break
+            pacer.take(len(piece))
+            out += piece
+        return bytes(out)
+
+    def _write(self, data: bytes) -> None:
+        """Response body bytes, paced when the server has a bandwidth (the download direction)."""
+        pacer = self.server.hub._pacers[1]
+        if pacer is None:
+            self.wfile.write(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), Pacer.PIECE):
+            piece = view[start:start + Pacer.PIECE]
+            pacer.take(len(piece))
+            self.wfile.write(piece)
+
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             out = bytearray()
@@ -316,9 +551,9 @@ class _Handler(BaseHTTPRequestHandler):
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass  # trailers
                     return bytes(out)
-                out += self.rfile.read(size)
+                out += self._read(size)
                 self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        return self._read(int(self.headers.get("Content-Length") or 0))
 
     def _handle(self, method: str) -> None:
         body = self._read_body()
@@ -338,10 +573,10 @@ class _Handler(BaseHTTPRequestHandler):
             if chunked:
                 for start in range(0, len(response.body), 4096):
                     piece = response.body[start:start + 4096]
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    self._write(b"%x\r\n%s\r\n" % (len(piece), piece))
                 self.wfile.write(b"0\r\n\r\n")
             else:
-                self.wfile.write(response.body)
+                self._write(response.body)
 
 
 class _Server(ThreadingHTTPServer):
@@ -359,9 +594,15 @@ class _Server(ThreadingHTTPServer):
 # The server
 # --------------------------------------------------------------------------------------------
 class HubServer:
-    """In-process Hub. Binds at construction (so ``url`` is known), serves after ``start()``."""
+    """In-process Hub. Binds at construction (so ``url`` is known), serves after ``start()``.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    ``xet``: also speak Xet (see ``enable_xet``): True for a CAS in a temporary folder, or the CAS
+    folder. ``bandwidth``: pace request and response bodies to this many bytes/s each way (see
+    ``set_bandwidth``). ``data``: keep LFS object content in files under this folder instead of memory.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, xet: bool | str | Path = False,
+                 bandwidth: float | None = None, data: str | Path | None = None):
         if host not in ("127.0.0.1", "localhost"):
             raise ValueError("HubServer only listens on loopback")
         self._httpd = _Server((host, port), _Handler)
@@ -383,8 +624,12 @@ class HubServer:
         self._users: dict[str, User] = {}  # by name
         self._tokens: dict[str, str] = {}  # token -> user name
         self._repos: dict[tuple[str, str], Repo] = {}
-        self._lfs_store: dict[str, bytes] = {}  # sha256 -> content of every LFS object ever stored
         self.lfs_bytes_received = 0  # bytes of every LFS upload (PUT) accepted, for re-upload counts
+        self._lfs_store = ObjectStore(None if data is None else Path(data) / "lfs")  # every LFS object ever stored
+        self._xet: XetCas | None = None  # the CAS offered to clients; None: no Xet routes (the default)
+        self._cas_folders: dict[Path, XetCas] = {}  # every CAS ever offered: their files stay readable
+        self._pacers: tuple[Pacer | None, Pacer | None] = (None, None)  # (upload, download)
+        self.set_bandwidth(bandwidth)
         self._faults: list[_Fault] = []
         self._delays: list[list] = []  # [method, pattern, seconds, remaining]
         self._counter = 0
@@ -392,6 +637,8 @@ class HubServer:
         self.cdn_log: list[tuple[str, str]] = []  # the same, for requests that reached the CDN origin
         self.server_errors: list[str] = []  # tracebacks of handler crashes (answered with 500)
         self._routes = self._build_routes()
+        if xet:
+            self.enable_xet(None if xet is True else xet)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -431,6 +678,58 @@ class HubServer:
         with self._lock:
             (self._connections.add if add else self._connections.discard)(conn)
 
+    # ---- Xet and bandwidth -------------------------------------------------------------------
+    def enable_xet(self, cas_folder: str | Path | None = None) -> Path:
+        """Speak Xet from now on, with ``cas_folder`` (a new temporary folder if None) as its CAS.
+
+        - ``GET /api/{type}s/{id}/xet-write-token/{rev}`` and ``.../xet-read-token/{rev}`` answer
+          ``{"accessToken", "exp", "casUrl"}`` and the ``X-Xet-Cas-Url`` / ``X-Xet-Access-Token`` /
+          ``X-Xet-Token-Expiration`` headers (what huggingface_hub.utils._xet and hf_xet read). The
+          ``casUrl`` is ``local://<cas_folder>``, which the ``hf_xet`` wheel serves itself.
+        - A commit's ``lfsFile`` may name a sha256 that was uploaded through Xet (found in the CAS's
+          shards) instead of through the LFS batch API.
+        - LFS files are Xet files: ``/resolve`` adds ``X-Xet-Hash`` and ``Link: <read token>; rel="xet-auth"``
+          (files stored otherwise are copied into the CAS first), and tree / paths-info entries carry
+          ``xetHash``, so a client with Xet on downloads through hf_xet. Plain HTTP downloads keep working.
+
+        Caveat: ``local://`` traffic goes from hf_xet straight to the folder, not through this server,
+        so ``bandwidth`` does not pace Xet uploads and downloads (only the API, LFS and /resolve bodies).
+        Returns the CAS folder (see ``cas_bytes``).
+        """
+        folder = Path(tempfile.mkdtemp(prefix="hub-server-cas-")) if cas_folder is None else Path(cas_folder)
+        with self._lock:
+            cas = self._cas_folders.get(folder.resolve()) or XetCas(folder)
+            self._cas_folders[cas.folder] = cas
+            self._xet = cas
+            return cas.folder
+
+    def disable_xet(self) -> None:
+        """Stop offering Xet (token routes 404, no Xet headers); files already in a CAS stay readable."""
+        with self._lock:
+            self._xet = None
+
+    @property
+    def xet(self) -> bool:
+        return self._xet is not None
+
+    def cas_bytes(self) -> int:
+        """Bytes in the current Xet CAS folder: take it before and after an upload to see what it added."""
+        if self._xet is None:
+            raise RuntimeError("this server does not speak Xet (enable_xet)")
+        return self._xet.bytes_used()
+
+    def xet_files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, str]:
+        """{path: Xet file hash} of the files of ``revision`` that are stored in a Xet CAS."""
+        with self._lock:
+            repo = self._repo(repo_type, repo_id)
+            tree = repo.commits[repo.resolve(revision)[1]].tree
+            return {path: blob.xet_hash for path, blob in tree.items() if blob.xet_hash}
+
+    def set_bandwidth(self, bytes_per_second: float | None) -> None:
+        """Pace request bodies and response bodies to ``bytes_per_second`` each way, shared by all
+        connections of both origins (API and CDN), as one network link; None: unpaced."""
+        self._pacers = (None, None) if not bytes_per_second else (Pacer(bytes_per_second), Pacer(bytes_per_second))
+
     # ---- seeding and fault injection ----------------------------------------------------------
     def add_user(self, name: str, token: str, orgs: tuple[str, ...] = (), *, role: str = "write",
                  fine_grained: bool = False) -> None:
@@ -444,12 +743,13 @@ class HubServer:
             self._tokens[token] = name
 
     def create_repo(self, repo_id: str, *, owner_token: str | None = None, private: bool = False,
-                    gated: bool | str = False, files: dict[str, bytes] | None = None, repo_type: str = "model",
+                    gated: bool | str = False, files: dict[str, bytes | Path] | None = None, repo_type: str = "model",
                     card_data: dict | None = None) -> str:
         """Create a repo whose ``main`` holds exactly ``files`` in one commit; returns that commit's sha.
 
         ``gated=True`` means ``"auto"``. ``card_data`` is served as ``cardData`` when no README.md front
-        matter provides one. Files are stored as LFS by the same rule as uploads (``is_lfs_path``).
+        matter provides one. Files are stored as LFS by the same rule as uploads (``is_lfs_path``); a
+        ``Path`` value is read from disk (streamed into the object store when it is on disk).
         """
         if repo_id.count("/") != 1:
             raise ValueError("repo_id must be 'namespace/name'")
@@ -548,11 +848,56 @@ class HubServer:
 
     def _stored_blob(self, repo: Repo, path: str, data: bytes) -> Blob:
         """A blob for a file seeded from Python, registered in LFS storage when it is an LFS file."""
-        blob = Blob(bytes(data), is_lfs_path(path, len(data)))
-        if blob.lfs:
-            self._lfs_store[blob.sha256] = blob.data
-            repo.lfs_oids.add(blob.sha256)
-        return blob
+        if isinstance(data, Path):
+            size = data.stat().st_size
+            if not is_lfs_path(path, size):
+                return Blob(data.read_bytes(), False)
+            sha256, size = self._lfs_store.put_file(data)
+        else:
+            if not is_lfs_path(path, len(data)):
+                return Blob(bytes(data), False)
+            sha256, size = hashlib.sha256(data).hexdigest(), len(data)
+            self._lfs_store.put(sha256, bytes(data))
+        repo.lfs_oids.add(sha256)
+        return self._lfs_blob(sha256, size)
+
+    def _lfs_blob(self, sha256: str, size: int, xet_hash: str | None = None) -> Blob:
+        """An LFS blob whose content is read from the object store (or a Xet CAS) when needed."""
+        return Blob(None, True, sha256=sha256, size=size, xet_hash=xet_hash,
+                    load=lambda: self._content(sha256, size))
+
+    def _xet_lookup(self, sha256: str) -> tuple[XetCas, str, int] | None:
+        for cas in ([self._xet] if self._xet else []) + [c for c in self._cas_folders.values() if c is not self._xet]:
+            found = cas.lookup(sha256)
+            if found is not None:
+                return cas, *found
+        return None
+
+    def _content(self, sha256: str, size: int, start: int = 0, stop: int | None = None) -> bytes:
+        """Bytes of an LFS object; one known only to a Xet CAS is read back from it (once)."""
+        if sha256 not in self._lfs_store:
+            found = self._xet_lookup(sha256)
+            if found is None:
+                raise HubError(404, f"LFS object {sha256} not found")
+            cas, xet_hash, _ = found
+            if self._lfs_store.folder is None:
+                self._lfs_store.put(sha256, cas.load(xet_hash, size))
+            else:  # straight into the store's file, never whole in memory
+                incoming = self._lfs_store.folder / f"incoming-{uuid.uuid4().hex}.tmp"
+                cas.load_to(xet_hash, size, incoming)
+                os.replace(incoming, self._lfs_store.folder / sha256)
+        return self._lfs_store.read(sha256, start, stop)
+
+    def _in_xet(self, blob: Blob) -> str | None:
+        """The Xet hash of an LFS blob, copying it into the offered CAS first if needed; None without Xet."""
+        if self._xet is None or not blob.lfs:
+            return None
+        if blob.xet_hash is None or self._xet.lookup(blob.sha256) is None:
+            found = self._xet.lookup(blob.sha256)
+            if found is None and blob.sha256 in self._lfs_store and self._lfs_store.folder is not None:
+                found = (self._xet.store(self._lfs_store.folder / blob.sha256, blob.sha256),)
+            blob.xet_hash = found[0] if found else self._xet.store(blob.data, blob.sha256)
+        return blob.xet_hash
 
     def _new_repo(self, repo_type, repo_id, private, gated, card_data=None) -> Repo:
         repo = Repo(repo_type, repo_id, bool(private), "auto" if gated is True else gated, card_data, now_iso())
@@ -637,6 +982,7 @@ class HubServer:
             ("POST", rf"/api/{_REPO}/paths-info/(?P<rev>.+)", self._paths_info),
             ("POST", rf"/api/{_REPO}/preupload/(?P<rev>.+)", self._preupload),
             ("POST", rf"/api/{_REPO}/commit/(?P<rev>.+)", self._commit),
+            ("GET", rf"/api/{_REPO}/xet-(?P<kind>read|write)-token/(?P<rev>.+)", self._xet_token),
             ("POST", rf"/api/{_REPO}/branch/(?P<branch>.+)", self._create_branch),
             ("DELETE", rf"/api/{_REPO}/branch/(?P<branch>.+)", self._delete_branch),
             ("GET", rf"/api/{_REPO}/discussions", self._list_discussions),
@@ -873,6 +1219,9 @@ class HubServer:
             entry = {"type": "file", "oid": blob.oid, "size": blob.size, "path": path}
             if blob.lfs:
                 entry["lfs"] = blob.lfs_json("oid")
+            in_cas = self._xet.lookup(blob.sha256) if self._xet is not None and blob.lfs else None
+            if in_cas is not None:  # only what the offered CAS holds (a CAS of earlier tests may not be it)
+                entry["xetHash"] = in_cas[0]
         else:
             prefix = path + "/"
             content = sorted((p, b.oid) for p, b in commit.tree.items() if p.startswith(prefix))
@@ -950,7 +1299,7 @@ class HubServer:
         if blob.lfs and "cdn_redirect" in self.variant:
             headers = {"X-Repo-Commit": sha, "ETag": f'"{blob.oid}"', "X-Linked-Etag": f'"{blob.sha256}"',
                        "X-Linked-Size": str(blob.size), "Location": self._cdn_location(blob, path),
-                       "Content-Length": "0"}
+                       "Content-Length": "0", **self._xet_headers(req, repo, blob, sha)}
             if "no_linked_size" in self.variant:
                 del headers["X-Linked-Size"]
             return Response(302, b"", headers)
@@ -958,7 +1307,37 @@ class HubServer:
             location = (f"/api/resolve-cache/{repo.repo_type}s/{repo.repo_id}/{sha}/{quote(path)}"
                         f"?etag={quote(self._etag(blob))}")
             return Response(307, b"", {"Location": location, "Content-Length": "0"})
-        return self._serve_blob(req, blob, path, sha)
+        return self._serve_blob(req, blob, path, sha, self._xet_headers(req, repo, blob, sha))
+
+    def _xet_headers(self, req: Request, repo: Repo, blob: Blob, sha: str) -> dict[str, str]:
+        """What the Hub adds to /resolve answers for a Xet file: its hash and where to get a read token."""
+        xet_hash = self._in_xet(blob)
+        if xet_hash is None:
+            return {}
+        token_url = f"{req.base_url}/api/{repo.repo_type}s/{repo.repo_id}/xet-read-token/{sha}"
+        return {"X-Xet-Hash": xet_hash, "Link": f'<{token_url}>; rel="xet-auth"'}
+
+    def _xet_token(self, req: Request, t, ns, name, kind, rev) -> Response:
+        """GET /api/{type}s/{id}/xet-{read|write}-token/{rev}[?create_pr=1]: a CAS token, its expiry and
+        the CAS url, as JSON (what hf_xet reads) and as X-Xet-* headers (what huggingface_hub reads).
+        Writing needs write access, except for pull requests (``create_pr=1``, a PR ref, or the
+        revision ``None`` huggingface_hub sends when it does not know the PR ref yet)."""
+        if self._xet is None:
+            raise HubError(404, f"Not found: {req.method} {req.path}")
+        repo, user = self._readable_repo(req, t, ns, name)
+        rev = unquote(rev)
+        if kind == "write":
+            if user is None:
+                raise HubError(401, "You must be authenticated to upload files")
+            if not (req.flag("create_pr") or rev == "None" or rev.startswith("refs/pr/")):
+                self._require_write(user, repo)
+        else:
+            self._check_gate(user, repo)
+        if rev != "None":
+            repo.resolve(rev)
+        token, exp = f"xet_{kind}_{uuid.uuid4().hex}", int(time.time()) + 3600
+        return Response.of_json({"accessToken": token, "exp": exp, "casUrl": self._xet.url}, headers={
+            "X-Xet-Cas-Url": self._xet.url, "X-Xet-Access-Token": token, "X-Xet-Token-Expiration": str(exp)})
 
     def _resolve_cache(self, req: Request, t, ns, name, rest) -> Response:
         """HEAD/GET /api/resolve-cache/{type}s/{id}/{sha}/{path}: a regular file at a commit (the target of
@@ -1002,17 +1381,22 @@ class HubServer:
         expected = hmac.new(self._signing_key, f"{sha256}:{expires}".encode(), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, req.param("Signature", "")) or int(expires) < time.time():
             return Response(403, b"<Error><Code>AccessDenied</Code></Error>", {"Content-Type": "application/xml"})
-        data = self._lfs_store[sha256]
+        size = self._lfs_store.size(sha256)
+        if size is None:
+            found = self._xet_lookup(sha256)
+            if found is None:
+                return Response(404, b"<Error><Code>NoSuchKey</Code></Error>", {"Content-Type": "application/xml"})
+            size = found[2]
         headers = {"ETag": f'"{sha256}"', "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         disposition = req.param("response-content-disposition")
         if disposition:
             headers["Content-Disposition"] = disposition
-        return self._ranged(req, data, headers)
+        return self._ranged(req, size, lambda start, stop: self._content(sha256, size, start, stop), headers)
 
-    def _serve_blob(self, req: Request, blob: Blob, path: str, sha: str) -> Response:
+    def _serve_blob(self, req: Request, blob: Blob, path: str, sha: str, extra: dict | None = None) -> Response:
         filename = re.sub(r'[^\x20-\x7e]|"', "_", path.rsplit("/", 1)[-1])  # header-safe
         headers = {"X-Repo-Commit": sha, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
-                   "Content-Disposition": f'inline; filename="{filename}";'}
+                   "Content-Disposition": f'inline; filename="{filename}";', **(extra or {})}
         if blob.lfs:
             headers.update({"ETag": f'"{blob.sha256}"', "X-Linked-Etag": f'"{blob.sha256}"',
                             "X-Linked-Size": str(blob.size)})
@@ -1022,12 +1406,15 @@ class HubServer:
                 and "gzip" in req.headers.get("accept-encoding", "")):
             headers.update({"Content-Encoding": "gzip", "Transfer-Encoding": "chunked"})
             return Response(200, gzip.compress(blob.data), headers)
-        return self._ranged(req, blob.data, headers)
+        if blob.lfs:
+            return self._ranged(req, blob.size, lambda start, stop: self._content(blob.sha256, blob.size, start, stop),
+                                headers)
+        return self._ranged(req, blob.size, lambda start, stop: blob.data[start:stop], headers)
 
-    def _ranged(self, req: Request, data: bytes, headers: dict[str, str]) -> Response:
-        """``data`` whole (200) or the part a Range header asks for (206, 416 when unsatisfiable)."""
-        size = len(data)
-        status, body = 200, data
+    def _ranged(self, req: Request, size: int, read, headers: dict[str, str]) -> Response:
+        """The content whole (200) or the part a Range header asks for (206, 416 when unsatisfiable);
+        ``read(start, stop)`` gives bytes, and is not called for a HEAD."""
+        status, start, stop = 200, 0, size
         byte_range = req.headers.get("range")
         if byte_range:
             match = re.fullmatch(r"bytes=(\d*)-(\d*)", byte_range.strip())
@@ -1039,10 +1426,10 @@ class HubServer:
                 raise HubError(416, "Requested range not satisfiable",
                                headers={"Content-Range": f"bytes */{size}", **headers})
             end = min(end, size - 1)
-            status, body = 206, data[start:end + 1]
+            status, stop = 206, end + 1
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-        headers["Content-Length"] = str(len(body))
-        return Response(status, body, headers)
+        headers["Content-Length"] = str(stop - start)
+        return Response(status, b"" if req.method == "HEAD" else read(start, stop), headers)
 
     # ---- uploads and commits ---------------------------------------------------------------------
     def _preupload(self, req: Request, t, ns, name, rev) -> Response:
@@ -1104,7 +1491,7 @@ class HubServer:
             raise HubError(400, "Uploaded content does not match its sha256 oid")
         if req.param("size") is not None and int(req.param("size")) != len(req.body):
             raise HubError(400, "Uploaded content does not match the announced size")
-        self._lfs_store[oid] = req.body
+        self._lfs_store.put(oid, req.body)
         self.lfs_bytes_received += len(req.body)
         repo.lfs_oids.add(oid)
         return Response(200)
@@ -1113,8 +1500,8 @@ class HubServer:
         """POST /lfs-verify/{type}s/{id} {oid, size}: 200 once the object is stored."""
         repo = self._upload_target(t, ns, name)
         body = req.json()
-        data = self._lfs_store.get(body.get("oid", ""))
-        if body.get("oid") not in repo.lfs_oids or data is None or len(data) != body.get("size"):
+        size = self._lfs_store.size(str(body.get("oid", "")))
+        if body.get("oid") not in repo.lfs_oids or size is None or size != body.get("size"):
             raise HubError(404, "LFS object not found")
         return Response.of_json({"success": True})
 
@@ -1196,13 +1583,15 @@ class HubServer:
                 tree[path] = Blob(data, lfs=False)
             elif key == "lfsFile":
                 oid = value.get("oid", "")
-                data = self._lfs_store.get(oid)
-                if data is None or oid not in repo.lfs_oids:  # never uploaded to this repo
+                size = self._lfs_store.size(oid) if oid in repo.lfs_oids else None
+                found = self._xet.lookup(oid) if size is None and self._xet is not None else None
+                if size is None and found is None:  # never uploaded to this repo, nor through Xet
                     raise HubError(400, f"Your push was rejected because an LFS pointer pointed to a file that "
                                         f"does not exist: {path} (oid {oid})")
-                if value.get("size") is not None and value["size"] != len(data):
+                size = size if found is None else found[1]
+                if value.get("size") is not None and value["size"] != size:
                     raise HubError(400, f"LFS object size mismatch for {path}")
-                tree[path] = Blob(data, lfs=True)
+                tree[path] = self._lfs_blob(oid, size, found[0] if found else None)
             elif key == "deletedFile":
                 if tree.pop(path, None) is None:
                     raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
@@ -1354,3 +1743,64 @@ def _split_revision(rest: str) -> tuple[str, str]:
 def _oid(tree: dict[str, Blob], path: str) -> str | None:
     blob = tree.get(path)
     return blob.oid if blob is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# Standalone: python -m tests.hub_server (for benchmarks, in a process of its own)
+# --------------------------------------------------------------------------------------------
+def _parse_user(spec: str) -> tuple[str, str, tuple[str, ...]]:
+    name, _, rest = spec.partition(":")
+    token, _, orgs = rest.partition(":")
+    if not name or not token:
+        raise ValueError(f"--user wants NAME:TOKEN[:ORG,ORG], got {spec!r}")
+    return name, token, tuple(o for o in orgs.split(",") if o)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve until interrupted; print one JSON line {"url", "cdn_url", "cas", "bandwidth"} once listening."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="python -m tests.hub_server", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0: any free port (see the printed url)")
+    parser.add_argument("--data", help="folder for LFS objects (DATA/lfs) and the Xet CAS (DATA/xet-cas); "
+                                       "default: LFS objects in memory, CAS in a temporary folder")
+    parser.add_argument("--bandwidth", type=float, help="bytes/s each way, shared by all connections (e.g. 2e8)")
+    parser.add_argument("--xet", action="store_true", help="speak Xet (local:// CAS served by hf_xet)")
+    parser.add_argument("--user", action="append", default=[], metavar="NAME:TOKEN[:ORG,ORG]",
+                        help="a user with a write token (repeatable)")
+    parser.add_argument("--seed", action="append", default=[], metavar="REPO_ID=FOLDER",
+                        help="create a model repo holding FOLDER's files in one commit (repeatable); "
+                             "its namespace must be a --user")
+    args = parser.parse_args(argv)
+    data = Path(args.data) if args.data else None
+    hub = HubServer(args.host, args.port, bandwidth=args.bandwidth, data=data,
+                    xet=(data / "xet-cas" if data else True) if args.xet else False)
+    for spec in args.user:
+        name, token, orgs = _parse_user(spec)
+        hub.add_user(name, token, orgs)
+    for spec in args.seed:
+        repo_id, _, folder = spec.partition("=")
+        root = Path(folder)
+        files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+        hub.create_repo(repo_id, files=files)
+        if hub.xet:  # into the CAS now, not on the first download the benchmark times
+            with hub._lock:
+                repo = hub._repo("model", repo_id)
+                for blob in repo.commits[repo.refs["refs/heads/main"]].tree.values():
+                    hub._in_xet(blob)
+    hub.start()
+    print(json.dumps({"url": hub.url, "cdn_url": hub.cdn_url, "cas": str(hub._xet.folder) if hub._xet else None,
+                      "bandwidth": args.bandwidth}), flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    hub.stop()
+
+
+if __name__ == "__main__":
+    main()
