@@ -160,3 +160,33 @@ def test_an_upload_that_keeps_failing_is_one_line_and_commits_nothing(hub, shard
     assert not [c for c in hub.commits("alice/failing-merged") if c["title"].startswith("Merge ")]
     assert not list(work.iterdir()), "scratch left behind"
     hub.reset_faults()
+
+
+def test_streamed_run_over_xet_and_a_killed_run_dedupes_on_restart(xet_hub, sharded, tmp_path):
+    """The Hub's default transport: shards pre-uploaded through Xet, then one commit; a rerun after a
+    kill adds (almost) nothing to the CAS."""
+    hub = xet_hub
+    env = {**os.environ, "HF_TOKEN": ALICE}
+    argv = [sys.executable, "-m", "bot", "run", "alice/sharded-lora", "--repo", "alice/xet-streamed",
+            "--max-shard-size", SHARD]
+    hub.delay_next("POST", r"/api/models/alice/xet-streamed/commit/.*", seconds=60)
+    cas_start = hub.cas_bytes()
+    child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(m == "POST" and "/commit/" in p and "xet-streamed" in p for m, p in hub.requests_log):
+        assert child.poll() is None, child.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    first = hub.cas_bytes() - cas_start
+    assert first > 0
+    assert not any(m == "POST" and "lfs/objects/batch" in p and "xet-streamed" in p for m, p in hub.requests_log)
+
+    again = hub.cas_bytes()
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert hub.cas_bytes() - again < 64 * 1024, "pre-uploaded shards were sent again"
+    assert len([c for c in hub.commits("alice/xet-streamed") if c["title"].startswith("Merge ")]) == 1
+    published = Path(snapshot_download("alice/xet-streamed", cache_dir=tmp_path / "dl"))
+    assert_matches_peft(published, sharded["base"], sharded["adapter"])
