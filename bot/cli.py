@@ -13,7 +13,10 @@ from pathlib import Path
 
 from bot import __version__
 from bot.errors import MergeBotError, OutputError, UsageError, redact
-from bot.spec import DEVICES, DTYPES, MergeSpec, parse_size, parse_source_ref
+from bot.spec import DEVICES, DTYPES, MergeSpec, parse_shard_size, parse_source_ref
+
+SHARD_HELP = ("largest output shard, like 2GB or 500MB (default auto: an eighth of the model, between 128 MiB "
+              "and 2 GiB)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="auto", help=f"where to do the arithmetic: {', '.join(DEVICES)}")
     merge.add_argument("--verify", action="store_true", help="compare merged logits with PEFT's unmerged model")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    merge.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    merge.add_argument("--max-shard-size", default="auto", help=SHARD_HELP)
     merge.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="auto", help=f"output dtype: {', '.join(DTYPES)} (auto keeps the base's)")
     run.add_argument("--device", default="auto", help=f"where to do the arithmetic: {', '.join(DEVICES)}")
     run.add_argument("--verify", action="store_true", help="compare merged logits with PEFT's unmerged model")
-    run.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    run.add_argument("--max-shard-size", default="auto", help=SHARD_HELP)
     run.add_argument("--work-dir", type=Path, default=None, help="where to build the merged folder (default: temp)")
 
     batch = sub.add_parser("batch", help="run the publish jobs listed in a YAML file")
@@ -99,7 +102,7 @@ def run_merge(args: argparse.Namespace) -> int:
         device=args.device,
         verify=args.verify,
         overwrite=args.overwrite,
-        max_shard_bytes=parse_size(args.max_shard_size),
+        max_shard_bytes=parse_shard_size(args.max_shard_size),
         token=args.token or os.environ.get("HF_TOKEN") or None,
     )
     check_output_dir(Path(spec.out), overwrite=spec.overwrite)  # fail before any download

@@ -83,6 +83,6 @@ def peft_merge(plan: MergePlan, out: Path) -> tuple[list[str], dict[str, int]]:
                                      f"(or the base's, or a --dtype too narrow for them) are the cause")
     if untied:
         merged.config.tie_word_embeddings = False
-    merged.save_pretrained(out, safe_serialization=True, max_shard_size=plan.spec.max_shard_bytes)
+    merged.save_pretrained(out, safe_serialization=True, max_shard_size=plan.shard_bytes)
     files = sorted(p.name for p in out.iterdir())
     return files, {plan.adapter_config.peft_type: n_layers, "merged_modules": n_layers}

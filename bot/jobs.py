@@ -17,7 +17,7 @@ from typing import Any, Callable
 from bot.errors import MergeBotError, UsageError
 from bot.hub import (PublishResult, PublishTarget, check_can_publish, hub_write_errors, open_publication,
                      parse_repo_id, publish_folder, survey_target)
-from bot.spec import DTYPES, MergeSpec, parse_size, parse_source_ref
+from bot.spec import DTYPES, MergeSpec, parse_shard_size, parse_source_ref
 
 EventFn = Callable[[str], None]
 MERGE_LOCK = threading.Lock()
@@ -33,7 +33,7 @@ class PublishJob:
     dtype: str = "auto"
     verify: bool = False
     device: str = "auto"
-    max_shard_size: str = "5GB"
+    max_shard_size: str = "auto"
     requested_by: str | None = None
     allow_local: bool = True  # False for web and bot requests: only Hub repos, never this machine's folders
 
@@ -41,7 +41,7 @@ class PublishJob:
         _ = self.target  # validates the repo id, and --pr with --private, in PublishTarget
         if self.dtype not in DTYPES:
             raise UsageError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        parse_size(self.max_shard_size)
+        parse_shard_size(self.max_shard_size)
 
     @property
     def target(self) -> PublishTarget:
@@ -52,7 +52,7 @@ class PublishJob:
             adapter=parse_source_ref(self.adapter, what="adapter", allow_local=self.allow_local),
             base=parse_source_ref(self.base, what="base", allow_local=self.allow_local) if self.base else None,
             out=out, dtype=self.dtype, device=self.device, verify=self.verify, overwrite=True,
-            max_shard_bytes=parse_size(self.max_shard_size), token=token, requested_by=self.requested_by,
+            max_shard_bytes=parse_shard_size(self.max_shard_size), token=token, requested_by=self.requested_by,
         )
 
 
@@ -228,7 +228,7 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
     from bot.pipeline import PieceFetcher, Rate, check_scratch_space, scratch_bytes
 
     largest = max((j.output.nbytes for j in plan.jobs), default=0)
-    check_scratch_space(work, scratch_bytes(plan.spec.max_shard_bytes, largest) if plan.jobs else plan.output_bytes)
+    check_scratch_space(work, scratch_bytes(plan.shard_bytes, largest) if plan.jobs else plan.output_bytes)
     down = Rate(sum(j.source.nbytes for j in plan.jobs if plan.base.remote and hasattr(j.source, "begin")))
     up = Rate(plan.output_bytes)
 

@@ -24,7 +24,7 @@ from bot.errors import AdapterConfigError, IncompatibleBaseError, UnsupportedAda
 from bot.jsonfile import read_json_object
 from bot.shards import CODE_FROM_DTYPE, OutputTensor, TensorInfo
 from bot.sources import ResolvedSource, is_tokenizer_file, resolve_source
-from bot.spec import MergeSpec, SourceRef, parse_source_ref
+from bot.spec import MergeSpec, SourceRef, auto_shard_bytes, parse_source_ref
 from bot.tuners import TUNER_ROLES, ModuleOp
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,11 @@ class MergePlan:
     module_counts: dict[str, int] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     tokenizer_folder: Path | None = None
+
+    @property
+    def shard_bytes(self) -> int:
+        """The largest output shard: ``--max-shard-size``, or auto from the output's size."""
+        return self.spec.max_shard_bytes or auto_shard_bytes(self.output_bytes)
 
     @property
     def output_bytes(self) -> int:

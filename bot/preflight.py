@@ -20,7 +20,7 @@ from bot.jsonfile import MAX_JSON_BYTES, read_json_object
 from bot.plan import base_ref_for, check_not_quantized, check_peft_can_merge, suggest_unquantized
 from bot.provenance import Pinned, fingerprint, output_options, pin_local
 from bot.sources import canonical_repo_id, files_to_download, hub_read_errors, read_with_retries
-from bot.spec import MergeSpec, SourceRef, parse_source_ref
+from bot.spec import MergeSpec, SourceRef, auto_shard_bytes, parse_source_ref
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def preflight(spec: MergeSpec, *, endpoint: str | None = None, check_disk: bool 
         if streamed:
             from bot.pipeline import scratch_bytes
 
-            check_free_space(Path(spec.out).resolve().parent, min(download + output, scratch_bytes(spec.max_shard_bytes)),
+            check_free_space(Path(spec.out).resolve().parent, min(download + output, scratch_bytes(spec.max_shard_bytes or auto_shard_bytes(output))),
                              what="the streamed merge's scratch files", hint="set --work-dir elsewhere")
         else:
             check_free_space(Path(constants.HF_HUB_CACHE), download, what="the download", hint="set HF_HOME elsewhere")

@@ -58,9 +58,9 @@ def pin_source(source) -> Pinned:
     return pin_local(source.path)
 
 
-def output_options(dtype: str, max_shard_bytes: int) -> dict:
+def output_options(dtype: str, max_shard_bytes: int | None) -> dict:
     """The options that change the published files (the device does not: arithmetic is float32)."""
-    return {"dtype": dtype, "max_shard_bytes": int(max_shard_bytes)}
+    return {"dtype": dtype, "max_shard_bytes": "auto" if max_shard_bytes is None else int(max_shard_bytes)}
 
 
 def fingerprint(adapter: Pinned, base: Pinned, options: dict, version: str = __version__) -> str:

@@ -9,7 +9,16 @@ from bot.errors import SourceNotFoundError, UsageError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' historical default, "5GB"
+# --max-shard-size auto: an eighth of the output, between these bounds. Eight or more shards let a
+# streamed publish upload while it merges (wall time near the slower of download and upload, not
+# their sum) and keep scratch disk at two shards; 2 GiB keeps a 70B model at ~70 files.
+AUTO_SHARD_MIN = 128 * 2**20
+AUTO_SHARD_MAX = 2 * 2**30
+
+
+def auto_shard_bytes(output_bytes: int) -> int:
+    """The output shard size ``--max-shard-size auto`` picks for a model of ``output_bytes``."""
+    return min(AUTO_SHARD_MAX, max(AUTO_SHARD_MIN, -(-output_bytes // 8)))
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
@@ -80,6 +89,13 @@ def _valid_for_hub(repo_id: str) -> bool:
     return True
 
 
+def parse_shard_size(text: str | int | None) -> int | None:
+    """``--max-shard-size``: "auto" (or None) -> None, else ``parse_size``."""
+    if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
+        return None
+    return parse_size(text)
+
+
 def parse_size(text: str | int) -> int:
     """"5GB", "500MB", "2GiB" or a byte count -> bytes."""
     if isinstance(text, int):
@@ -105,7 +121,7 @@ class MergeSpec:
     device: str = "auto"
     verify: bool = False
     overwrite: bool = False
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    max_shard_bytes: int | None = None  # None: auto (auto_shard_bytes)
     token: str | None = field(default=None, repr=False)
     base_note: str | None = None  # why the base is not the one adapter_config.json names (pre-flight)
     requested_by: str | None = None  # Hub user who asked for this merge (self-service), credited in the card
