@@ -116,7 +116,7 @@ def load_tokenizer(folder: Path):
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True), None
     except Exception as e:  # any failure is the answer: this tokenizer does not load
-        text = " ".join(str(e).split())[:200]
+        text = " ".join(str(e).replace(str(folder), "the folder").split())[:200]  # the staged folder means nothing
         return None, f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
 
 
