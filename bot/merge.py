@@ -29,7 +29,7 @@ from bot.checkpoint import read_base_tensor
 from bot.errors import AdapterConfigError, OutputError, UsageError
 from bot.plan import MergePlan, TensorJob
 from bot.preflight import check_free_space
-from bot.provenance import fingerprint, output_options, pin_source
+from bot.provenance import LOCAL_FOLDER, Pinned, fingerprint, output_options, pin_source
 from bot.shards import DTYPE_FROM_CODE, ShardWriter, TensorInfo, index_json, layout_shards, read_into, shard_file_names
 from bot.sources import is_side_file, is_tokenizer_file
 from bot.tuners import apply_op, apply_op_tensors, row_slice_tensors, weight_delta
@@ -304,6 +304,7 @@ def write_config(plan: MergePlan, out: Path) -> None:
     if "torch_dtype" in config:
         config["torch_dtype"] = config["dtype"]
     config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)  # where transformers 4 loaded the base from (often a local path): not this model
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -326,17 +327,18 @@ def build_report(plan: MergePlan, result: MergeResult) -> dict[str, Any]:
         except PackageNotFoundError:
             return None
 
-    def source(s):
-        return {"ref": str(s.ref), "repo_id": s.repo_id, "revision": s.sha, "path": None if s.repo_id else str(s.path)}
-
     options = output_options(plan.spec.dtype, plan.spec.max_shard_bytes)
     scales = Counter(round(job_op.scaling, 6) for job in plan.jobs for job_op, on_bias in job.ops if not on_bias)
+    adapter, base = pin_source(plan.adapter), pin_source(plan.base)
+    base_entry = published_source(plan.base, base)
+    if not base.hub and (named := hub_id_named_by(plan.base_config)):
+        base_entry["config_names"] = named
 
-    return {
+    report = {
         "merge_bot_version": __version__,
-        "fingerprint": fingerprint(pin_source(plan.adapter), pin_source(plan.base), options),
-        "adapter": source(plan.adapter),
-        "base": source(plan.base),
+        "fingerprint": fingerprint(adapter, base, options),
+        "adapter": published_source(plan.adapter, adapter),
+        "base": base_entry,
         "base_note": plan.spec.base_note,
         "requested_by": plan.spec.requested_by,
         "architecture": (plan.config_updates.get("architectures") or plan.base_config.get("architectures") or [None])[0],
@@ -359,6 +361,55 @@ def build_report(plan: MergePlan, result: MergeResult) -> dict[str, Any]:
             **{name: installed(name) for name in ("transformers", "peft", "safetensors", "huggingface_hub")},
         },
     }
+    return without_local_paths(report, local_paths(plan))
+
+
+def published_source(source, pinned: Pinned) -> dict[str, Any]:
+    """An input as the published report names it: a Hub id at its commit, or "a local folder" at its
+    content digest (provenance.folder_digest); never a path of this machine."""
+    if pinned.hub:
+        return {"ref": str(source.ref), "repo_id": pinned.name, "revision": pinned.revision}
+    return {"ref": LOCAL_FOLDER, "repo_id": None, "revision": pinned.revision}
+
+
+def hub_id_named_by(config: dict[str, Any]) -> str | None:
+    """The Hub repo a local base's config.json names as its origin (``_name_or_path``, which
+    transformers 4 wrote on save), when that is an ``owner/name`` id rather than a path."""
+    from huggingface_hub.utils import validate_repo_id
+
+    named = config.get("_name_or_path")
+    if not isinstance(named, str) or named.count("/") != 1 or named.startswith((".", "~")):
+        return None
+    try:
+        validate_repo_id(named)
+    except Exception:  # HFValidationError: a path or junk, not a repo id
+        return None
+    return named
+
+
+def local_paths(plan: MergePlan) -> list[tuple[str, str]]:
+    """(path, what to say instead) for this machine's folders that a message might quote."""
+    folders = [(plan.adapter.path, LOCAL_FOLDER), (plan.base.path, LOCAL_FOLDER), (Path(plan.spec.out), "the output"),
+               (Path.home(), "~")]
+    pairs = {}
+    for folder, instead in folders:
+        for form in (str(folder), str(Path(folder).absolute()), str(Path(folder).resolve())):
+            if len(form) > 1:  # never "/" or "."
+                pairs.setdefault(form, instead)
+    return sorted(pairs.items(), key=lambda pair: -len(pair[0]))  # longest first: a folder inside home before home
+
+
+def without_local_paths(value: Any, paths: list[tuple[str, str]]) -> Any:
+    """``value`` with every quoted local folder replaced (warnings and notes come from many places)."""
+    if isinstance(value, str):
+        for path, instead in paths:
+            value = value.replace(path, instead)
+        return value
+    if isinstance(value, dict):
+        return {k: without_local_paths(v, paths) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(v, paths) for v in value]
+    return value
 
 
 def write_report(result: MergeResult, folder: Path) -> None:
@@ -433,7 +484,7 @@ def execute_plan(plan: MergePlan, *, on_progress: ProgressFn | None = None,
         result.report = build_report(plan, result)
         write_report(result, tmp)
         has_tokenizer = any(is_tokenizer_file(name) for name in result.files)
-        (tmp / CARD_NAME).write_text(build_card(result.report, plan.adapter.path, plan.base.path,
-                                                has_tokenizer=has_tokenizer), encoding="utf-8")
+        card = build_card(result.report, plan.adapter.path, plan.base.path, has_tokenizer=has_tokenizer)
+        (tmp / CARD_NAME).write_text(without_local_paths(card, local_paths(plan)), encoding="utf-8")
         result.files = sorted(set(result.files) | {REPORT_NAME, CARD_NAME})
     return result

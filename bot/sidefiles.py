@@ -92,19 +92,36 @@ def plan_side_files(adapter: Path, base: Path) -> SideFilesPlan:
     return SideFilesPlan(tuple(files), adapter_tokenizer, GENERATION_CONFIG in adapter_files)
 
 
+# Keys where transformers 4 recorded the folder a tokenizer or config was loaded from: a local
+# path there would be published with the merge.
+_ORIGIN_KEYS = ("name_or_path", "_name_or_path")
+
+
+def is_local_path(value: Any) -> bool:
+    return isinstance(value, str) and (value.startswith(("/", "~", ".")) or "\\" in value or value[1:3] == ":/")
+
+
 def write_side_files(plan: SideFilesPlan, out: Path) -> list[str]:
+    """Write the planned files: copies, or merged JSON; small JSON files lose origin keys that hold local paths."""
     import shutil
 
     for item in plan.files:
-        if len(item.sources) == 1:
+        single_json = len(item.sources) == 1 and item.name.endswith(".json") and item.name != "tokenizer.json"
+        if len(item.sources) == 1 and not single_json:
             shutil.copyfile(item.sources[0], out / item.name)
             continue
         merged: dict[str, Any] = {}
         for index, source in enumerate(item.sources):
-            data = _read(source, f"{'base' if index == 0 else 'adapter'} {item.name}")
+            data = _read(source, f"{'base' if index == 0 and len(item.sources) > 1 else 'input'} {item.name}")
             if index == 0:
                 data = {k: v for k, v in data.items() if k not in item.drop_keys}
             merged.update(data)
+        local = [k for k in _ORIGIN_KEYS if is_local_path(merged.get(k))]
+        if single_json and not local:
+            shutil.copyfile(item.sources[0], out / item.name)  # byte for byte when there is nothing to change
+            continue
+        for key in local:
+            del merged[key]
         (out / item.name).write_text(json.dumps(merged, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return [item.name for item in plan.files]
 

@@ -140,3 +140,22 @@ def test_hub_download_picks_every_side_file():
                              "base", lambda name: {})
     assert set(base) == {"config.json", "model.safetensors", "processor_config.json", "preprocessor_config.json",
                          "generation_config.json", "chat_template.jinja"}
+
+
+def test_local_paths_recorded_by_old_transformers_are_not_carried(inputs, tmp_path, capsys):
+    base, adapter = inputs
+    home_path = str(Path.home() / "models" / "my-base")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "_name_or_path": home_path}))
+    tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "name_or_path": home_path}))
+    (base / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>", "name_or_path": "org/base"}))
+    out = tmp_path / "merged"
+    code, err = merge(base, adapter, out, capsys)
+    assert code == 0, err
+    for name in ("config.json", "tokenizer_config.json", "merge_report.json", "README.md"):
+        assert home_path not in (out / name).read_text(), name
+    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
+    # A file with nothing to change is copied byte for byte (a Hub id is not a local path).
+    assert (out / "special_tokens_map.json").read_bytes() == (base / "special_tokens_map.json").read_bytes()
+    assert AutoTokenizer.from_pretrained(out).eos_token_id == 2
