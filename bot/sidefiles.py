@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,6 @@ from typing import Any
 from bot.errors import AdapterConfigError
 from bot.jsonfile import read_json_object
 from bot.sources import is_side_file, is_tokenizer_file
-
-log = logging.getLogger(__name__)
 
 # A tokenizer's vocabulary: an adapter with any of these brings a whole tokenizer of its own.
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
