@@ -2,8 +2,10 @@
 
 Metadata goes through huggingface_hub's ``ModelCardData`` so the Hub reads it: the base
 as ``base_model`` (relation ``finetune``: the merged weights are the base fine-tuned by
-the adapter), license / language / datasets inherited from the adapter's card, else the
-base's, and a ``merge_bot`` block with the provenance fingerprint.
+the adapter), the base's license (the merged weights are mostly the base's; the body names
+both licenses), language / datasets from the adapter's card, else the base's, and a
+``merge_bot`` block with the provenance fingerprint. Local inputs are named "a local folder"
+with their content digest, never by path.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ _TASKS = (
     ("ForQuestionAnswering", "AutoModelForQuestionAnswering", "question-answering"),
 )
 _INHERITED = ("license", "license_name", "license_link", "language", "datasets")
+_LICENSE_KEYS = ("license", "license_name", "license_link")
 
 
 # PEFT task_type -> (Auto class, pipeline tag): what the adapter was trained for decides.
@@ -71,13 +74,42 @@ def _clean(key: str, value: Any) -> Any:
 
 
 def inherited_metadata(adapter_card: dict[str, Any], base_card: dict[str, Any]) -> dict[str, Any]:
-    """license, language, datasets: the adapter's if its card says, else the base's; malformed values dropped."""
+    """language, datasets: the adapter's if its card says, else the base's; the license fields are
+    the base's only (the merged weights are mostly the base's). Malformed values are dropped."""
     out = {}
     for key in _INHERITED:
-        value = _clean(key, adapter_card.get(key)) or _clean(key, base_card.get(key))
+        value = _clean(key, base_card.get(key)) if key in _LICENSE_KEYS else (
+            _clean(key, adapter_card.get(key)) or _clean(key, base_card.get(key)))
         if value:
             out[key] = value
     return out
+
+
+def license_of(card: dict[str, Any]) -> str | None:
+    """A card's license as people read it: ``license_name`` for ``other``, else the license id."""
+    licence = _clean("license", card.get("license"))
+    if licence == "other":
+        return _clean("license_name", card.get("license_name")) or "other"
+    return licence
+
+
+def license_text(base: str | None, adapter: str | None) -> str:
+    """The card's License section: both inputs' licenses, and plainly what to do when they differ or one is missing."""
+    if base and adapter and base == adapter:
+        return f"Released under `{base}`, the license of both the base model and the adapter."
+    if base and adapter:
+        return (f"The base model's card declares `{base}` and the adapter's card declares `{adapter}`: they "
+                f"differ. The merged weights are mostly the base's, so this card's metadata carries the base's "
+                f"license, `{base}`; the adapter's terms may apply as well. Check both before use.")
+    if base:
+        return (f"The base model's card declares `{base}`, which this card's metadata carries (the merged weights "
+                f"are mostly the base's). The adapter's card declares no license, so its terms are unknown.")
+    if adapter:
+        return (f"The adapter's card declares `{adapter}`, but the base model's card declares no license. The "
+                f"merged weights are mostly the base's, so this card's metadata declares none: check the base "
+                f"model's terms before use.")
+    return ("Neither the base model's card nor the adapter's declares a license, so this card's metadata declares "
+            "none: check the base model's terms before use.")
 
 
 def hub_url() -> str:
@@ -91,7 +123,18 @@ def _link(source: dict[str, Any]) -> str:
     if source.get("repo_id") and source.get("revision"):
         repo, sha = source["repo_id"], source["revision"]
         return f"[{repo}]({hub_url()}/{repo}/tree/{sha}) at `{sha[:12]}`"
-    return f"local folder `{Path(source.get('path') or source.get('ref') or '?').name}`"
+    return f"a local folder (content digest `{source.get('revision') or '?'}`)"
+
+
+def base_model_of(base: dict[str, Any]) -> tuple[str | None, str]:
+    """(the card's ``base_model``, the body's Base model line) for the report's base entry."""
+    if base.get("repo_id"):
+        return base["repo_id"], _link(base)
+    named = base.get("config_names")
+    if named:
+        return named, (f"{_link(base)}, whose config.json names [{named}]({hub_url()}/{named}) as its origin; "
+                       f"that is this card's `base_model` (merge-bot did not compare the folder with that repo)")
+    return None, f"{_link(base)} that names no Hub repo, so this card has no `base_model`"
 
 
 def _method_line(report: dict[str, Any]) -> str:
@@ -111,25 +154,27 @@ def build_card(report: dict[str, Any], adapter_folder: Path | None, base_folder:
     adapter, base = report.get("adapter", {}), report.get("base", {})
     auto_class, pipeline = auto_class_and_pipeline(report.get("architecture"), report.get("task_type"))
     peft_type = str(report.get("peft_type", "lora")).lower()
+    base_model, base_line = base_model_of(base)
+    adapter_card, base_card = read_card_data(adapter_folder), read_card_data(base_folder)
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag=pipeline,
-        base_model=base.get("repo_id") or None,
-        base_model_relation="finetune" if base.get("repo_id") else None,
+        base_model=base_model,
+        base_model_relation="finetune" if base_model else None,
         tags=sorted({"merge", "peft-merge", "merge-bot", peft_type}),
         merge_bot={"fingerprint": report.get("fingerprint"), "adapter": adapter.get("repo_id"),
                    "adapter_revision": adapter.get("revision"), "base_revision": base.get("revision")},
-        **inherited_metadata(read_card_data(adapter_folder), read_card_data(base_folder)),
+        **inherited_metadata(adapter_card, base_card),
     )
-    name = (adapter.get("repo_id") or Path(adapter.get("path") or "model").name).split("/")[-1]
+    title = f"{adapter['repo_id'].split('/')[-1]} (merged)" if adapter.get("repo_id") else "Merged model"
     lines = [
         "---", data.to_yaml(), "---", "",
-        f"# {name} (merged)", "",
+        f"# {title}", "",
         "This is a standalone model: a PEFT adapter merged into its base model by merge-bot. "
         "It loads with `transformers` alone; PEFT is not needed.", "",
         "## What was merged", "",
         f"- **Adapter:** {_link(adapter)}",
-        f"- **Base model:** {_link(base)}",
+        f"- **Base model:** {base_line}",
     ]
     if report.get("base_note"):
         lines.append(f"- **Base note:** {report['base_note']}")
@@ -158,12 +203,8 @@ def build_card(report: dict[str, Any], adapter_folder: Path | None, base_folder:
         lines.append("tokenizer = AutoTokenizer.from_pretrained(repo)")
     else:
         lines.append("# no tokenizer files were found on the adapter or base; load the base model's tokenizer")
-    lines += [f"model = {auto_class}.from_pretrained(repo)", "```", "", "## License", ""]
-    licence = data.license
-    lines.append(f"Released under `{licence}`, as declared by the adapter or base model card. The base model's "
-                 "license and terms of use apply to this merged model." if licence else
-                 "No license was declared on the adapter or base card; the base model's license and terms of use "
-                 "apply to this merged model.")
+    lines += [f"model = {auto_class}.from_pretrained(repo)", "```", "", "## License", "",
+              license_text(license_of(base_card), license_of(adapter_card))]
     return "\n".join(lines) + "\n"
 
 

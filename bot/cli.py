@@ -26,11 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge an adapter into its base and write a transformers model folder")
     merge.add_argument("adapter", help="adapter folder, or Hub repo id with optional @revision")
     merge.add_argument("--base", help="base model folder or Hub id (default: the one named in adapter_config.json)")
-    merge.add_argument("--out", required=True, type=Path, help="output folder (must not exist, or be empty)")
+    merge.add_argument("--out", required=True, type=Path,
+                       help="output folder, new or empty (see --overwrite); never an input folder, inside one or "
+                            "around one, nor the current folder or home")
     merge.add_argument("--dtype", default="auto", help=f"output dtype: {', '.join(DTYPES)} (auto keeps the base's)")
     merge.add_argument("--device", default="auto", help=f"where to do the arithmetic: {', '.join(DEVICES)}")
     merge.add_argument("--verify", action="store_true", help="compare merged logits with PEFT's unmerged model")
-    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace --out when it holds a previous merge-bot output (a merge_report.json with a "
+                            "fingerprint, and only files a merge writes): the whole folder is removed once the new "
+                            "merge is complete; any other non-empty folder is refused")
     merge.add_argument("--max-shard-size", default="auto", help=SHARD_HELP)
     merge.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -105,7 +110,8 @@ def run_merge(args: argparse.Namespace) -> int:
         max_shard_bytes=parse_shard_size(args.max_shard_size),
         token=args.token or os.environ.get("HF_TOKEN") or None,
     )
-    check_output_dir(Path(spec.out), overwrite=spec.overwrite)  # fail before any download
+    local_inputs = [Path(ref.name) for ref in (spec.adapter, spec.base) if ref is not None and ref.local]
+    check_output_dir(Path(spec.out), overwrite=spec.overwrite, inputs=local_inputs)  # fail before any download
     checked = preflight(spec)
     if checked.base_note:
         print(f"note: {checked.base_note}", file=sys.stderr)
@@ -119,6 +125,8 @@ def run_merge(args: argparse.Namespace) -> int:
         result = run_merge_plan(plan, spec.verify, progress)
     finally:
         progress.close()
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     modules = ", ".join(f"{n} {k}" for k, n in result.module_counts.items() if k != "merged_modules") or "none"
     print(f"merged {plan.adapter.label} into {plan.base.label} -> {result.out_dir}")
     print(f"  modules: {modules}; tensors written: {result.tensors_written}; "

@@ -98,15 +98,15 @@ def commit_text(report: dict[str, Any]) -> tuple[str, str]:
     def at(source: dict[str, Any]) -> str:
         if source.get("repo_id"):
             return f"{source['repo_id']}@{(source.get('revision') or '')[:12]}"
-        return f"local {Path(source.get('path') or '?').name}"
+        return "a local folder"  # never its path: the text is published
 
     adapter, base = report.get("adapter", {}), report.get("base", {})
     title = f"Merge {report.get('peft_type', 'adapter')} adapter {at(adapter)} into {at(base)}"
     options = report.get("options", {})
     lines = [
         "Merged by merge-bot.", "",
-        f"- adapter: {adapter.get('repo_id') or at(adapter)} at `{adapter.get('revision')}`",
-        f"- base: {base.get('repo_id') or at(base)} at `{base.get('revision')}`",
+        f"- adapter: {adapter.get('repo_id') or 'a local folder'} at `{adapter.get('revision')}`",
+        f"- base: {base.get('repo_id') or 'a local folder'} at `{base.get('revision')}`",
         f"- method: {report.get('method')} ({report.get('peft_type')}), output dtype {report.get('output_dtype')}",
         f"- options: {json.dumps(options, sort_keys=True)}",
         f"- merge-bot {report.get('merge_bot_version')}",

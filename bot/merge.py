@@ -6,6 +6,7 @@ folder beside the destination and is renamed into place only when complete.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -28,9 +29,9 @@ from bot.checkpoint import read_base_tensor
 from bot.errors import AdapterConfigError, OutputError, UsageError
 from bot.plan import MergePlan, TensorJob
 from bot.preflight import check_free_space
-from bot.provenance import fingerprint, output_options, pin_source
+from bot.provenance import LOCAL_FOLDER, Pinned, fingerprint, output_options, pin_source
 from bot.shards import DTYPE_FROM_CODE, ShardWriter, TensorInfo, index_json, layout_shards, read_into, shard_file_names
-from bot.sources import is_tokenizer_file
+from bot.sources import is_side_file, is_tokenizer_file
 from bot.tuners import apply_op, apply_op_tensors, row_slice_tensors, weight_delta
 
 log = logging.getLogger(__name__)
@@ -67,17 +68,90 @@ class MergeResult:
     fallback: bool = False
     verification: dict[str, Any] | None = None
     report: dict[str, Any] = field(default_factory=dict, repr=False)
+    warnings: list[str] = field(default_factory=list)  # found while writing (side files), besides the plan's
 
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def check_output_dir(out: Path, *, overwrite: bool) -> None:
+# What a merge writes (merge_report.json, README.md and the side files included): a folder
+# holding anything else is not only a previous merge-bot output, so --overwrite leaves it alone.
+_OUTPUT_FILES = ("*.safetensors", "model.safetensors.index.json", "config.json", CARD_NAME, REPORT_NAME)
+
+
+def is_output_file(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in _OUTPUT_FILES) or is_side_file(name)
+
+
+def protected_folders(inputs: Iterable[Path]) -> list[tuple[Path, str]]:
+    """Folders --out must neither be, contain, nor lie inside, each with how to name it in a message.
+
+    An input given as a huggingface_hub snapshot (``models--org--name/snapshots/<sha>``) holds
+    links into ``../../blobs``, so the whole cached repo is protected."""
+    folders = []
+    for folder in inputs:
+        real = Path(folder).resolve()
+        folders.append((real, "an input folder"))
+        repo = real.parents[1] if len(real.parents) > 1 else None
+        if real.parent.name == "snapshots" and repo is not None and repo.name.startswith(("models--", "datasets--")):
+            folders.append((repo, "the Hub cache of an input"))
+    return folders
+
+
+def describe_contents(folder: Path, entries: list[Path] | None = None) -> str:
+    """``holds 3 files, e.g. x.py`` for a refusal message (names only, at most three)."""
+    entries = sorted(folder.iterdir()) if entries is None else entries
+    files = sum(1 for e in entries if e.is_file() and not e.is_symlink())
+    others = len(entries) - files
+    counts = " and ".join(part for part in (f"{files} file{'s' * (files != 1)}" * bool(files),
+                                             f"{others} other entr{'ies' if others != 1 else 'y'}" * bool(others)) if part)
+    return f"holds {counts}, e.g. {', '.join(e.name for e in entries[:3])}"
+
+
+def holds_merge_output(folder: Path) -> bool:
+    """Whether ``folder`` is a previous merge-bot output: its merge_report.json carries a fingerprint."""
+    try:
+        report = json.loads((folder / REPORT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and isinstance(report.get("fingerprint"), str) and bool(report["fingerprint"])
+
+
+def check_output_dir(out: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
+    """Refuse an --out whose replacement could destroy something that is not a previous merge.
+
+    --out may not be, contain or lie inside an input folder, nor be (or contain) the current
+    folder or home, with or without --overwrite. A non-empty folder is replaced only with
+    --overwrite and only when it holds a previous merge-bot output and nothing else.
+    """
+    given = out
+    out = Path(out).resolve()  # symlinks too: a link to the base is the base
+    for folder, what in ((Path.cwd().resolve(), "the current folder"), (Path.home().resolve(), "your home folder")):
+        if out == folder or folder.is_relative_to(out):
+            relation = "is" if out == folder else "contains"
+            raise OutputError(f"--out {given} {relation} {what}; choose a new folder for the merge, such as ./merged")
+    for folder, what in protected_folders(inputs):
+        relation = ("is" if out == folder else "contains" if folder.is_relative_to(out)
+                    else "lies inside" if out.is_relative_to(folder) else None)
+        if relation:
+            raise OutputError(f"--out {given} {relation} {what} ({folder.name}); merge-bot never writes over or into "
+                              f"its inputs: choose a new folder elsewhere, such as ./merged")
     if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is a file; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"output folder {out} exists and is not empty; pass --overwrite or choose another --out")
+        raise OutputError(f"output {given} exists and is a file; choose another --out")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        raise OutputError(f"output folder {given} exists and is not empty ({describe_contents(out, entries)}); "
+                          f"pass --overwrite to replace a previous merge-bot output, or choose another --out")
+    if not holds_merge_output(out):
+        raise OutputError(f"output folder {given} {describe_contents(out, entries)}, not a merge-bot output; "
+                          f"--overwrite only replaces a folder written by merge-bot: choose another --out")
+    foreign = [e for e in entries if not (e.is_file() and not e.is_symlink() and is_output_file(e.name))]
+    if foreign:
+        raise OutputError(f"output folder {given} is a merge-bot output but also {describe_contents(out, foreign)} "
+                          f"that merge-bot did not write; move them out or choose another --out")
 
 
 def check_disk_space(out: Path, needed: int) -> None:
@@ -85,8 +159,9 @@ def check_disk_space(out: Path, needed: int) -> None:
 
 
 @contextmanager
-def staged_output(out: Path, *, overwrite: bool) -> Iterator[Path]:
-    """A temp folder beside ``out`` that becomes ``out`` only if the body succeeds."""
+def staged_output(out: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> Iterator[Path]:
+    """A temp folder beside ``out`` that becomes ``out`` only if the body succeeds; an existing
+    ``out`` is checked again (``check_output_dir``) right before it is replaced."""
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -94,8 +169,7 @@ def staged_output(out: Path, *, overwrite: bool) -> Iterator[Path]:
     try:
         yield tmp
         if out.exists():
-            if not overwrite and any(out.iterdir()):
-                raise OutputError(f"output folder {out} appeared during the merge; nothing was replaced")
+            check_output_dir(out, overwrite=overwrite, inputs=inputs)  # again: it may have changed during the merge
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
             os.replace(tmp, out)
@@ -230,22 +304,18 @@ def write_config(plan: MergePlan, out: Path) -> None:
     if "torch_dtype" in config:
         config["torch_dtype"] = config["dtype"]
     config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)  # where transformers 4 loaded the base from (often a local path): not this model
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def copy_side_files(plan: MergePlan, out: Path) -> list[str]:
-    """generation_config.json from the base, tokenizer files from the adapter if it has any, else the base."""
-    copied = []
-    gen = plan.base.path / "generation_config.json"
-    if gen.is_file():
-        shutil.copyfile(gen, out / gen.name)
-        copied.append(gen.name)
-    folder = plan.tokenizer_folder or plan.base.path
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and is_tokenizer_file(path.name):
-            shutil.copyfile(path, out / path.name)
-            copied.append(path.name)
-    return copied
+def copy_side_files(plan: MergePlan, out: Path) -> tuple[list[str], list[str]]:
+    """The base's side files overlaid with the adapter's, then the tokenizer checked (bot/sidefiles.py).
+    Returns (file names written, warnings)."""
+    from bot.sidefiles import check_tokenizer, plan_side_files, write_side_files
+
+    side = plan_side_files(plan.adapter.path, plan.base.path)
+    copied = write_side_files(side, out)
+    return copied, check_tokenizer(out, plan.base.path, side)
 
 
 def build_report(plan: MergePlan, result: MergeResult) -> dict[str, Any]:
@@ -257,17 +327,18 @@ def build_report(plan: MergePlan, result: MergeResult) -> dict[str, Any]:
         except PackageNotFoundError:
             return None
 
-    def source(s):
-        return {"ref": str(s.ref), "repo_id": s.repo_id, "revision": s.sha, "path": None if s.repo_id else str(s.path)}
-
     options = output_options(plan.spec.dtype, plan.spec.max_shard_bytes)
     scales = Counter(round(job_op.scaling, 6) for job in plan.jobs for job_op, on_bias in job.ops if not on_bias)
+    adapter, base = pin_source(plan.adapter), pin_source(plan.base)
+    base_entry = published_source(plan.base, base)
+    if not base.hub and (named := hub_id_named_by(plan.base_config)):
+        base_entry["config_names"] = named
 
-    return {
+    report = {
         "merge_bot_version": __version__,
-        "fingerprint": fingerprint(pin_source(plan.adapter), pin_source(plan.base), options),
-        "adapter": source(plan.adapter),
-        "base": source(plan.base),
+        "fingerprint": fingerprint(adapter, base, options),
+        "adapter": published_source(plan.adapter, adapter),
+        "base": base_entry,
         "base_note": plan.spec.base_note,
         "requested_by": plan.spec.requested_by,
         "architecture": (plan.config_updates.get("architectures") or plan.base_config.get("architectures") or [None])[0],
@@ -280,7 +351,7 @@ def build_report(plan: MergePlan, result: MergeResult) -> dict[str, Any]:
         "module_counts": result.module_counts,
         "tensors_written": result.tensors_written,
         "tensors_merged": result.tensors_merged,
-        "warnings": list(plan.warnings),
+        "warnings": list(plan.warnings) + list(result.warnings),
         "timing_seconds": round(result.seconds, 3),
         "peak_rss_bytes": result.peak_rss_bytes,
         "verification": result.verification,
@@ -290,6 +361,55 @@ def build_report(plan: MergePlan, result: MergeResult) -> dict[str, Any]:
             **{name: installed(name) for name in ("transformers", "peft", "safetensors", "huggingface_hub")},
         },
     }
+    return without_local_paths(report, local_paths(plan))
+
+
+def published_source(source, pinned: Pinned) -> dict[str, Any]:
+    """An input as the published report names it: a Hub id at its commit, or "a local folder" at its
+    content digest (provenance.folder_digest); never a path of this machine."""
+    if pinned.hub:
+        return {"ref": str(source.ref), "repo_id": pinned.name, "revision": pinned.revision}
+    return {"ref": LOCAL_FOLDER, "repo_id": None, "revision": pinned.revision}
+
+
+def hub_id_named_by(config: dict[str, Any]) -> str | None:
+    """The Hub repo a local base's config.json names as its origin (``_name_or_path``, which
+    transformers 4 wrote on save), when that is an ``owner/name`` id rather than a path."""
+    from huggingface_hub.utils import validate_repo_id
+
+    named = config.get("_name_or_path")
+    if not isinstance(named, str) or named.count("/") != 1 or named.startswith((".", "~")):
+        return None
+    try:
+        validate_repo_id(named)
+    except Exception:  # HFValidationError: a path or junk, not a repo id
+        return None
+    return named
+
+
+def local_paths(plan: MergePlan) -> list[tuple[str, str]]:
+    """(path, what to say instead) for this machine's folders that a message might quote."""
+    folders = [(plan.adapter.path, LOCAL_FOLDER), (plan.base.path, LOCAL_FOLDER), (Path(plan.spec.out), "the output"),
+               (Path.home(), "~")]
+    pairs = {}
+    for folder, instead in folders:
+        for form in (str(folder), str(Path(folder).absolute()), str(Path(folder).resolve())):
+            if len(form) > 1:  # never "/" or "."
+                pairs.setdefault(form, instead)
+    return sorted(pairs.items(), key=lambda pair: -len(pair[0]))  # longest first: a folder inside home before home
+
+
+def without_local_paths(value: Any, paths: list[tuple[str, str]]) -> Any:
+    """``value`` with every quoted local folder replaced (warnings and notes come from many places)."""
+    if isinstance(value, str):
+        for path, instead in paths:
+            value = value.replace(path, instead)
+        return value
+    if isinstance(value, dict):
+        return {k: without_local_paths(v, paths) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(v, paths) for v in value]
+    return value
 
 
 def write_report(result: MergeResult, folder: Path) -> None:
@@ -349,9 +469,10 @@ def execute_plan(plan: MergePlan, *, on_progress: ProgressFn | None = None,
                  verify: Callable[[MergePlan, Path], dict[str, Any]] | None = None) -> MergeResult:
     """Run a plan into ``plan.spec.out`` atomically. ``verify`` runs on the staged folder before the rename."""
     out = Path(plan.spec.out)
-    check_output_dir(out, overwrite=plan.spec.overwrite)
+    inputs = (plan.adapter.path, plan.base.path)
+    check_output_dir(out, overwrite=plan.spec.overwrite, inputs=inputs)
     check_disk_space(out, plan.output_bytes)
-    with staged_output(out, overwrite=plan.spec.overwrite) as tmp:
+    with staged_output(out, overwrite=plan.spec.overwrite, inputs=inputs) as tmp:
         result = merge_into(plan, tmp, on_progress=on_progress, verify=verify)
     result.out_dir = out
     return result
@@ -380,16 +501,18 @@ def merge_into(plan: MergePlan, folder: Path, *, on_progress: ProgressFn | None 
                                      on_shard=on_shard)
         write_config(plan, folder)
         counts, written = dict(plan.module_counts), len(plan.jobs)
-    files = files + ["config.json"] * ("config.json" not in files) + copy_side_files(plan, folder)
+    side_files, side_warnings = copy_side_files(plan, folder)
+    files = files + ["config.json"] * ("config.json" not in files) + side_files
     result = MergeResult(out_dir=folder, files=sorted(set(files)), module_counts=counts, tensors_written=written,
                          tensors_merged=merged, seconds=time.perf_counter() - start,
-                         peak_rss_bytes=peak_rss_bytes(), fallback=bool(plan.fallback_reason))
+                         peak_rss_bytes=peak_rss_bytes(), fallback=bool(plan.fallback_reason),
+                         warnings=side_warnings)
     if verify is not None:
         result.verification = verify(plan, folder)
     result.report = build_report(plan, result)
     write_report(result, folder)
     has_tokenizer = any(is_tokenizer_file(name) for name in result.files)
-    (folder / CARD_NAME).write_text(build_card(result.report, plan.adapter.path, plan.base.path,
-                                               has_tokenizer=has_tokenizer), encoding="utf-8")
+    card = build_card(result.report, plan.adapter.path, plan.base.path, has_tokenizer=has_tokenizer)
+    (folder / CARD_NAME).write_text(without_local_paths(card, local_paths(plan)), encoding="utf-8")
     result.files = sorted(set(result.files) | {REPORT_NAME, CARD_NAME})
     return result

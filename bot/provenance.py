@@ -16,6 +16,7 @@ from pathlib import Path
 from bot import __version__
 
 FINGERPRINT_MARKER = "merge-bot-fingerprint:"
+LOCAL_FOLDER = "a local folder"  # how published files name a local input: never its path
 _SMALL_FILE = 8 * 1024 * 1024  # above this, size + mtime + head: small weight shards add up
 _HEAD_BYTES = 1024 * 1024
 

@@ -1,8 +1,9 @@
 """Turning a SourceRef into a local folder: as is, or downloaded from the Hub at a pinned commit.
 
 Only the files a merge needs are downloaded (configs, safetensors weights named by the
-index, tokenizer files), into huggingface_hub's normal cache. The revision is pinned to
-a commit SHA first, so a branch that moves mid-run cannot mix two versions.
+index, tokenizer, chat template, generation and processor configs), into huggingface_hub's
+normal cache. The revision is pinned to a commit SHA first, so a branch that moves mid-run
+cannot mix two versions.
 """
 from __future__ import annotations
 
@@ -28,8 +29,12 @@ TOKENIZER_FILES = (
     "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
     "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "*.tiktoken",
 )
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", *TOKENIZER_FILES)
-BASE_CONFIG_FILES = ("config.json", "generation_config.json", "README.md", *TOKENIZER_FILES)
+# Vision-language and speech models: what their processors load besides the tokenizer.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+# Everything besides weights and config.json that travels into the merged folder (bot/sidefiles.py).
+SIDE_FILES = ("generation_config.json", *TOKENIZER_FILES, *PROCESSOR_FILES)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", *SIDE_FILES)
+BASE_CONFIG_FILES = ("config.json", "README.md", *SIDE_FILES)
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,10 @@ class ResolvedSource:
 
 def is_tokenizer_file(name: str) -> bool:
     return "/" not in name and any(fnmatch.fnmatch(name, p) for p in TOKENIZER_FILES)
+
+
+def is_side_file(name: str) -> bool:
+    return "/" not in name and any(fnmatch.fnmatch(name, p) for p in SIDE_FILES)
 
 
 def index_weight_names(index: dict, where: str) -> list[str]:

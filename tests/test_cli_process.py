@@ -31,7 +31,10 @@ def test_python_m_bot_merge_and_load_without_peft(cache_dir, tmp_path):
     assert shards[0].startswith("model-00001-of-")
     report = json.loads((out / "merge_report.json").read_text())
     assert report["verification"]["max_abs_logit_delta"] < 1e-5
-    assert report["adapter"]["path"] == str(adapter)
+    # Named, never by path: "a local folder" at its content digest.
+    assert report["adapter"]["ref"] == "a local folder" and report["adapter"]["revision"].startswith("local-")
+    published = (out / "merge_report.json").read_text() + (out / "README.md").read_text()
+    assert not [p for p in (str(adapter), str(base), str(tmp_path), str(Path.home())) if p in published]
 
     check = (
         "import sys; sys.modules['peft'] = None\n"

@@ -114,6 +114,11 @@ def test_adapter_weights_missing(good, tmp_path, capsys):
                 "adapter weights missing")
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its content, to prove a refusal changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_output_folder_exists(good, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -121,8 +126,79 @@ def test_output_folder_exists(good, tmp_path, capsys):
     assert main(["merge", str(good[1]), "--out", str(out), "--quiet"]) == errors.OutputError.exit_code
     assert "--overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # --overwrite replaces only a previous merge-bot output: this folder is not one.
+    assert main(["merge", str(good[1]), "--out", str(out), "--quiet", "--overwrite"]) == errors.OutputError.exit_code
+    err = capsys.readouterr().err
+    assert "holds 1 file, e.g. keep.txt, not a merge-bot output" in err and len(err.strip().splitlines()) == 1
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_overwrite_replaces_a_previous_merge_only(good, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["merge", str(good[1]), "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    (out / "model.safetensors").write_bytes(b"stale")
     assert main(["merge", str(good[1]), "--out", str(out), "--quiet", "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert (out / "model.safetensors").read_bytes() != b"stale"
+    assert json.loads((out / "merge_report.json").read_text())["fingerprint"] == report["fingerprint"]
+    # A merge output with the user's own file in it is not replaced: the file would go with it.
+    (out / "notes.md").write_text("mine")
+    before = snapshot(out)
+    assert main(["merge", str(good[1]), "--out", str(out), "--quiet", "--overwrite"]) == errors.OutputError.exit_code
+    assert "notes.md" in capsys.readouterr().err
+    assert snapshot(out) == before
+    # A report without a fingerprint is not a merge-bot output.
+    (out / "notes.md").unlink()
+    (out / "merge_report.json").write_text("{}")
+    assert main(["merge", str(good[1]), "--out", str(out), "--quiet", "--overwrite"]) == errors.OutputError.exit_code
+    assert "not a merge-bot output" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["cwd", "adapter", "base", "parent-of-inputs", "inside-adapter", "link-to-base",
+                                   "home"])
+def test_overwrite_never_touches_inputs_cwd_or_home(good, tmp_path, capsys, monkeypatch, where):
+    """As users hit it: `merge demo-adapter --base demo-base --out . --overwrite` in their project folder."""
+    project = tmp_path / "project"
+    project.mkdir()
+    adapter, base = project / "demo-adapter", project / "demo-base"
+    shutil.copytree(good[1], adapter)
+    shutil.copytree(good[0], base)
+    (project / "script.py").write_text("print('mine')\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(project if where != "parent-of-inputs" else tmp_path / "elsewhere")
+    monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))
+    if where == "link-to-base":
+        (tmp_path / "link").symlink_to(base)
+    out = {"cwd": ".", "adapter": "demo-adapter", "base": "demo-base", "parent-of-inputs": str(project),
+           "inside-adapter": "demo-adapter/merged", "link-to-base": str(tmp_path / "link"),
+           "home": str(Path("~").expanduser())}[where]  # home holds no input: only being home stops it
+    before = snapshot(tmp_path)
+    code = main(["merge", str(adapter), "--base", str(base), "--out", out, "--quiet", "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == errors.OutputError.exit_code, err
+    assert len(err) == 1 and err[0].startswith("Error: --out") and "Traceback" not in err[0]
+    expected = {"cwd": "the current folder", "home": "home folder", "parent-of-inputs": "contains an input folder",
+                "inside-adapter": "lies inside an input folder"}.get(where, "is an input folder")
+    assert expected in err[0], err[0]
+    assert snapshot(tmp_path) == before  # every file survives, with its content
+    assert not list(tmp_path.rglob(".*.partial-*"))
+
+
+def test_out_inside_a_hub_snapshot_input_is_refused(good, tmp_path, capsys):
+    """A base given as a huggingface_hub cache snapshot: its files live in ../../blobs, so the whole cached repo is an input."""
+    repo = tmp_path / "hub" / "models--bob--base"
+    snap = repo / "snapshots" / ("a" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in good[0].iterdir():
+        (repo / "blobs" / f.name).write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("../..") / "blobs" / f.name)
+    before = snapshot(tmp_path / "hub")
+    for out in (repo, repo / "blobs" / "merged", snap):
+        code = main(["merge", str(good[1]), "--base", str(snap), "--out", str(out), "--quiet", "--overwrite"])
+        assert code == errors.OutputError.exit_code
+        assert "input" in capsys.readouterr().err
+    assert snapshot(tmp_path / "hub") == before
 
 
 def test_not_enough_disk(good, tmp_path, capsys, monkeypatch):

@@ -73,7 +73,9 @@ def test_model_card_metadata_and_body(hub, models, capsys, tmp_path):
     assert data["base_model_relation"] == "finetune"
     assert data["library_name"] == "transformers"
     assert data["pipeline_tag"] == "text-generation"
-    assert data["license"] == "mit"  # the adapter's card wins
+    # The adapter's card says mit, the base's apache-2.0: the merged weights are mostly the base's.
+    assert data["license"] == "apache-2.0"
+    assert "`apache-2.0`" in card.text and "`mit`" in card.text and "they differ" in card.text
     assert data["datasets"] == ["alice/chat-data"]
     assert data["language"] == ["en"]  # the adapter says nothing, so the base's
     assert {"merge", "lora", "peft-merge"} <= set(data["tags"])
@@ -227,6 +229,66 @@ def test_merge_then_push_then_push_again(hub, models, capsys, tmp_path):
     assert len(our_commits(hub, "alice/pushed")) == 1
     code, _, err = run_cli(capsys, "push", str(models["adapter"]), "--repo", "alice/not-a-merge")
     assert code == 2 and "merge_report.json" in err
+
+
+def test_push_of_a_local_merge_publishes_no_local_path(hub, models, capsys, tmp_path, monkeypatch):
+    """As users hit it: folders under their home, merged and pushed; nothing published may name them."""
+    home = tmp_path / "home" / "someone"
+    adapter, base = home / "work" / "my-adapter", home / "work" / "my-base"
+    base.mkdir(parents=True)
+    for f in models["base"].iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    config["_name_or_path"] = "bob/tiny-llama"  # what transformers 4 wrote when saving a model loaded from the Hub
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# my base\n")
+    adapter.mkdir()
+    for f in models["adapter"].iterdir():
+        (adapter / f.name).write_bytes(f.read_bytes())
+    (adapter / "README.md").write_text("---\nlicense: mit\n---\n# my adapter\n")
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = str(base)
+    (adapter / "adapter_config.json").write_text(json.dumps(adapter_config))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home)
+    out = home / "work" / "merged"
+    code, _, err = run_cli(capsys, "merge", str(adapter), "--out", str(out), "--quiet", "--verify")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "push", str(out), "--repo", "alice/from-local")
+    assert code == 0, err
+
+    published = {name: data.decode() for name, data in hub.files("alice/from-local").items()
+                 if name.endswith((".json", ".md", ".txt", ".jinja"))}
+    commit = hub.commits("alice/from-local")[0]
+    published["commit"] = f"{commit['title']}\n{commit['message']}"
+    assert {"merge_report.json", "README.md", "config.json"} <= set(published)
+    for text in published.values():
+        for local in (str(tmp_path), str(home), "/home/", "someone", "my-adapter", "my-base"):
+            assert local not in text
+    report = json.loads(published["merge_report.json"])
+    assert report["adapter"]["ref"] == "a local folder" and report["adapter"]["revision"].startswith("local-")
+    assert report["base"]["config_names"] == "bob/tiny-llama"
+    assert "Merge LORA adapter a local folder into a local folder" in published["commit"]
+
+    card_path = tmp_path / "README.md"
+    card_path.write_text(published["README.md"])
+    card = ModelCard.load(card_path)
+    data = card.data.to_dict()
+    assert data["base_model"] == "bob/tiny-llama"  # named by the folder's config.json, and the card says so
+    assert "whose config.json names [bob/tiny-llama]" in card.text
+    assert data["license"] == "apache-2.0" and "`mit`" in card.text and "they differ" in card.text
+    local = snapshot_download("alice/from-local", cache_dir=tmp_path / "dl")
+    assert_matches_peft(Path(local), models["base"], models["adapter"])
+
+
+def test_a_local_base_naming_no_hub_repo_has_no_base_model(models, tmp_path):
+    from bot.card import build_card
+
+    report = {"adapter": {"ref": "a local folder", "repo_id": None, "revision": "local-0123"},
+              "base": {"ref": "a local folder", "repo_id": None, "revision": "local-4567"}, "peft_type": "LORA"}
+    card = build_card(report, None, None)
+    assert "base_model:" not in card and "names no Hub repo, so this card has no `base_model`" in card
+    assert "Neither the base model's card nor the adapter's declares a license" in card
 
 
 def test_a_verify_run_adds_verification_to_a_plain_publish_once(hub, models, capsys):
