@@ -193,8 +193,8 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
                 return JobResult(existing)
         on_event("downloading the adapter and base")
         plan = resolve_plan(checked.pinned_spec(spec))
-        for warning in plan.warnings:
-            on_event(f"warning: {warning}")
+        for notice in plan.notices:
+            on_event(f"warning: {notice}")
         on_event("merging")
         with MERGE_LOCK:  # one merge at a time per process (the Space's form and its bot share the disk)
             if merge_runner is None:

@@ -345,9 +345,9 @@ def execute_plan(plan: MergePlan, *, on_progress: ProgressFn | None = None,
         if plan.fallback_reason:
             from bot.fallback import peft_merge
 
-            log.warning("%s: merging in memory with PEFT; peak memory will be the whole model", plan.fallback_reason)
-            files, counts = peft_merge(plan, tmp)
-            merged, written = counts.get("merged_modules", 0), 0
+            log.info("%s: merging in memory with PEFT; peak memory will be the whole model", plan.fallback_reason)
+            files, counts, written = peft_merge(plan, tmp)
+            merged = counts.get("merged_modules", 0)
         else:
             files, merged = stream_merge(plan, tmp, on_progress=on_progress)
             write_config(plan, tmp)
