@@ -56,7 +56,6 @@ def load_peft_model(plan: MergePlan, *, dtype: torch.dtype | str = "auto"):
     agree with a merge that dropped part of the adapter.
     """
     import transformers
-    from peft import PeftModel
 
     from bot.architecture import describe_model, load_config
     from bot.peft_config import build_peft_config
@@ -66,37 +65,42 @@ def load_peft_model(plan: MergePlan, *, dtype: torch.dtype | str = "auto"):
     model_cls = getattr(transformers, layout.architecture)
     with quiet_libraries():
         model = model_cls.from_pretrained(plan.base.path, dtype=dtype, trust_remote_code=False, use_safetensors=None)
-        key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
         try:
-            peft_model = PeftModel.from_pretrained(model, str(plan.adapter.path), config=config)
-        except (RuntimeError, ValueError, TypeError) as e:
+            peft_model, loaded = _attach_adapter(model, config, plan.adapter.path)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
             raise IncompatibleBaseError(f"PEFT could not attach the adapter to the base: {str(e).splitlines()[0]}") from e
-        check_every_tensor_loaded(peft_model, plan, key_mapping=key_mapping)
+    check_every_tensor_loaded(loaded)
     return peft_model, layout
+
+
+def _attach_adapter(model, config, adapter_path: Path):
+    """``PeftModel.from_pretrained`` in its two steps (wrap, then ``load_adapter``), keeping the load
+    result that from_pretrained drops: which saved keys PEFT had no place for."""
+    from peft import PeftModel
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+    config.inference_mode = True
+    key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}  # as from_pretrained does
+    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+    peft_model = cls(model, config, "default")
+    loaded = peft_model.load_adapter(str(adapter_path), "default", is_trainable=False, key_mapping=key_mapping)
+    return peft_model, loaded
 
 
 def _saved_name(key: str) -> str:
     """A key of the loaded model's state as the adapter file spells it (without PEFT's adapter name)."""
-    return key.replace(".default.", ".").removesuffix(".default")
+    return key.replace(".default.", ".").removesuffix(".default").removeprefix("base_model.model.")
 
 
-def check_every_tensor_loaded(peft_model, plan: MergePlan, *, key_mapping: dict | None = None) -> None:
-    """Refuse when PEFT leaves saved adapter tensors unused; note tensors PEFT expected but did not find.
-
-    The saved state is loaded once more with PEFT's ``set_peft_model_state_dict`` (as
-    ``PeftModel.from_pretrained`` did) to read its load result, which from_pretrained drops.
-    """
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
-
+def check_every_tensor_loaded(loaded) -> None:
+    """Refuse when PEFT left saved adapter tensors unused; note tensors PEFT expected but did not find."""
     from bot.plan import unused_tensors_error
 
-    state = load_peft_weights(str(plan.adapter.path), device="cpu", key_mapping=key_mapping)
-    result = set_peft_model_state_dict(peft_model, state, adapter_name="default")
-    unexpected = sorted(_saved_name(k) for k in result.unexpected_keys)
+    unexpected = sorted(_saved_name(k) for k in loaded.unexpected_keys)
     if unexpected:
         has_mts = any(".modules_to_save." in k or ".base_layer." in k for k in unexpected)
         raise unused_tensors_error({"modules_to_save" if has_mts else "target_modules": unexpected})
-    adapter_missing = sorted(k for k in result.missing_keys if ".default" in k)
+    adapter_missing = sorted(k for k in loaded.missing_keys if ".default" in k)
     if adapter_missing:
         log.warning("the adapter's weights lack %d tensor(s) that its config asks for (e.g. %s); PEFT keeps their "
                     "initial values, and so does the merge", len(adapter_missing), _saved_name(adapter_missing[0]))
