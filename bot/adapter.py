@@ -6,6 +6,8 @@ old field names, task-type defaults for ``modules_to_save``.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -78,6 +80,11 @@ _UNMERGEABLE_FIELDS = {
 }
 
 
+# How close an unknown field name must be to a known one to count as a typo of it (difflib's
+# ratio): "target_module" and "lora_alhpa" score 0.96 and 0.90; unrelated names stay below 0.7.
+_TYPO_CUTOFF = 0.85
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """adapter_config.json, normalised. ``raw`` keeps the file as read, for reports and PEFT."""
@@ -88,6 +95,7 @@ class AdapterConfig:
     base_revision: str | None
     fields: dict[str, Any] = field(repr=False)  # what the matching rules read (PEFT's field names)
     raw: dict[str, Any] = field(repr=False)
+    unknown_fields: tuple[str, ...] = ()  # set fields the installed PEFT does not know for this tuner (it drops them)
 
     @property
     def is_native(self) -> bool:
@@ -144,9 +152,11 @@ def parse_adapter_config(raw: dict[str, Any]) -> AdapterConfig:
     for name in ("rank_pattern", "alpha_pattern"):
         value = fields.get(name) or {}
         if not isinstance(value, dict):
-            raise AdapterConfigError(f"{CONFIG_NAME}: {name} must be an object mapping module patterns to numbers")
+            raise AdapterConfigError(f"{CONFIG_NAME}: {name} must be an object mapping module names or patterns "
+                                     f"to values")
         fields[name] = value
-    _check_field_types(fields)
+    _check_field_types(fields, peft_type)
+    unknown = unknown_fields(peft_type, raw)
     problem = peft_rules.config_problem(peft_type, fields)
     if problem:
         raise AdapterConfigError(f"{CONFIG_NAME}: {problem}, so PEFT cannot load it either; fix or re-save the adapter")
@@ -160,7 +170,55 @@ def parse_adapter_config(raw: dict[str, Any]) -> AdapterConfig:
         base_revision=raw.get("revision") or None,
         fields=fields,
         raw=raw,
+        unknown_fields=unknown,
     )
+
+
+def peft_config_fields(peft_type: str) -> frozenset[str] | None:
+    """The fields of the installed PEFT's config class for ``peft_type``; None when PEFT has no such tuner."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    return frozenset(f.name for f in dataclasses.fields(cls)) if cls is not None else None
+
+
+def _all_peft_config_fields() -> frozenset[str]:
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return frozenset(f.name for cls in PEFT_TYPE_TO_CONFIG_MAPPING.values() for f in dataclasses.fields(cls))
+
+
+def unknown_fields(peft_type: str, raw: dict[str, Any]) -> tuple[str, ...]:
+    """Set fields neither merge-bot nor the installed PEFT knows for this tuner, after refusing likely typos.
+
+    PEFT drops a field its config class lacks and uses the default instead, so a misspelt
+    ``target_modules`` or ``lora_alpha`` would merge a different adapter without a word. A name
+    close to a known one is refused with the suggestion; any other (a field of a newer PEFT) is
+    returned, for a warning. PEFT is imported only when some set field is not one the
+    streaming merge reads, which already means PEFT's own merge.
+    """
+    mine = STREAMED_FIELDS.get(peft_type, frozenset()) | _OLD_PEFT_FIELDS.get(peft_type, frozenset()) | \
+        _PEFT_CONFIG_FIELDS
+    candidates = [n for n, v in raw.items() if n not in mine and not _is_unset(v)]
+    if not candidates:
+        return ()
+    peft_fields = peft_config_fields(peft_type)
+    if peft_fields is None:  # an unknown peft_type is refused on its own, with that reason
+        return ()
+    known = mine | peft_fields
+    elsewhere = _all_peft_config_fields()  # another tuner's field (IA3 with layers_to_transform): not a typo
+    unknown = []
+    for name in sorted(candidates):
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=_TYPO_CUTOFF)
+        if close and name not in elsewhere:
+            raise AdapterConfigError(
+                f"{CONFIG_NAME} has an unknown field {name!r}; did you mean {close[0]!r}? PEFT would ignore it and "
+                f"use the default, merging a different adapter; rename the field"
+            )
+        unknown.append(name)
+    return tuple(unknown)
 
 
 def _is_number(value: Any) -> bool:
@@ -171,21 +229,41 @@ def _is_rank(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _check_field_types(fields: dict[str, Any]) -> None:
-    """The numeric and name fields the merge reads must have the types PEFT gives them."""
+def _is_mask(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, bool) for v in value)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# How a rank is spelled differs between tuners (PEFT's config classes): most need r > 0, OFT
+# saves r=0 when oft_block_size sets the size, and AdaLoRA's rank_pattern, once update_and_allocate
+# has pruned, maps each module to its kept-rank mask ([true, false, ...]), which PEFT loads as is.
+_RANK_RULES: dict[str, tuple[Any, str]] = {"OFT": (_is_count, "a whole number, 0 or more")}
+_RANK_PATTERN_RULES: dict[str, tuple[Any, str]] = {
+    "ADALORA": (_is_mask, "a list of true/false (AdaLoRA's kept-rank mask)"),
+    "OSF": (lambda v: _is_number(v) and v > 0, "a positive number"),
+}
+_POSITIVE_RANK = (_is_rank, "a positive whole number")
+
+
+def _check_field_types(fields: dict[str, Any], peft_type: str) -> None:
+    """The numeric and name fields the merge reads must have the types PEFT gives them for this tuner."""
     def bad(name: str, value: Any, want: str) -> AdapterConfigError:
         return AdapterConfigError(f"{CONFIG_NAME}: {name} must be {want}, not {json.dumps(value)[:40]}; "
                                   f"fix or re-save the adapter")
 
-    for name in ("r",):
-        if fields.get(name) is not None and not _is_rank(fields[name]):
-            raise bad(name, fields[name], "a positive whole number")
+    rank_ok, rank_want = _RANK_RULES.get(peft_type, _POSITIVE_RANK)
+    if fields.get("r") is not None and not rank_ok(fields["r"]):
+        raise bad("r", fields["r"], rank_want)
     for name in ("lora_alpha", "alpha"):
         if fields.get(name) is not None and not _is_number(fields[name]):
             raise bad(name, fields[name], "a finite number")
+    pattern_ok, pattern_want = _RANK_PATTERN_RULES.get(peft_type, _POSITIVE_RANK)
     for key, value in fields["rank_pattern"].items():
-        if not _is_rank(value):
-            raise bad(f"rank_pattern[{key!r}]", value, "a positive whole number")
+        if not pattern_ok(value):
+            raise bad(f"rank_pattern[{key!r}]", value, pattern_want)
     for key, value in fields["alpha_pattern"].items():
         if not _is_number(value):
             raise bad(f"alpha_pattern[{key!r}]", value, "a finite number")

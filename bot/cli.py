@@ -116,10 +116,8 @@ def run_merge(args: argparse.Namespace) -> int:
     if checked.base_note:
         print(f"note: {checked.base_note}", file=sys.stderr)
     plan = resolve_plan(checked.pinned_spec(spec))
-    for warning in plan.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    if plan.fallback_reason:
-        print(f"warning: {plan.fallback_reason}; using PEFT's in-memory merge (memory = whole model)", file=sys.stderr)
+    for notice in plan.notices:
+        print(f"warning: {notice}", file=sys.stderr)
     progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
     try:
         result = run_merge_plan(plan, spec.verify, progress)
@@ -226,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    for level in (logging.WARNING, logging.ERROR):  # "warning: ...", as merge-bot's own lines read
+        logging.addLevelName(level, logging.getLevelName(level).lower())
     token = getattr(args, "token", None) or os.environ.get("HF_TOKEN")
     try:
         return COMMANDS[args.command](args)

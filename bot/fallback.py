@@ -5,7 +5,10 @@ Exact by construction (it is PEFT's code) but holds the whole model in memory.
 from __future__ import annotations
 
 import logging
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -16,26 +19,91 @@ from bot.plan import DTYPE_CODES, MergePlan
 log = logging.getLogger(__name__)
 
 
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """PEFT's and transformers' own warnings, log lines and progress bars, kept off the terminal.
+
+    merge-bot says what matters in its own words (unknown fields, unused or missing adapter
+    tensors, the fallback itself); the rest (deprecation notices, notes about training
+    settings) goes to the debug log.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    peft_logger = logging.getLogger("peft")
+    peft_level = peft_logger.level
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    peft_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for warning in caught:
+            log.debug("library warning (%s): %s", warning.category.__name__, warning.message)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        peft_logger.setLevel(peft_level)
+
+
 def load_peft_model(plan: MergePlan, *, dtype: torch.dtype | str = "auto"):
-    """Base + adapter through PEFT, unmerged: the reference merge-bot's output must reproduce."""
+    """Base + adapter through PEFT, unmerged: the reference merge-bot's output must reproduce.
+
+    Every tensor saved in the adapter must land in the model (``check_every_tensor_loaded``):
+    PEFT skips saved keys it has no module for, so a reference built on a misspelt target would
+    agree with a merge that dropped part of the adapter.
+    """
     import transformers
-    from peft import PeftConfig, PeftModel
 
     from bot.architecture import describe_model, load_config
+    from bot.peft_config import build_peft_config
 
-    try:
-        PeftConfig.from_pretrained(str(plan.adapter.path))
-    except (ValueError, KeyError, TypeError) as e:
-        raise UnsupportedAdapterError(
-            f"peft_type {plan.adapter_config.peft_type} is not known to the installed PEFT; upgrade peft or check the adapter"
-        ) from e
+    config = build_peft_config(plan.adapter_config)
     layout = describe_model(load_config(plan.base.path), task_type=plan.adapter_config.task_type)
     model_cls = getattr(transformers, layout.architecture)
-    model = model_cls.from_pretrained(plan.base.path, dtype=dtype, trust_remote_code=False, use_safetensors=None)
-    try:
-        return PeftModel.from_pretrained(model, str(plan.adapter.path)), layout
-    except (RuntimeError, ValueError) as e:
-        raise IncompatibleBaseError(f"PEFT could not attach the adapter to the base: {str(e).splitlines()[0]}") from e
+    with quiet_libraries():
+        model = model_cls.from_pretrained(plan.base.path, dtype=dtype, trust_remote_code=False, use_safetensors=None)
+        try:
+            peft_model, loaded = _attach_adapter(model, config, plan.adapter.path)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise IncompatibleBaseError(f"PEFT could not attach the adapter to the base: {str(e).splitlines()[0]}") from e
+    check_every_tensor_loaded(loaded)
+    return peft_model, layout
+
+
+def _attach_adapter(model, config, adapter_path: Path):
+    """``PeftModel.from_pretrained`` in its two steps (wrap, then ``load_adapter``), keeping the load
+    result that from_pretrained drops: which saved keys PEFT had no place for."""
+    from peft import PeftModel
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+    config.inference_mode = True
+    key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}  # as from_pretrained does
+    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+    peft_model = cls(model, config, "default")
+    loaded = peft_model.load_adapter(str(adapter_path), "default", is_trainable=False, key_mapping=key_mapping)
+    return peft_model, loaded
+
+
+def _saved_name(key: str) -> str:
+    """A key of the loaded model's state as the adapter file spells it (without PEFT's adapter name)."""
+    return key.replace(".default.", ".").removesuffix(".default").removeprefix("base_model.model.")
+
+
+def check_every_tensor_loaded(loaded) -> None:
+    """Refuse when PEFT left saved adapter tensors unused; note tensors PEFT expected but did not find."""
+    from bot.plan import unused_tensors_error
+
+    unexpected = sorted(_saved_name(k) for k in loaded.unexpected_keys)
+    if unexpected:
+        has_mts = any(".modules_to_save." in k or ".base_layer." in k for k in unexpected)
+        raise unused_tensors_error({"modules_to_save" if has_mts else "target_modules": unexpected})
+    adapter_missing = sorted(k for k in loaded.missing_keys if ".default" in k)
+    if adapter_missing:
+        log.warning("the adapter's weights lack %d tensor(s) that its config asks for (e.g. %s); PEFT keeps their "
+                    "initial values, and so does the merge", len(adapter_missing), _saved_name(adapter_missing[0]))
 
 
 def _untie_if_adapted(model) -> bool:
@@ -64,25 +132,38 @@ def _untie_if_adapted(model) -> bool:
     return True
 
 
-def peft_merge(plan: MergePlan, out: Path) -> tuple[list[str], dict[str, int]]:
+def peft_merge(plan: MergePlan, out: Path) -> tuple[list[str], dict[str, int], int]:
+    """PEFT's merge_and_unload saved into ``out``: (files, module counts, tensors written)."""
     dtype = DTYPE_CODES.get(plan.spec.dtype)
     torch_dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dtype, "auto")
     read_adapter_weights(plan.adapter.path)  # the same checks as the streaming path: readable, finite tensors
     model, _ = load_peft_model(plan, dtype=torch_dtype)
     untied = _untie_if_adapted(model)
     n_layers = sum(1 for m in model.modules() if hasattr(m, "merge") and hasattr(m, "get_base_layer"))
-    try:
-        merged = model.merge_and_unload()
-    except (AttributeError, NotImplementedError, ValueError, RuntimeError) as e:
-        raise UnsupportedAdapterError(
-            f"PEFT cannot merge {plan.adapter_config.peft_type} adapters ({str(e).splitlines()[0]})"
-        ) from e
-    for name, tensor in merged.state_dict().items():
-        if tensor.is_floating_point() and not all_finite(tensor):
-            raise AdapterConfigError(f"PEFT's merge gave NaN or infinite values in {name}; the adapter's weights "
-                                     f"(or the base's, or a --dtype too narrow for them) are the cause")
-    if untied:
-        merged.config.tie_word_embeddings = False
-    merged.save_pretrained(out, safe_serialization=True, max_shard_size=plan.shard_bytes)
+    with quiet_libraries():
+        try:
+            merged = model.merge_and_unload()
+        except (AttributeError, NotImplementedError, ValueError, RuntimeError) as e:
+            raise UnsupportedAdapterError(
+                f"PEFT cannot merge {plan.adapter_config.peft_type} adapters ({str(e).splitlines()[0]})"
+            ) from e
+        for name, tensor in merged.state_dict().items():
+            if tensor.is_floating_point() and not all_finite(tensor):
+                raise AdapterConfigError(f"PEFT's merge gave NaN or infinite values in {name}; the adapter's weights "
+                                         f"(or the base's, or a --dtype too narrow for them) are the cause")
+        if untied:
+            merged.config.tie_word_embeddings = False
+        merged.save_pretrained(out, safe_serialization=True, max_shard_size=plan.shard_bytes)
     files = sorted(p.name for p in out.iterdir())
-    return files, {plan.adapter_config.peft_type: n_layers, "merged_modules": n_layers}
+    return files, {plan.adapter_config.peft_type: n_layers, "merged_modules": n_layers}, count_tensors(out)
+
+
+def count_tensors(folder: Path) -> int:
+    """Tensors in the safetensors files of ``folder``, read from their headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            total += len(list(f.keys()))
+    return total

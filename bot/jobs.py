@@ -196,8 +196,8 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
                 return JobResult(existing)
         on_event("reading the adapter and the base's headers" if streamed else "downloading the adapter and base")
         plan = resolve_plan(checked.pinned_spec(spec), stream_base=streamed)
-        for warning in plan.warnings:
-            on_event(f"warning: {warning}")
+        for notice in plan.notices:
+            on_event(f"warning: {notice}")
         with MERGE_LOCK:  # one merge at a time per process (the Space's form and its bot share the disk)
             if streamed:
                 return stream_publish(plan, api, target, fps, author=account.name, work=work, on_event=on_event,
@@ -256,6 +256,8 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
             result = merge_into(plan, folder, base_pieces=fetcher, on_shard=opened.upload, on_progress=merged)
             if fetcher is not None:
                 on_event(f"downloaded {down.describe()}")
+            for warning in result.warnings:
+                on_event(f"warning: {warning}")
             title, description = commit_text(result.report)
             on_event(f"merged {result.tensors_merged} tensors in {result.seconds:.1f}s; committing to "
                      f"{target.repo_id}")

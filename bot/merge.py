@@ -489,9 +489,9 @@ def merge_into(plan: MergePlan, folder: Path, *, on_progress: ProgressFn | None 
     if plan.fallback_reason:
         from bot.fallback import peft_merge
 
-        log.warning("%s: merging in memory with PEFT; peak memory will be the whole model", plan.fallback_reason)
-        files, counts = peft_merge(plan, folder)
-        merged, written = counts.get("merged_modules", 0), 0
+        log.info("%s: merging in memory with PEFT; peak memory will be the whole model", plan.fallback_reason)
+        files, counts, written = peft_merge(plan, folder)
+        merged = counts.get("merged_modules", 0)
         if on_shard is not None:
             for name in files:
                 if name.endswith(".safetensors"):

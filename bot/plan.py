@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from bot import peft_rules
-from bot.adapter import (NATIVE_TYPES, AdapterConfig, AdapterTensors, read_adapter_config, read_adapter_weights,
+from bot.adapter import (NATIVE_TYPES, PEFT_PREFIX, AdapterConfig, AdapterTensors, read_adapter_config, read_adapter_weights,
                          split_adapter_keys)
 from bot.architecture import (CONV1D_MODEL_TYPES, ModelLayout, checkpoint_layout, describe_model, infer_linear_kind,
                                load_config)
@@ -77,6 +77,13 @@ class MergePlan:
         return self.spec.max_shard_bytes or auto_shard_bytes(self.output_bytes)
 
     @property
+    def notices(self) -> tuple[str, ...]:
+        """What the user hears before the merge starts, each fact once (the CLI and the publish jobs print these)."""
+        fallback = (f"{self.fallback_reason}; using PEFT's in-memory merge (memory = whole model)",) \
+            if self.fallback_reason else ()
+        return self.warnings + fallback
+
+    @property
     def output_bytes(self) -> int:
         if self.jobs:
             return sum(j.output.nbytes for j in self.jobs)
@@ -121,6 +128,8 @@ def check_peft_can_merge(acfg: AdapterConfig) -> None:
     from peft import PeftType
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
+    from bot.peft_config import build_peft_config
+
     if acfg.peft_type not in PeftType.__members__:
         raise UnsupportedAdapterError(
             f"peft_type {acfg.peft_type} is not known to the installed PEFT; upgrade peft or check adapter_config.json"
@@ -128,6 +137,7 @@ def check_peft_can_merge(acfg: AdapterConfig) -> None:
     tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(acfg.peft_type)
     if tuner is None or not hasattr(tuner, "merge_and_unload"):
         raise UnsupportedAdapterError(f"PEFT cannot merge {acfg.peft_type} adapters into the base weights")
+    build_peft_config(acfg)  # what PEFT's config class refuses, with PEFT's reason, before any download
 
 
 def resolve_plan(spec: MergeSpec, *, stream_base: bool = False) -> MergePlan:
@@ -151,7 +161,8 @@ def resolve_plan(spec: MergeSpec, *, stream_base: bool = False) -> MergePlan:
                   tokenizer_folder=tokenizer_folder)
     if not acfg.is_native:
         what = f"{acfg.peft_type} with {acfg.peft_only_field}" if acfg.peft_type in NATIVE_TYPES else acfg.peft_type
-        return MergePlan(**common, fallback_reason=f"{what} is merged by PEFT itself")
+        return MergePlan(**common, fallback_reason=f"{what} is merged by PEFT itself",
+                         warnings=unknown_field_notes(acfg))
     weights = read_adapter_weights(adapter.path)
     parts = split_adapter_keys(list(weights))
     checkpoint = index_remote_checkpoint(base.remote) if base.remote else index_checkpoint(base.path)[0]
@@ -164,6 +175,16 @@ def resolve_plan(spec: MergeSpec, *, stream_base: bool = False) -> MergePlan:
         if base.remote:  # PEFT loads the whole base from a folder
             common["base"] = resolve_source(base_ref, what="base", token=spec.token)
         return MergePlan(**common, fallback_reason=str(e))
+
+
+def unknown_field_notes(acfg: AdapterConfig) -> tuple[str, ...]:
+    if not acfg.unknown_fields:
+        return ()
+    import peft
+
+    names = ", ".join(acfg.unknown_fields)
+    return (f"adapter_config.json field(s) {names} are unknown to the installed PEFT {peft.__version__} for "
+            f"{acfg.peft_type}, which ignores them; upgrade peft if the adapter was saved by a newer one",)
 
 
 # Last name parts of modules that may be tied to, or be, an embedding or a task head.
@@ -203,6 +224,30 @@ def _check_replacement_shape(name: str, saved: tuple[int, ...], base: TensorInfo
         return
     raise IncompatibleBaseError(f"adapter's saved {name} is {list(saved)} but the base's is {list(base.shape)}; "
                                 f"check that --base is the model the adapter was trained on")
+
+
+def untargeted_field(fields: dict[str, Any], module: str) -> str:
+    """The config field that keeps PEFT from putting an adapter layer on ``module``."""
+    if fields.get("exclude_modules") and peft_rules.is_excluded({"exclude_modules": fields["exclude_modules"]}, module):
+        return "exclude_modules"
+    if peft_rules.is_excluded({"modules_to_save": fields.get("modules_to_save")}, module):
+        return "modules_to_save"
+    if fields.get("layers_to_transform") is not None and peft_rules.is_targeted(
+            {**fields, "layers_to_transform": None, "layers_pattern": None}, module):
+        return "layers_to_transform"
+    return "target_modules"
+
+
+def unused_tensors_error(unused: dict[str, list[str]]) -> AdapterConfigError:
+    """Saved adapter tensors the merge would not read: PEFT drops them silently, merge-bot refuses (exit 5)."""
+    keys = sorted(k.removeprefix(PEFT_PREFIX) for ks in unused.values() for k in ks)
+    shown = ", ".join(keys[:2]) + (f" and {len(keys) - 2} more" if len(keys) > 2 else "")
+    fields = " / ".join(sorted(unused))
+    return AdapterConfigError(
+        f"{len(keys)} adapter tensor(s) would not be used by the merge ({shown}): {fields} in adapter_config.json "
+        f"does not cover them, so part of the adapter would be dropped; fix {fields} (a misspelt module name?) "
+        f"or check that --base is the model the adapter was trained on"
+    )
 
 
 class _NeedsPeft(Exception):
@@ -323,21 +368,23 @@ def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.
 
     base_by_param: dict[str, TensorInfo | BinTensorInfo] = {}
     order: list[str] = []
-    unused = []
+    unused_base = []
     for key, info in checkpoint.items():
         name = layout.canonical_name(key)
         if name is None:
-            unused.append(key)
+            unused_base.append(key)
             continue
         for member in layout.tied_group_of(name):
             base_by_param.setdefault(member, info)
         order.append(name)
-    if unused:
-        warnings.append(f"dropped {len(unused)} base tensors that {layout.architecture} does not use (e.g. {unused[0]})")
+    if unused_base:
+        warnings.append(f"dropped {len(unused_base)} base tensors that {layout.architecture} does not use "
+                        f"(e.g. {unused_base[0]})")
 
     ops_by_param: dict[str, list[tuple[ModuleOp, bool]]] = {}
     counts: Counter[str] = Counter()
-    missing_modules, ignored = [], []
+    missing_modules: list[str] = []
+    unused: dict[str, list[str]] = {}  # config field that would have to name them -> saved keys nobody reads
     for module, roles in sorted(parts.modules.items()):
         weight_name = layout.canonical_name(f"{module}.weight")
         kind = layout.module_types.get(weight_name.rsplit(".", 1)[0] if weight_name else module)  # the model's name
@@ -345,7 +392,7 @@ def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.
             missing_modules.append(module)
             continue
         if not peft_rules.is_targeted(fields, module):
-            ignored.append(module)
+            unused.setdefault(untargeted_field(fields, module), []).extend(roles.values())
             continue
         weight_info = base_by_param.get(weight_name) if weight_name else None
         replaced = parts.replacements.get(f"{module}.weight")
@@ -367,17 +414,14 @@ def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.
             f"adapter targets {len(missing_modules)} module(s) missing from base {common['base'].label}, "
             f"e.g. {missing_modules[0]}; check that --base is the model the adapter was trained on"
         )
-    if ignored:
-        warnings.append(f"ignored weights for {len(ignored)} module(s) the adapter config does not target "
-                        f"(PEFT ignores them too), e.g. {ignored[0]}")
 
     modules_to_save = fields.get("modules_to_save") or []
     local_repl: dict[str, str] = {}
     group_repl: dict[str, str] = {}
     for param, key in parts.replacements.items():
         name = layout.canonical_name(param)
-        if name is None:
-            warnings.append(f"ignored saved tensor {key}: the base has no parameter {param}")
+        if name is None:  # PEFT would skip it as an unexpected key: the adapter was saved from another model
+            unused.setdefault("modules_to_save", []).append(key)
             continue
         module = name.rsplit(".", 1)[0]
         _check_replacement_shape(name, tuple(weights[key].shape), base_by_param.get(name))
@@ -388,6 +432,8 @@ def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.
             for member in layout.tied_group_of(name):
                 group_repl[member] = key
             counts["replaced_tensors"] += 1
+    if unused:
+        raise unused_tensors_error(unused)
     if not counts:
         raise IncompatibleBaseError(
             f"adapter changes nothing in base {common['base'].label}: none of its saved tensors match a targeted module"

@@ -41,16 +41,17 @@ def verify_merge(plan: MergePlan, merged_dir: Path) -> dict[str, Any]:
 
     transformers.utils.logging.disable_progress_bar()  # our CLI owns the terminal
 
-    from bot.fallback import load_peft_model
+    from bot.fallback import load_peft_model, quiet_libraries
 
     reference, layout = load_peft_model(plan, dtype=torch.float32)
     reference.eval()
-    merged = getattr(transformers, layout.auto_class).from_pretrained(
-        merged_dir, dtype=torch.float32, trust_remote_code=False)
-    merged.eval()
-    vocab = reference.get_base_model().get_input_embeddings().weight.shape[0]
-    inputs = fixed_inputs(vocab, seq2seq=merged.config.is_encoder_decoder)
-    expected, actual = model_outputs(reference, inputs), model_outputs(merged, inputs)
+    with quiet_libraries():
+        merged = getattr(transformers, layout.auto_class).from_pretrained(
+            merged_dir, dtype=torch.float32, trust_remote_code=False)
+        merged.eval()
+        vocab = reference.get_base_model().get_input_embeddings().weight.shape[0]
+        inputs = fixed_inputs(vocab, seq2seq=merged.config.is_encoder_decoder)
+        expected, actual = model_outputs(reference, inputs), model_outputs(merged, inputs)
     delta = (expected - actual).abs().max().item()
     scale = expected.abs().max().item()
     return {

@@ -47,3 +47,31 @@ def test_python_m_bot_merge_and_load_without_peft(cache_dir, tmp_path):
     loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stderr
     assert "loaded False" in loaded.stdout
+
+
+def test_peft_fallback_tells_one_story(cache_dir, tmp_path):
+    """A merge through PEFT's own code: each fact once in merge-bot's words, no library noise, true counts."""
+    from safetensors import safe_open
+
+    base = build_base(cache_dir, "llama")
+    adapter = build_adapter(cache_dir, "cli-future-field", base, "llama", LoraConfig(r=4, target_modules=["q_proj"]),
+                            edit_config=lambda c: c.update(a_field_from_a_future_peft={"on": True}))
+    out = tmp_path / "merged"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRANSFORMERS_VERBOSITY", None)  # as a user's shell has it
+    proc = subprocess.run([sys.executable, "-m", "bot", "merge", str(adapter), "--out", str(out), "--verify"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [
+        "warning: adapter_config.json field(s) a_field_from_a_future_peft are unknown to the installed PEFT "
+        f"{__import__('peft').__version__} for LORA, which ignores them; upgrade peft if the adapter was saved by "
+        "a newer one",
+        "warning: LORA with a_field_from_a_future_peft is merged by PEFT itself; using PEFT's in-memory merge "
+        "(memory = whole model)",
+    ], proc.stderr
+    written = 0
+    for path in out.glob("*.safetensors"):
+        with safe_open(path, framework="pt") as f:
+            written += len(list(f.keys()))
+    assert written > 0 and f"tensors written: {written};" in proc.stdout, proc.stdout

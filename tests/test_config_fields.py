@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
@@ -127,3 +128,79 @@ def test_alora_adapter_is_refused_before_any_work(cache_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "aLoRA" in err[0] and "cannot be folded" in err[0]
     assert not out.exists()
+
+
+def test_default_oft_config_with_r_0_is_read():
+    """OFT saves r=0 when oft_block_size sets the block size; rank rules differ per tuner."""
+    from peft import OFTConfig
+
+    raw = saved_config(OFTConfig)
+    assert raw["r"] == 0
+    assert parse_adapter_config(raw).peft_type == "OFT"
+
+
+def test_adalora_rank_pattern_masks_are_read_other_tuners_still_need_ranks():
+    from peft import AdaLoraConfig
+
+    raw = saved_config(AdaLoraConfig, total_step=10)
+    raw["rank_pattern"] = {"model.layers.0.self_attn.q_proj.lora_E": [True, False, True]}
+    assert parse_adapter_config(raw).peft_type == "ADALORA"
+    lora = saved_config(LoraConfig)
+    lora["rank_pattern"] = {"q_proj": [True, False]}
+    with pytest.raises(errors.AdapterConfigError, match="positive whole number"):
+        parse_adapter_config(lora)
+
+
+def _typo_target_module(cfg: dict) -> None:
+    cfg["target_module"] = cfg.pop("target_modules")
+
+
+def _typo_lora_alpha(cfg: dict) -> None:
+    cfg["lora_alhpa"] = cfg.pop("lora_alpha")
+
+
+def _typo_module_name(cfg: dict) -> None:
+    cfg["target_modules"] = ["q_prj", "v_proj"]
+
+
+def _typo_module_name_via_peft(cfg: dict) -> None:  # the same typo on the PEFT fallback path
+    cfg["target_modules"] = ["q_prj", "v_proj"]
+    cfg["a_field_from_a_future_peft"] = {"on": True}
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (_typo_target_module, ["'target_module'", "did you mean 'target_modules'?"]),
+    (_typo_lora_alpha, ["'lora_alhpa'", "did you mean 'lora_alpha'?"]),
+    (_typo_module_name, ["4 adapter tensor(s) would not be used", "q_proj.lora_A.weight", "target_modules"]),
+    (_typo_module_name_via_peft, ["4 adapter tensor(s) would not be used", "q_proj.lora_A.weight", "target_modules"]),
+], ids=["target_module", "lora_alhpa", "q_prj", "q_prj-peft-fallback"])
+def test_config_typos_are_refused_and_nothing_is_written(cache_dir, tmp_path, capsys, edit, needles):
+    """PEFT ignores an unknown field (default targets, default alpha) and skips tensors no module takes:
+    a merge would drop part of the adapter, and a PEFT reference would agree with it."""
+    base = build_base(cache_dir, "llama")
+    good = build_adapter(cache_dir, "typo-source", base, "llama", LoraConfig(r=4, lora_alpha=16,
+                                                                          target_modules=["q_proj", "v_proj"]))
+    adapter = tmp_path / "adapter"
+    shutil.copytree(good, adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    edit(cfg)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    assert main(["merge", str(adapter), "--out", str(out), "--verify", "--quiet"]) == errors.AdapterConfigError.exit_code
+    err = capsys.readouterr().err.strip().splitlines()
+    message = [line for line in err if line.startswith("Error: ")]
+    assert len(message) == 1 and "Traceback" not in "\n".join(err), err
+    for needle in needles:
+        assert needle in message[0], message[0]
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_field_from_a_newer_peft_is_handed_to_peft_with_one_warning(cache_dir, tmp_path, capsys):
+    base = build_base(cache_dir, "llama")
+    adapter = build_adapter(cache_dir, "future-field", base, "llama", LoraConfig(r=4, target_modules=["q_proj"]),
+                            edit_config=lambda c: c.update(use_frobnication={"on": True}))
+    out = tmp_path / "out"
+    assert main(["merge", str(adapter), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("use_frobnication are unknown to the installed PEFT") == 1, err
+    assert_matches_peft(out, base, adapter)

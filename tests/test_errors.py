@@ -281,7 +281,7 @@ def test_unreachable_hub_is_one_line(tmp_path, env):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("Error: could not reach the Hub")
-    assert all(line.startswith("WARNING: transient Hub error") for line in lines[:-1])  # retries, then the error
+    assert all(line.startswith("warning: transient Hub error") for line in lines[:-1])  # retries, then the error
     if env.get("HF_HUB_OFFLINE") == "1":
         assert len(lines) == 1  # offline mode is a setting, not a passing failure: no retries
     assert not (tmp_path / "out").exists()

@@ -126,8 +126,8 @@ def test_a_backtracking_target_regex_does_not_hang_the_merge(good, tmp_path, cap
     adapter = copy_adapter(good[1], tmp_path)
     set_config(adapter, base_model_name_or_path=str(good[0]), target_modules=r"([\w.]+)+!")
     start = time.monotonic()
-    run_failing(capsys, merge_args(adapter), tmp_path / "out", errors.IncompatibleBaseError.exit_code,
-                "changes nothing")
+    run_failing(capsys, merge_args(adapter), tmp_path / "out", errors.AdapterConfigError.exit_code,
+                "would not be used", "target_modules")  # it matches nothing, so no saved tensor is used
     assert time.monotonic() - start < 30
 
 
@@ -211,11 +211,12 @@ def test_the_peft_fallback_refuses_non_finite_results_too(good, tmp_path, capsys
     run_failing(capsys, merge_args(adapter) + extra, tmp_path / "out", errors.AdapterConfigError.exit_code, needle)
 
 
-def test_unknown_adapter_keys_are_ignored_with_a_warning(good, tmp_path, capsys):
+def test_adapter_keys_the_base_has_no_place_for_are_refused(good, tmp_path, capsys):
+    """PEFT skips them with a warning; merge-bot uses every saved tensor or refuses (nothing written)."""
     adapter = copy_adapter(good[1], tmp_path)
     edit_weights(adapter, lambda w: w.update({"base_model.model.../../etc/passwd": torch.ones(2)}))
-    assert main(merge_args(adapter) + ["--out", str(tmp_path / "out"), "--quiet"]) == 0
-    assert "ignored saved tensor" in capsys.readouterr().err
+    run_failing(capsys, merge_args(adapter), tmp_path / "out", errors.AdapterConfigError.exit_code,
+                "1 adapter tensor(s) would not be used", "../../etc/passwd")
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00" * 4, struct.pack("<Q", 2**40) + b"{}",

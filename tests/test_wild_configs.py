@@ -61,6 +61,8 @@ class Wild:
     num_labels: int | None = None
     build: dict = field(default_factory=dict)  # fields changed only to let PEFT build weights
     rename: dict = field(default_factory=dict)  # target module names the tiny base spells differently
+    reference: dict = field(default_factory=dict)  # fields changed only for PEFT's reference, where PEFT refuses
+    #                                                 a config merge-bot merges (training-only fields)
 
 
 def _lora(*defaults: dict, **fields) -> dict:
@@ -381,6 +383,23 @@ WILD: dict[str, Wild] = {
 }
 
 
+# AdaLoRA as PEFT saves it once training has run through update_and_allocate: rank_pattern maps each
+# module to its kept-rank mask (RankAllocator.mask_to_budget in huggingface/peft
+# src/peft/tuners/adalora/model.py), and the saved tensors are cut to the kept ranks. Built from the
+# method-comparison config above; the tiny base has 2 layers, init_r=64 masks keep 0..64 ranks.
+_ADALORA = WILD["adalora"].config
+_MASKS = {f"model.layers.{i}.self_attn.{m}.lora_E": [j % (i + 2) == 0 for j in range(64)]
+          for i in range(2) for m in ("q_proj", "v_proj")}
+WILD["adalora_pruned_masks"] = Wild(WILD["adalora"].source + " (rank_pattern as update_and_allocate leaves it)",
+                                    "llama", {**_ADALORA, "target_modules": ["q_proj", "v_proj"],
+                                              "rank_pattern": _MASKS})
+# The same config with "total_step": null, the default PEFT <= 0.13 saved (AdaLoraConfig.total_step=None,
+# not validated then); PEFT 0.21 refuses it at construction although merging never reads the schedule.
+WILD["adalora_total_step_null"] = Wild(WILD["adalora"].source + " (total_step null, as PEFT <= 0.13 saved it)",
+                                       "llama", {**_ADALORA, "target_modules": ["q_proj", "v_proj"],
+                                                 "rank_pattern": _MASKS, "total_step": None},
+                                       build={"total_step": 5000}, reference={"total_step": 5000})
+
 # The MicroVlm config with its targets written as PEFT's shorthand (found in review): the bare-model
 # names must still match what "all-linear" expands to on the ForCausalLM base.
 WILD["bare_llamamodel_all_linear"] = Wild(
@@ -429,6 +448,14 @@ def _peft_reference(base, adapter, case: Wild):
 
     kwargs = {"num_labels": case.num_labels} if case.num_labels else {}
     cls = getattr(transformers, case.auto_class)
+    if case.reference:
+        import shutil
+
+        copy_dir = adapter.parent / f"{adapter.name}-reference"
+        shutil.copytree(adapter, copy_dir, dirs_exist_ok=True)
+        raw = json.loads((adapter / "adapter_config.json").read_text())
+        (copy_dir / "adapter_config.json").write_text(json.dumps({**raw, **case.reference}))
+        adapter = copy_dir
     try:
         model = PeftModel.from_pretrained(cls.from_pretrained(base, dtype=torch.float32, **kwargs), adapter).eval()
         expected = _output(model.get_base_model(), _inputs(case))
