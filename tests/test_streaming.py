@@ -148,3 +148,27 @@ def test_an_ia3_scalar_applies_to_every_row_block():
     assert torch.equal(row_slice_tensors(op, adapter, slice(4, 8))["ia3_l"], adapter["l"])
     per_row = {"l": torch.arange(8.0).reshape(8, 1)}
     assert torch.equal(row_slice_tensors(op, per_row, slice(4, 8))["ia3_l"], per_row["l"][4:8])
+
+
+def test_a_float32_output_beyond_float32s_range_is_refused(tmp_path):
+    """Float64 arithmetic holds 1e39, but rounding it to float32 would write inf: both paths refuse it."""
+    from safetensors.torch import save_file
+
+    from bot.errors import AdapterConfigError
+    from bot.plan import TensorJob
+    from bot.shards import read_header
+    from bot.tuners import ModuleOp
+
+    save_file({"w": torch.zeros(8, 8)}, tmp_path / "base.safetensors")
+    info = read_header(tmp_path / "base.safetensors")[0]["w"]
+    adapter = {"a": torch.full((2, 8), 1e19), "b": torch.full((8, 2), 1e19)}  # finite in float32; B @ A is 2e38
+    op = ModuleOp("LORA", "m", {"lora_A": "a", "lora_B": "b"}, scaling=4.0)
+    job = TensorJob("w", info, None, ((op, False),), "F32", (8, 8))
+    assert bot.merge.rows_are_independent(job, adapter)
+    with pytest.raises(AdapterConfigError, match="beyond float32's range"):
+        list(bot.merge.tensor_blocks(job, adapter, torch.device("cpu")))
+    with pytest.raises(AdapterConfigError, match="beyond float32's range"):
+        bot.merge.merge_tensor(job, adapter, torch.device("cpu"))
+    half = ModuleOp("LORA", "m", {"lora_A": "a", "lora_B": "b"}, scaling=0.5)  # 1e38 fits
+    assert torch.isfinite(bot.merge.merge_tensor(TensorJob("w", info, None, ((half, False),), "F32", (8, 8)),
+                                                 adapter, torch.device("cpu"))).all()
