@@ -1,7 +1,8 @@
 """execute_plan(plan) -> MergeResult: stream the base through the adapter into a new folder.
 
-Tensors are read one at a time, merged in float32 and rounded once to the output dtype;
-untouched tensors are copied byte for byte by the kernel. Output goes to a temporary
+Tensors are read one at a time, merged (in float64 for float32 outputs, in float32 like PEFT
+for bf16/fp16 outputs) and rounded once to the output dtype; untouched tensors are copied
+byte for byte by the kernel. Output goes to a temporary
 folder beside the destination and is renamed into place only when complete.
 """
 from __future__ import annotations
@@ -189,7 +190,18 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-_BLOCK_BYTES = 1024 * 1024  # float32 working block for row-wise merging: stays in L2 cache
+_BLOCK_BYTES = 1024 * 1024  # working block for row-wise merging: stays in L2 cache
+
+
+def compute_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic's dtype for a merge whose output is ``out_dtype``.
+
+    bf16/fp16 outputs: float32, PEFT's own arithmetic, so the result is bit-identical to its
+    CPU merge (float32 carries 16 more bits than bf16, so nearly every element is the
+    correctly rounded exact merge anyway). float32 outputs: float64, rounded once, so a large
+    alpha/r does not magnify float32's rounding error in B @ A; float64 outputs likewise.
+    """
+    return torch.float64 if out_dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def tensor_blocks(job: TensorJob, adapter: dict[str, torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
@@ -202,31 +214,42 @@ def tensor_blocks(job: TensorJob, adapter: dict[str, torch.Tensor], device: torc
 
 
 def merge_tensor(job: TensorJob, adapter: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Produce one output tensor: start value, adapter ops in float32, one rounding at the end."""
+    """Produce one output tensor: start value, adapter ops in ``compute_dtype``, one rounding at the end."""
     value = adapter[job.replacement] if job.replacement is not None else read_base_tensor(job.source)
     out_dtype = DTYPE_FROM_CODE[job.dtype]
     if job.ops:
-        value = value.to(device=device, dtype=torch.float32)
+        value = value.to(device=device, dtype=compute_dtype(out_dtype))
         for op, is_bias in job.ops:
             value = apply_op(value, op, adapter, is_bias=is_bias)
     check_merged(job, value)
     return value.to(out_dtype).cpu()
 
 
+# Where rounding to the output dtype overflows to inf: its largest value plus half its last step.
+_OVERFLOW_FROM = {torch.float16: 65520.0, torch.float32: 2.0 ** 128 - 2.0 ** 103}
+
+
 def check_merged(job: TensorJob, value: torch.Tensor) -> None:
     """Refuse a merged value that is NaN or infinite, or that the output dtype cannot hold.
 
     A float32 sum is non-finite when any element is, at a few percent of the merge's time;
-    float16 output also needs the range (it overflows to inf from 65520 on).
+    a float16 output from wider values, and a float32 output from float64 arithmetic, also
+    need the range (float16 overflows to inf from 65520 on, float32 from about 3.4e38).
     """
-    if not (job.ops or value.dtype != DTYPE_FROM_CODE[job.dtype]) or not value.is_floating_point() or not value.numel():
+    out_dtype = DTYPE_FROM_CODE[job.dtype]
+    if not (job.ops or value.dtype != out_dtype) or not value.is_floating_point() or not value.numel():
         return
-    if DTYPE_FROM_CODE[job.dtype] == torch.float16 and value.dtype != torch.float16:
+    limit = _OVERFLOW_FROM.get(out_dtype)
+    if limit is not None and torch.finfo(value.dtype).max > torch.finfo(out_dtype).max:
         low, high = torch.aminmax(value)
-        if not (bool(low > -65520) and bool(high < 65520)):  # NaN fails both comparisons
+        if bool(low > -limit) and bool(high < limit):  # NaN fails both comparisons
+            return
+        if out_dtype == torch.float16:
             raise UsageError(f"merged {job.name} has values beyond float16's range (or NaN); "
                              f"use --dtype bfloat16 or float32")
-    elif job.ops and not bool(torch.isfinite(value.sum())):
+        raise AdapterConfigError(f"merging {job.name} gave NaN or values beyond float32's range; the adapter's "
+                                 f"weights or alpha (or the base's weights) are broken")
+    if job.ops and not bool(torch.isfinite(value.sum())):
         raise AdapterConfigError(f"merging {job.name} gave NaN or infinite values; the adapter's weights or alpha "
                                  f"(or the base's weights) are broken")
 
@@ -234,19 +257,23 @@ def check_merged(job: TensorJob, value: torch.Tensor) -> None:
 # Above this LoRA rank, BLAS splits the inner (rank) dimension of a row block's product
 # differently from the whole product's, and the float32 sums no longer match PEFT's bit for
 # bit (measured with MKL: exact up to r=512 on every shape tried, not from about r=800).
+# Float64 arithmetic (float32 outputs) has no such limit: there a row block's float64 sums
+# differ from the whole product's in the last bit at every rank (r=16 included), and what
+# keeps the paths equal is the single rounding to float32 (see merge_rows_blockwise).
 _MAX_BLOCK_RANK = 256
 
 
 def rows_are_independent(job: TensorJob, adapter: dict[str, torch.Tensor]) -> bool:
     """Whether each row of the output can be computed from the same row of the start value alone,
-    with the same float32 result as the whole tensor."""
+    with the same result as the whole tensor."""
     if job.replacement is not None or not isinstance(job.source, TensorInfo) or job.source.shape != job.shape:
         return False
     if not job.ops:  # a dtype change only
         return len(job.shape) >= 1
+    max_rank = _MAX_BLOCK_RANK if compute_dtype(DTYPE_FROM_CODE[job.dtype]) == torch.float32 else None
     return len(job.shape) == 2 and all(
         not is_bias and row_slice_tensors(op, adapter, slice(0, 1)) is not None
-        and ("lora_A" not in op.tensors or adapter[op.tensors["lora_A"]].shape[0] <= _MAX_BLOCK_RANK)
+        and (max_rank is None or "lora_A" not in op.tensors or adapter[op.tensors["lora_A"]].shape[0] <= max_rank)
         for op, is_bias in job.ops)
 
 
@@ -266,8 +293,14 @@ def row_blocks(rows_total: int, step: int) -> list[slice]:
 def merge_rows_blockwise(job: TensorJob, adapter: dict[str, torch.Tensor]) -> Iterator[torch.Tensor]:
     """Read, merge and round a weight a few rows at a time, in reused buffers that stay in cache.
 
-    Every element sees the same float32 operations as ``merge_tensor``, so results are
-    identical. Nothing is allocated per block (fresh pages cost more than the arithmetic).
+    Every element sees the same operations as ``merge_tensor``: in float32 (bf16/fp16
+    outputs) the results are identical, BLAS summing each row alike in a block and in
+    the whole product (see row_blocks and _MAX_BLOCK_RANK). In float64 (float32 outputs) a
+    block's sums may differ from the whole product's in the last float64 bit; both round
+    to the same float32 unless the exact value lies within that bit of a float32 rounding
+    boundary (a chance of about 2^-29 per element; never seen in the tests' or measured
+    shapes), and either way the result is a float64 computation rounded once.
+    Nothing is allocated per block (fresh pages cost more than the arithmetic).
     Yields views of one reused buffer: the caller must consume each before the next.
     """
     source = job.source
@@ -275,18 +308,21 @@ def merge_rows_blockwise(job: TensorJob, adapter: dict[str, torch.Tensor]) -> It
     cols = 1
     for d in job.shape[1:]:
         cols *= d
-    blocks = row_blocks(rows_total, _BLOCK_BYTES // (4 * max(cols, 1)))
+    dtype = compute_dtype(DTYPE_FROM_CODE[job.dtype])
+    blocks = row_blocks(rows_total, _BLOCK_BYTES // (dtype.itemsize * max(cols, 1)))
     buffer_shape = (max((b.stop - b.start for b in blocks), default=0), cols)
     in_buf = torch.empty(buffer_shape, dtype=source.torch_dtype)
-    work = torch.empty(buffer_shape, dtype=torch.float32)
+    work = torch.empty(buffer_shape, dtype=dtype)
     out_buf = torch.empty(buffer_shape, dtype=DTYPE_FROM_CODE[job.dtype])
     row_bytes = cols * in_buf.element_size()
+    # The job's adapter tensors in the arithmetic's dtype, upcast once (exactly) rather than per block.
+    upcast = {key: adapter[key].to(dtype) for op, _ in job.ops for key in op.tensors.values()}
     for rows in blocks:
         start, n = rows.start, rows.stop - rows.start
         block, out = in_buf[:n], out_buf[:n]
         read_into(source, start * row_bytes, block)
-        ops = [(op, row_slice_tensors(op, adapter, rows)) for op, _ in job.ops]
-        delta = weight_delta(*ops[0], (n, cols), block.device, scratch=work[:n]) if len(ops) == 1 else None
+        ops = [(op, row_slice_tensors(op, upcast, rows)) for op, _ in job.ops]
+        delta = weight_delta(*ops[0], (n, cols), block.device, scratch=work[:n], dtype=dtype) if len(ops) == 1 else None
         if delta is not None:
             value = delta.add_(block)
         else:

@@ -103,6 +103,15 @@ def reference_outputs(base: Path, adapter: Path, *, auto_class: str, inputs: dic
         return model(**inputs).logits.float()
 
 
+def peft_merged_state(base: Path, adapter: Path, base_name: str, *, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """PEFT's own merge_and_unload with the base loaded in ``dtype``. In float64 (the base's
+    float32/bf16 values and the adapter's upcast exactly) it is the reference for correct rounding."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model_class(base_name).from_pretrained(base, dtype=dtype), adapter)
+    return model.merge_and_unload().state_dict()
+
+
 def merged_outputs(folder: Path, *, auto_class: str, inputs: dict) -> torch.Tensor:
     model = getattr(transformers, auto_class).from_pretrained(folder, dtype=torch.float32).eval()
     with torch.inference_mode():

@@ -1,4 +1,5 @@
-"""The row-block streaming path: same bits as the whole-tensor path and as PEFT's own merge.
+"""The row-block streaming path: same bits as the whole-tensor path, as PEFT's own merge (bf16/fp16
+outputs) and as the float64 merge rounded once (float32 outputs).
 
 The tiny test models fit one block, so these tests shrink the block to a few rows to make
 every weight cross block boundaries, including a short last block.
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 import bot.merge
 from bot.cli import main
-from factory import build_adapter, build_base, model_class
+from factory import build_adapter, build_base, model_class, peft_merged_state
 
 # (base, base dtype, adapter config, output --dtype)
 CASES = {
@@ -27,6 +28,12 @@ CASES = {
             lambda: IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]), None),
     "lora-to-fp16": ("llama", torch.bfloat16, lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"]),
                      "float16"),
+    # float32 outputs are merged in float64: every rank streams (no _MAX_BLOCK_RANK), bf16 bases too
+    "rank-pattern-large-alpha-fp32": ("llama_untied", torch.float32,
+                                      lambda: LoraConfig(r=300, lora_alpha=30000, target_modules=["q_proj", "up_proj"],
+                                                         rank_pattern={"up_proj": 8}), None),
+    "lora-bf16-to-fp32": ("llama", torch.bfloat16,
+                          lambda: LoraConfig(r=64, lora_alpha=6400, target_modules=["q_proj", "down_proj"]), "float32"),
 }
 
 
@@ -60,9 +67,13 @@ def test_small_blocks_give_the_same_bits(case, cache_dir, tmp_path, monkeypatch)
     for name in small:
         assert torch.equal(small[name], whole[name]), name
 
-    if out_dtype is None:  # PEFT's own CPU merge of the same adapter, bit for bit
-        peft = PeftModel.from_pretrained(model_class(base_name).from_pretrained(base, dtype=base_dtype), adapter)
-        reference = peft.merge_and_unload().state_dict()
+    if (out_dtype or str(base_dtype).split(".")[-1]) == "float32":
+        # the float64 merge (PEFT's, on the base loaded in float64) rounded once to float32
+        reference = peft_merged_state(base, adapter, base_name, dtype=torch.float64)
+        for name, tensor in small.items():
+            assert torch.equal(tensor, reference[name].float()), name
+    elif out_dtype is None:  # PEFT's own CPU merge of the same adapter, bit for bit
+        reference = peft_merged_state(base, adapter, base_name, dtype=base_dtype)
         for name, tensor in small.items():
             assert torch.equal(tensor, reference[name]), name
 
@@ -97,10 +108,12 @@ def test_row_blocks_cover_every_row_once_and_never_a_lone_row(rows_total, step):
     assert max(sizes, default=0) <= max(step, 4)
 
 
-@pytest.mark.parametrize("rank,streams", [(16, True), (1024, False)])
-def test_high_rank_lora_is_merged_whole_and_stays_bit_identical(rank, streams, tmp_path):
-    """At high rank a row block's product sums differently from the whole product (BLAS blocking over
-    the rank), so such weights are merged whole, like PEFT: the bits must equal W + (B @ A) * s, rounded once."""
+@pytest.mark.parametrize("rank,out_code,streams", [(16, "BF16", True), (1024, "BF16", False), (1024, "F32", True)])
+def test_high_rank_lora_is_merged_whole_and_stays_bit_identical(rank, out_code, streams, tmp_path):
+    """At high rank a row block's float32 product sums differently from the whole product (BLAS blocking
+    over the rank), so for bf16 outputs such weights are merged whole, like PEFT: the bits must equal
+    W + (B @ A) * s in float32, rounded once. A float32 output is merged in float64 and streams at any
+    rank: its bits must equal the same formula in float64, rounded once to float32."""
     from safetensors.torch import save_file
 
     from bot.plan import TensorJob
@@ -108,15 +121,21 @@ def test_high_rank_lora_is_merged_whole_and_stays_bit_identical(rank, streams, t
     from bot.tuners import ModuleOp
 
     gen = torch.Generator().manual_seed(0)
-    weight = (torch.randn(2048, 2048, generator=gen) * 0.02).to(torch.bfloat16)
+    out_dtype = bot.merge.DTYPE_FROM_CODE[out_code]
+    weight = (torch.randn(2048 if out_code == "BF16" else 512, 2048, generator=gen) * 0.02).to(out_dtype)
     save_file({"w": weight}, tmp_path / "base.safetensors")
     info = read_header(tmp_path / "base.safetensors")[0]["w"]
-    adapter = {"a": torch.randn(rank, 2048, generator=gen) * 0.01, "b": torch.randn(2048, rank, generator=gen) * 0.01}
+    rows = weight.shape[0]
+    adapter = {"a": torch.randn(rank, 2048, generator=gen) * 0.01, "b": torch.randn(rows, rank, generator=gen) * 0.01}
     op = ModuleOp("LORA", "m", {"lora_A": "a", "lora_B": "b"}, scaling=0.5)
-    job = TensorJob("w", info, None, ((op, False),), "BF16", (2048, 2048))
+    job = TensorJob("w", info, None, ((op, False),), out_code, (rows, 2048))
     assert bot.merge.rows_are_independent(job, adapter) == streams
-    merged = torch.cat([b.clone() for b in bot.merge.tensor_blocks(job, adapter, torch.device("cpu"))])
-    expected = (weight.float() + (adapter["b"] @ adapter["a"]) * 0.5).to(torch.bfloat16)  # PEFT's order
+    blocks = [b.clone() for b in bot.merge.tensor_blocks(job, adapter, torch.device("cpu"))]
+    assert (len(blocks) > 1) == streams
+    merged = torch.cat(blocks)
+    work = bot.merge.compute_dtype(out_dtype)
+    assert work == (torch.float64 if out_code == "F32" else torch.float32)
+    expected = (weight.to(work) + (adapter["b"].to(work) @ adapter["a"].to(work)) * 0.5).to(out_dtype)  # PEFT's order
     assert torch.equal(merged, expected)
 
 
@@ -129,3 +148,27 @@ def test_an_ia3_scalar_applies_to_every_row_block():
     assert torch.equal(row_slice_tensors(op, adapter, slice(4, 8))["ia3_l"], adapter["l"])
     per_row = {"l": torch.arange(8.0).reshape(8, 1)}
     assert torch.equal(row_slice_tensors(op, per_row, slice(4, 8))["ia3_l"], per_row["l"][4:8])
+
+
+def test_a_float32_output_beyond_float32s_range_is_refused(tmp_path):
+    """Float64 arithmetic holds 1e39, but rounding it to float32 would write inf: both paths refuse it."""
+    from safetensors.torch import save_file
+
+    from bot.errors import AdapterConfigError
+    from bot.plan import TensorJob
+    from bot.shards import read_header
+    from bot.tuners import ModuleOp
+
+    save_file({"w": torch.zeros(8, 8)}, tmp_path / "base.safetensors")
+    info = read_header(tmp_path / "base.safetensors")[0]["w"]
+    adapter = {"a": torch.full((2, 8), 1e19), "b": torch.full((8, 2), 1e19)}  # finite in float32; B @ A is 2e38
+    op = ModuleOp("LORA", "m", {"lora_A": "a", "lora_B": "b"}, scaling=4.0)
+    job = TensorJob("w", info, None, ((op, False),), "F32", (8, 8))
+    assert bot.merge.rows_are_independent(job, adapter)
+    with pytest.raises(AdapterConfigError, match="beyond float32's range"):
+        list(bot.merge.tensor_blocks(job, adapter, torch.device("cpu")))
+    with pytest.raises(AdapterConfigError, match="beyond float32's range"):
+        bot.merge.merge_tensor(job, adapter, torch.device("cpu"))
+    half = ModuleOp("LORA", "m", {"lora_A": "a", "lora_B": "b"}, scaling=0.5)  # 1e38 fits
+    assert torch.isfinite(bot.merge.merge_tensor(TensorJob("w", info, None, ((half, False),), "F32", (8, 8)),
+                                                 adapter, torch.device("cpu"))).all()

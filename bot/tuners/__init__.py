@@ -2,7 +2,8 @@
 
 ``ADAPTER_KEY_ROLES`` says which saved adapter tensor plays which part; ``TUNERS``
 maps each supported ``peft_type`` to the function that applies one module's op to a
-float32 weight (and, where the tuner touches it, the bias). Anything PEFT can merge
+float32 or float64 weight (and, where the tuner touches it, the bias); the adapter's tensors
+are upcast to the weight's dtype, exactly. Anything PEFT can merge
 that is not listed here goes through ``bot.fallback`` instead.
 """
 from __future__ import annotations
@@ -124,13 +125,13 @@ BIAS_FUNCS = {"LORA": _lora_bias, "IA3": _ia3_bias}
 def apply_op(
     tensor: torch.Tensor, op: ModuleOp, adapter: Mapping[str, torch.Tensor], *, is_bias: bool = False
 ) -> torch.Tensor:
-    """Apply one module op to a float32 weight or bias, reading its tensors from the saved adapter."""
+    """Apply one module op to a float32 or float64 weight or bias, reading its tensors from the saved adapter."""
     return apply_op_tensors(tensor, op, {role: adapter[key] for role, key in op.tensors.items()}, is_bias=is_bias)
 
 
-def _role_reader(tensors: Mapping[str, torch.Tensor], device: torch.device) -> RoleReader:
+def _role_reader(tensors: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> RoleReader:
     def t(role: str) -> torch.Tensor:
-        return tensors[role].to(device=device, dtype=torch.float32)
+        return tensors[role].to(device=device, dtype=dtype)  # a no-op when already there
 
     return t
 
@@ -138,29 +139,30 @@ def _role_reader(tensors: Mapping[str, torch.Tensor], device: torch.device) -> R
 def apply_op_tensors(
     tensor: torch.Tensor, op: ModuleOp, tensors: Mapping[str, torch.Tensor], *, is_bias: bool = False
 ) -> torch.Tensor:
-    """Apply one module op given its tensors by role; they are upcast to float32 on the tensor's device."""
+    """Apply one module op given its tensors by role; they are upcast to the tensor's dtype on its device."""
     funcs = BIAS_FUNCS if is_bias else WEIGHT_FUNCS
-    return funcs[op.tuner](tensor, op, _role_reader(tensors, tensor.device))
+    return funcs[op.tuner](tensor, op, _role_reader(tensors, tensor.device, tensor.dtype))
 
 
 def weight_delta(op: ModuleOp, tensors: Mapping[str, torch.Tensor], shape: tuple[int, ...], device: torch.device,
-                 scratch: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The float32 ΔW of an op that merges as W' = W + ΔW, shaped ``shape``; None for any other op.
+                 scratch: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The ΔW (in ``dtype``: float32 or float64) of an op that merges as W' = W + ΔW, shaped ``shape``;
+    None for any other op.
 
-    ``scratch`` (float32, ``shape``) may be used to hold the result, so a caller merging
+    ``scratch`` (``dtype``, ``shape``) may be used to hold the result, so a caller merging
     block after block reuses one buffer; then ``ΔW.add_(W)`` and one rounding give the same
-    bits as ``W.float() + ΔW`` and as PEFT's in-place ``weight.data += delta``.
+    bits as ``W.to(dtype) + ΔW`` (in float32, PEFT's in-place ``weight.data += delta``).
     """
     if op.tuner not in DELTA_FUNCS or "magnitude" in op.tensors:
         return None
-    return DELTA_FUNCS[op.tuner](shape, op, _role_reader(tensors, device), scratch)
+    return DELTA_FUNCS[op.tuner](shape, op, _role_reader(tensors, device, dtype), scratch)
 
 
 def row_slice_tensors(op: ModuleOp, adapter: Mapping[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor] | None:
     """The adapter tensors that produce rows ``rows`` of this op's weight, or None if rows are not independent.
 
     Lets the streaming layer merge a big weight a block of rows at a time, in cache, with
-    the same float32 arithmetic per element as the whole-tensor functions above (pass the
+    the same arithmetic per element as the whole-tensor functions above (pass the
     result to ``apply_op_tensors``).
     """
     t = {role: adapter[key] for role, key in op.tensors.items()}

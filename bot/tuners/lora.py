@@ -1,4 +1,4 @@
-"""LoRA and DoRA merge math. Tensors in, tensor out; callers pass float32.
+"""LoRA and DoRA merge math. Tensors in, tensor out; callers pass float32 or float64 (all one dtype).
 
 Formulas follow PEFT's ``lora.Linear.get_delta_weight`` / ``lora.Embedding.get_delta_weight``
 and ``DoraLinearVariant.merge_safe`` (peft/tuners/lora/layer.py, variants.py), in the
@@ -22,7 +22,7 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, tr
 
     lora_A: (r, in), lora_B: (out, r). ``transpose`` is for weights stored (in, out):
     GPT-2's Conv1D (``fan_in_fan_out``) and embeddings, whose A is (r, num_embeddings)
-    and B is (embedding_dim, r). ``scratch``, a float32 (out, in) tensor, may hold the
+    and B is (embedding_dim, r). ``scratch``, an (out, in) tensor of their dtype, may hold the
     result instead of a new allocation (same values either way).
     """
     if scratch is not None and not transpose:
