@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from peft import HRAConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, TaskType, VeraConfig
+from peft import HRAConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, PeftModel, TaskType, VeraConfig
 from safetensors.torch import load_file
 
 from bot.cli import main
