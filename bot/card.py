@@ -190,12 +190,7 @@ def build_card(report: dict[str, Any], adapter_folder: Path | None, base_folder:
         f"- **Output dtype:** {report.get('output_dtype') or 'as the base'}",
         f"- **Provenance fingerprint:** `{report.get('fingerprint')}` (full record in `merge_report.json`)",
     ]
-    verification = report.get("verification")
-    if verification:
-        lines += ["", "## Verification", "",
-                  f"On a fixed input, the merged model's logits differ from the base with the adapter attached "
-                  f"(PEFT, unmerged) by at most {verification['max_abs_logit_delta']:.3g} "
-                  f"(largest logit {verification['max_abs_logit']:.3g})."]
+    lines += verification_lines(report.get("verification"))
     lines += ["", "## Usage", "", "```python",
               f"from transformers import {auto_class}" + (", AutoTokenizer" if has_tokenizer else ""), "",
               'repo = "REPO_ID"']
@@ -211,3 +206,41 @@ def build_card(report: dict[str, Any], adapter_folder: Path | None, base_folder:
 def with_repo_id(card: str, repo_id: str) -> str:
     """Fill the usage snippet's placeholder once the target repo is known."""
     return card.replace('repo = "REPO_ID"', f'repo = "{repo_id}"')
+
+
+def verification_lines(verification: dict | None) -> list[str]:
+    """The card's Verification section: how the merge was proved, the worst error against its threshold,
+    and, when the end-to-end check ran, the logits, generation and latency it measured."""
+    if not verification:
+        return ["", "## Verification", "", "Not verified (the merge ran with `--no-verify`)."]
+    proof = verification.get("proof") or {}
+    if not proof:
+        lines = ["", "## Verification", "", f"- No per-module proof: {verification.get('proof_skipped')}."]
+    else:
+        lines = ["", "## Verification", "",
+                 f"- **Per-module proof** against PEFT {proof.get('peft_version')}'s own layers with the adapter attached "
+                 f"(unmerged): {proof.get('modules_proved', 0)} adapted modules, {proof.get('probes_per_module')} one-hot "
+                 f"and {proof.get('probes_per_module')} random probes each. Largest error "
+                 f"{proof.get('max_error_ulp', 0):.2f} ulp of the output dtype (threshold {proof.get('threshold_ulp', 1):g} "
+                 f"ulp; {proof.get('max_share_beyond_half_ulp', 0):.2%} of probed elements beyond half an ulp, threshold "
+                 f"{proof.get('threshold_share', 0):.0%}). {proof.get('saved_copies', 0)} `modules_to_save` tensors and "
+                 f"{proof.get('unchanged_tensors', 0)} untouched tensors compared exactly. **Passed.**"]
+    e2e = verification.get("end_to_end")
+    if e2e:
+        lines.append(f"- **End to end** (float32, {e2e['input_tokens']} fixed tokens): max |delta logits| "
+                     f"{e2e['max_abs_logit_delta']:.3g} (largest logit {e2e['max_abs_logit']:.3g}).")
+        generation = e2e.get("generation")
+        if generation and "identical" in generation:
+            same = "the same tokens" if generation["identical"] else \
+                f"a different token at a near-tie (position {generation.get('first_difference')})"
+            lines.append(f"- **Greedy generation** of {generation['new_tokens']} tokens from {generation['prompt']}: "
+                         f"{same} as PEFT with the adapter attached.")
+        latency = e2e.get("latency")
+        if latency and latency.get("speedup"):
+            lines.append(f"- **Latency** (batch {latency['batch']}, {latency['sequence_length']} tokens, "
+                         f"{latency['dtype']}, median of {latency['runs']} warm runs on {latency['hardware']}): "
+                         f"merged {latency['merged_ms']:.1f} ms, adapter attached {latency['adapter_ms']:.1f} ms "
+                         f"({latency['speedup']:.2f}x).")
+    elif verification.get("end_to_end_skipped"):
+        lines.append(f"- End-to-end comparison not run: {verification['end_to_end_skipped']}.")
+    return lines

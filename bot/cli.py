@@ -15,6 +15,8 @@ from bot import __version__
 from bot.errors import MergeBotError, OutputError, UsageError, redact
 from bot.spec import DEVICES, DTYPES, MergeSpec, parse_shard_size, parse_source_ref
 
+VERIFY_HELP = ("prove every merged tensor against PEFT's own layers (bounded memory), and compare the whole model "
+               "end to end when it fits in memory (default: on; --no-verify skips it)")
 SHARD_HELP = ("largest output shard, like 2GB or 500MB (default auto: an eighth of the model, between 128 MiB "
               "and 2 GiB)")
 
@@ -31,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "around one, nor the current folder or home")
     merge.add_argument("--dtype", default="auto", help=f"output dtype: {', '.join(DTYPES)} (auto keeps the base's)")
     merge.add_argument("--device", default="auto", help=f"where to do the arithmetic: {', '.join(DEVICES)}")
-    merge.add_argument("--verify", action="store_true", help="compare merged logits with PEFT's unmerged model")
+    merge.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True, help=VERIFY_HELP)
     merge.add_argument("--overwrite", action="store_true",
                        help="replace --out when it holds a previous merge-bot output (a merge_report.json with a "
                             "fingerprint, and only files a merge writes): the whole folder is removed once the new "
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--base", help="base model folder or Hub id (default: the one named in adapter_config.json)")
     run.add_argument("--dtype", default="auto", help=f"output dtype: {', '.join(DTYPES)} (auto keeps the base's)")
     run.add_argument("--device", default="auto", help=f"where to do the arithmetic: {', '.join(DEVICES)}")
-    run.add_argument("--verify", action="store_true", help="compare merged logits with PEFT's unmerged model")
+    run.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True, help=VERIFY_HELP)
     run.add_argument("--max-shard-size", default="auto", help=SHARD_HELP)
     run.add_argument("--work-dir", type=Path, default=None, help="where to build the merged folder (default: temp)")
 
@@ -130,8 +132,9 @@ def run_merge(args: argparse.Namespace) -> int:
     print(f"  modules: {modules}; tensors written: {result.tensors_written}; "
           f"time: {result.seconds:.1f}s; peak memory: {result.peak_rss_bytes / 2**20:.0f} MiB")
     if result.verification:
-        v = result.verification
-        print(f"  verify: max |delta logits| = {v['max_abs_logit_delta']:.3g} (max |logit| {v['max_abs_logit']:.3g})")
+        from bot.verify import describe
+
+        print(f"  verification {describe(result.verification)}")
     return 0
 
 

@@ -5,6 +5,7 @@ Exact by construction (it is PEFT's code) but holds the whole model in memory.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,7 +65,11 @@ def load_peft_model(plan: MergePlan, *, dtype: torch.dtype | str = "auto"):
     layout = describe_model(load_config(plan.base.path), task_type=plan.adapter_config.task_type)
     model_cls = getattr(transformers, layout.architecture)
     with quiet_libraries():
-        model = model_cls.from_pretrained(plan.base.path, dtype=dtype, trust_remote_code=False, use_safetensors=None)
+        labels = (plan.config_updates or {}).get("id2label")  # a head of the size the adapter saved
+        extra = {"num_labels": len(labels)} if labels else {}
+        model = model_cls.from_pretrained(plan.base.path, dtype=dtype, trust_remote_code=False, use_safetensors=None,
+                                          **extra)
+        resize_like_adapter(model, plan.adapter.path)
         try:
             peft_model, loaded = _attach_adapter(model, config, plan.adapter.path)
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
@@ -73,7 +78,21 @@ def load_peft_model(plan: MergePlan, *, dtype: torch.dtype | str = "auto"):
     return peft_model, layout
 
 
-def _attach_adapter(model, config, adapter_path: Path):
+def resize_like_adapter(model, adapter_path: Path) -> None:
+    """A vocabulary the adapter saved at another size: the base is resized first, as its trainer did
+    (``resize_token_embeddings`` before ``get_peft_model``), so PEFT's saved embeddings fit."""
+    emb = model.get_input_embeddings()
+    if emb is None:
+        return
+    rows = {int(t.shape[0]) for k, t in read_adapter_weights(adapter_path).items()
+            if k.replace(".base_layer.", ".").endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight",
+                           "lm_head.weight", "embed_in.weight", "embed_out.weight")) and t.dim() == 2}
+    rows.discard(emb.weight.shape[0])
+    if len(rows) == 1:
+        model.resize_token_embeddings(rows.pop(), mean_resizing=False)
+
+
+def _attach_adapter(model, config, adapter_path: Path, *, low_cpu_mem_usage: bool = False):
     """``PeftModel.from_pretrained`` in its two steps (wrap, then ``load_adapter``), keeping the load
     result that from_pretrained drops: which saved keys PEFT had no place for."""
     from peft import PeftModel
@@ -82,8 +101,9 @@ def _attach_adapter(model, config, adapter_path: Path):
     config.inference_mode = True
     key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}  # as from_pretrained does
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
-    peft_model = cls(model, config, "default")
-    loaded = peft_model.load_adapter(str(adapter_path), "default", is_trainable=False, key_mapping=key_mapping)
+    peft_model = cls(model, config, "default", low_cpu_mem_usage=low_cpu_mem_usage)
+    loaded = peft_model.load_adapter(str(adapter_path), "default", is_trainable=False, key_mapping=key_mapping,
+                                     low_cpu_mem_usage=low_cpu_mem_usage)
     return peft_model, loaded
 
 
@@ -96,7 +116,10 @@ def check_every_tensor_loaded(loaded) -> None:
     """Refuse when PEFT left saved adapter tensors unused; note tensors PEFT expected but did not find."""
     from bot.plan import unused_tensors_error
 
-    unexpected = sorted(_saved_name(k) for k in loaded.unexpected_keys)
+    # PEFT saves a wrapped embedding's internals too (``x.modules_to_save.weight``, ``x.original_module.weight``,
+    # beside ``x.weight``, which is what it loads): redundant copies, not part of the adapter left unused.
+    unexpected = sorted(_saved_name(k) for k in loaded.unexpected_keys
+                        if not re.search(r"\.(modules_to_save|original_module)\.[^.]+$", k))
     if unexpected:
         has_mts = any(".modules_to_save." in k or ".base_layer." in k for k in unexpected)
         raise unused_tensors_error({"modules_to_save" if has_mts else "target_modules": unexpected})

@@ -31,7 +31,7 @@ class PublishJob:
     private: bool = False
     base: str | None = None
     dtype: str = "auto"
-    verify: bool = False
+    verify: bool = True  # the per-module proof (and end to end when it fits); --no-verify / verify: false
     device: str = "auto"
     max_shard_size: str = "auto"
     requested_by: str | None = None
@@ -114,7 +114,9 @@ def commit_text(report: dict[str, Any]) -> tuple[str, str]:
     if report.get("base_note"):
         lines.append(f"- note: {report['base_note']}")
     if report.get("verification"):
-        lines.append(f"- verification: max |delta logits| {report['verification']['max_abs_logit_delta']:.3g}")
+        from bot.verify import describe
+
+        lines.append(f"- verification: {describe(report['verification'])}")
     return title, "\n".join(lines)
 
 
@@ -148,15 +150,10 @@ MergeRunner = Callable[..., Any]  # (plan, verify: bool) -> MergeResult
 
 
 def run_merge_plan(plan, verify: bool, on_progress=None):
-    """The default merge step: stream the plan, optionally verifying against PEFT."""
+    """The default merge step: stream the plan into its output folder, proving it against PEFT when asked."""
     from bot.merge import execute_plan
 
-    verify_fn = None
-    if verify:
-        from bot.verify import verify_merge
-
-        verify_fn = verify_merge
-    return execute_plan(plan, on_progress=on_progress, verify=verify_fn)
+    return execute_plan(plan, on_progress=on_progress, verify=verify)
 
 
 def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None = None,
@@ -179,7 +176,7 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
     target = job.target
     api = HfApi(endpoint=endpoint, token=token)
     account = check_can_publish(api, target)  # a bad token or foreign namespace is known before any download
-    streamed = merge_runner is None and not job.verify
+    streamed = merge_runner is None
     work = Path(tempfile.mkdtemp(prefix="merge-bot-", dir=work_dir))
     try:
         spec = job.merge_spec(work / "merged", token)
@@ -190,6 +187,8 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
         if checked.base_note:
             on_event(f"note: {checked.base_note}")
         fps = checked.fingerprints(spec)
+        if streamed and job.verify and _end_to_end_fits(checked.output_bytes, work):
+            streamed = False  # small enough to hold whole: the end-to-end check and latency run too
         with hub_write_errors(f"checking {target.repo_id}", target.repo_id):
             existing, _ = survey_target(api, target, fps, author=account.name, verified=job.verify)  # refusals now
             if existing is not None:
@@ -212,6 +211,14 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
         return JobResult(published, result.report, _card_of(result.out_dir, target.repo_id))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _end_to_end_fits(output_bytes: int, work: Path) -> bool:
+    """Whether a verified job can build the merged folder whole (disk) and load both models (memory):
+    then the end-to-end comparison runs too; else the per-module proof alone, streamed."""
+    from bot.verify import end_to_end_budget
+
+    return 4 * output_bytes <= end_to_end_budget() and output_bytes * 2 < shutil.disk_usage(work).free
 
 
 def _card_of(folder: Path, repo_id: str) -> str:
@@ -237,7 +244,7 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
         on_event(f"uploaded {up.describe()}")
 
     with hub_write_errors(f"preparing {target.repo_id}", target.repo_id):
-        opened = open_publication(api, target, fps, author=author, on_uploaded=uploaded)
+        opened = open_publication(api, target, fps, author=author, verified=plan.spec.verify, on_uploaded=uploaded)
     if isinstance(opened, PublishResult):
         return JobResult(opened)
     fetcher = PieceFetcher(plan.base.remote, list(plan.jobs), work / "pieces", on_bytes=down.add) \
@@ -253,7 +260,8 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
     try:
         with opened:
             on_event(f"merging {tensors} tensors; each shard is uploaded as soon as it is written")
-            result = merge_into(plan, folder, base_pieces=fetcher, on_shard=opened.upload, on_progress=merged)
+            result = merge_into(plan, folder, base_pieces=fetcher, on_shard=opened.upload, on_progress=merged,
+                                verify=plan.spec.verify)
             if fetcher is not None:
                 on_event(f"downloaded {down.describe()}")
             for warning in result.warnings:

@@ -453,11 +453,14 @@ def write_report(result: MergeResult, folder: Path) -> None:
 
 
 def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None = None, base_pieces=None,
-                 on_shard: Callable[[Path], None] | None = None) -> tuple[list[str], int]:
+                 on_shard: Callable[[Path], None] | None = None,
+                 check_tensor: Callable[[str, TensorInfo], None] | None = None) -> tuple[list[str], int]:
     """Write every planned tensor into ``out``; return the weight file names and how many were merged.
 
     ``base_pieces`` (a ``bot.pipeline.PieceFetcher``) supplies base tensors that are still on the Hub;
-    ``on_shard(path)`` runs as each shard is complete (the pipeline uploads it, then deletes it).
+    ``on_shard(path)`` runs as each shard is complete (the pipeline uploads it, then deletes it);
+    ``check_tensor(name, where)`` as each tensor is written, while its base piece is still at hand
+    (the per-module proof, ``bot.proof``), so every shard is proved before it is uploaded.
     """
     adapter = {}
     needed = {j.replacement for j in plan.jobs if j.replacement} | {
@@ -484,6 +487,8 @@ def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None =
                 else:
                     writer.write_blocks(job.name, tensor_blocks(job, adapter, device))
                     merged += bool(job.ops or job.replacement)
+                if check_tensor is not None:
+                    check_tensor(job.name, writer.written(job.name))
                 if base_pieces is not None:
                     base_pieces.release(job)
                 done += 1
@@ -501,9 +506,8 @@ def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None =
     return names, merged
 
 
-def execute_plan(plan: MergePlan, *, on_progress: ProgressFn | None = None,
-                 verify: Callable[[MergePlan, Path], dict[str, Any]] | None = None) -> MergeResult:
-    """Run a plan into ``plan.spec.out`` atomically. ``verify`` runs on the staged folder before the rename."""
+def execute_plan(plan: MergePlan, *, on_progress: ProgressFn | None = None, verify: bool = False) -> MergeResult:
+    """Run a plan into ``plan.spec.out`` atomically; ``verify``: prove it against PEFT before the rename."""
     out = Path(plan.spec.out)
     inputs = (plan.adapter.path, plan.base.path)
     check_output_dir(out, overwrite=plan.spec.overwrite, inputs=inputs)
@@ -514,37 +518,56 @@ def execute_plan(plan: MergePlan, *, on_progress: ProgressFn | None = None,
     return result
 
 
-def merge_into(plan: MergePlan, folder: Path, *, on_progress: ProgressFn | None = None,
-               verify: Callable[[MergePlan, Path], dict[str, Any]] | None = None, base_pieces=None,
-               on_shard: Callable[[Path], None] | None = None) -> MergeResult:
+def merge_into(plan: MergePlan, folder: Path, *, on_progress: ProgressFn | None = None, verify: bool = False,
+               base_pieces=None, on_shard: Callable[[Path], None] | None = None) -> MergeResult:
     """Write the whole output (weights, config, side files, report, card) into the empty ``folder``.
 
+    ``verify``: every tensor is proved against PEFT's own layers as it is written (``bot.proof``), and
+    the whole model end to end when it stays on disk and fits the memory budget (``bot.verify``);
+    a failure raises ``VerificationError`` before anything is published.
     ``base_pieces`` and ``on_shard``: see ``stream_merge`` (the Hub-to-Hub pipeline).
     """
     start = time.perf_counter()
+    proof, proved, proof_skipped = None, None, None
     if plan.fallback_reason:
         from bot.fallback import peft_merge
 
         log.info("%s: merging in memory with PEFT; peak memory will be the whole model", plan.fallback_reason)
         files, counts, written = peft_merge(plan, folder)
         merged = counts.get("merged_modules", 0)
+        if verify:
+            from bot.proof import ProofUnavailable, prove_folder
+
+            try:
+                proved = prove_folder(plan, folder)  # before any shard leaves
+            except ProofUnavailable as e:
+                proof_skipped = str(e)
         if on_shard is not None:
             for name in files:
                 if name.endswith(".safetensors"):
                     on_shard(folder / name)
     else:
+        if verify:
+            from bot.proof import ModuleProof, base_lookup
+
+            proof = ModuleProof(plan, base_lookup(plan, base_pieces.localize_info if base_pieces else None))
         files, merged = stream_merge(plan, folder, on_progress=on_progress, base_pieces=base_pieces,
-                                     on_shard=on_shard)
+                                     on_shard=on_shard, check_tensor=proof.check if proof else None)
         write_config(plan, folder)
         counts, written = dict(plan.module_counts), len(plan.jobs)
+        if proof is not None:
+            config = json.loads((folder / "config.json").read_text())
+            proved = proof.finish(tie_word_embeddings=bool(config.get("tie_word_embeddings", True)))
     side_files, side_warnings = copy_side_files(plan, folder)
     files = files + ["config.json"] * ("config.json" not in files) + side_files
     result = MergeResult(out_dir=folder, files=sorted(set(files)), module_counts=counts, tensors_written=written,
                          tensors_merged=merged, seconds=time.perf_counter() - start,
                          peak_rss_bytes=peak_rss_bytes(), fallback=bool(plan.fallback_reason),
                          warnings=side_warnings)
-    if verify is not None:
-        result.verification = verify(plan, folder)
+    if verify:
+        from bot.verify import verify_output
+
+        result.verification = verify_output(plan, folder if on_shard is None else None, proved, proof_skipped)
     result.report = build_report(plan, result)
     write_report(result, folder)
     has_tokenizer = any(is_tokenizer_file(name) for name in result.files)

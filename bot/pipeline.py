@@ -138,6 +138,14 @@ class PieceFetcher:
         local = replace(source, file=piece.path, begin=source.begin - piece.start, end=source.end - piece.start)
         return replace(job, source=local)
 
+    def localize_info(self, info: TensorInfo) -> TensorInfo | None:
+        """``info`` (a tensor of a Hub file) read from a fetched piece that holds it now; None if none does."""
+        for piece in self.pieces:
+            if piece.path is not None and piece.ready.is_set() and piece.file == info.file.name \
+                    and piece.start <= info.begin and info.end <= piece.end and piece.path.exists():
+                return replace(info, file=piece.path, begin=info.begin - piece.start, end=info.end - piece.start)
+        return None
+
     def release(self, job: TensorJob) -> None:
         """The merge is done with ``job``'s base tensor; a piece whose tensors are all merged is deleted."""
         piece = self._piece_of.get(job.name)

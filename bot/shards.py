@@ -225,6 +225,9 @@ class ShardWriter:
             offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
+        self._located = {t.name: TensorInfo(t.name, t.dtype, t.shape, self.path, 8 + len(raw) + entry["data_offsets"][0],
+                                            8 + len(raw) + entry["data_offsets"][1])
+                         for t in tensors for entry in [header[t.name]]}
         self._fh = open(self.path, "wb")
         self._fh.write(struct.pack("<Q", len(raw)))
         self._fh.write(raw)
@@ -254,6 +257,11 @@ class ShardWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._fh.write(memoryview(data))
         return data.nbytes
+
+    def written(self, name: str) -> TensorInfo:
+        """Where tensor ``name``, already written, lies in this file (flushed, so it can be read back)."""
+        self._fh.flush()
+        return self._located[name]
 
     def copy_raw(self, name: str, source: TensorInfo) -> None:
         """Pass a tensor through byte for byte, kernel to kernel, never through our memory."""

@@ -199,9 +199,9 @@ def result_markdown(result: Any) -> str:
     lines = [f"### {publish.describe().split(':')[0]}", "", f"[{publish.url}]({publish.url})"]
     report = result.report or {}
     if report.get("verification"):
-        v = report["verification"]
-        lines += ["", f"Verification: max |Δ logits| = **{v['max_abs_logit_delta']:.3g}** "
-                      f"(largest logit {v['max_abs_logit']:.3g}) against PEFT with the adapter attached."]
+        from bot.verify import describe
+
+        lines += ["", f"Verification {describe(report['verification'])}."]
     if report.get("base_note"):
         lines += ["", f"Note: {report['base_note']}"]
     if report:

@@ -24,13 +24,13 @@ def test_python_m_bot_merge_and_load_without_peft(cache_dir, tmp_path):
                            "--max-shard-size", "30KB", "--verify"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "modules: 5 LORA" in proc.stdout and "verify: max |delta logits|" in proc.stdout
+    assert "modules: 5 LORA" in proc.stdout and "verification passed:" in proc.stdout and "end to end max |delta logits|" in proc.stdout
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
     assert shards[0].startswith("model-00001-of-")
     report = json.loads((out / "merge_report.json").read_text())
-    assert report["verification"]["max_abs_logit_delta"] < 1e-5
+    assert report["verification"]["end_to_end"]["max_abs_logit_delta"] < 1e-5
     # Named, never by path: "a local folder" at its content digest.
     assert report["adapter"]["ref"] == "a local folder" and report["adapter"]["revision"].startswith("local-")
     published = (out / "merge_report.json").read_text() + (out / "README.md").read_text()

@@ -301,8 +301,8 @@ def test_a_verify_run_adds_verification_to_a_plain_publish_once(hub, models, cap
     commits = our_commits(hub, "alice/verified-later")
     assert len(commits) == 2
     files = hub.files("alice/verified-later")
-    assert json.loads(files["merge_report.json"])["verification"]["max_abs_logit_delta"] < 1e-4
-    assert b"PEFT, unmerged) by at most" in files["README.md"]
+    assert json.loads(files["merge_report.json"])["verification"]["end_to_end"]["max_abs_logit_delta"] < 1e-4
+    assert b"**Per-module proof**" in files["README.md"] and b"**Passed.**" in files["README.md"]
     for flags in (["--verify"], []):  # verified now: neither kind of run has anything left to do
         code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/verified-later", *flags)
         assert code == 0 and "nothing to do" in out, err

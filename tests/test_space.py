@@ -61,12 +61,12 @@ def test_preflight_view_explains_refusals_at_once(hub, models, on_a_space, adapt
 def test_merge_and_publish_with_the_users_oauth_token(hub, models, on_a_space):
     result, card = handlers.merge_and_publish("alice/tiny-lora", "", "", False, False, "auto", True,
                                               profile("alice"), token(ALICE), progress=no_progress)
-    assert "alice/tiny-lora-merged" in result and "Verification: max |Δ logits|" in result
+    assert "alice/tiny-lora-merged" in result and "Verification passed:" in result and "end to end max |delta logits|" in result
     assert "base_model: bob/tiny-llama" in card and 'repo = "alice/tiny-lora-merged"' in card
     commits = [c for c in hub.commits("alice/tiny-lora-merged") if c["title"].startswith("Merge ")]
     assert len(commits) == 1
     report = json.loads(hub.files("alice/tiny-lora-merged")["merge_report.json"])
-    assert report["verification"]["max_abs_logit_delta"] < 1e-4
+    assert report["verification"]["end_to_end"]["max_abs_logit_delta"] < 1e-4
 
 
 def test_space_never_falls_back_to_a_shared_token(hub, models, on_a_space):
@@ -202,7 +202,7 @@ def test_browser_preflight_merge_and_link(hub, running_app, page):
     page.locator("#merge").click()
     link = page.locator("#result a")
     expect(link).to_have_attribute("href", f"{hub.url}/alice/from-browser", timeout=120_000)
-    expect(page.locator("#result")).to_contain_text("Verification: max |Δ logits|")
+    expect(page.locator("#result")).to_contain_text("Verification passed:")
     page.screenshot(path=str(ARTIFACTS / "space-merge.png"), full_page=True)
     assert hub.repo_exists("alice/from-browser")
 
