@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from bot.errors import VerificationError
+from bot.errors import IncompatibleBaseError, VerificationError
 from bot.shards import DTYPE_FROM_CODE, TensorInfo, read_tensor
 
 log = logging.getLogger(__name__)
@@ -114,10 +114,10 @@ class ModuleProof:
         self.float32_arithmetic = bool(plan.fallback_reason)
         self.base_tensor = base_tensor  # name -> where the base keeps it
         self.report = ProofReport()
-        self.model, self.wrapped, self.saved = _reference_model(plan)
+        self.model, self.wrapped, self.saved, inner = _reference_model(plan)
         # Plain parameters PEFT loaded from the adapter (biases trained with bias="all", other whole tensors)
-        self.loaded = {name.removeprefix("base_model.model."): p for name, p in self.model.named_parameters()
-                       if not p.is_meta and name.rpartition(".")[0].removeprefix("base_model.model.") not in
+        self.loaded = {inner + name.removeprefix("base_model.model."): p for name, p in self.model.named_parameters()
+                       if not p.is_meta and inner + name.rpartition(".")[0].removeprefix("base_model.model.") not in
                        self.wrapped and ".modules_to_save." not in name and ".original_module." not in name}
         self.tied = {n: plan.layout.tied_group_of(n) for n in plan.layout.param_names} if plan.layout else {}
         self._checked: set[str] = set()
@@ -138,6 +138,12 @@ class ModuleProof:
                 self._check_unchanged(name, merged, out_dtype)
         except VerificationError as e:
             self.report.failures.append(str(e))
+        except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as e:
+            why = f"{e.__class__.__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            if self.float32_arithmetic:  # a tuner PEFT merges itself whose layer cannot run weightless
+                raise ProofUnavailable(f"PEFT's {self.plan.adapter_config.peft_type} layer for {module} cannot "
+                                       f"run on its own ({why})") from e
+            self.report.failures.append(f"{name}: could not be proved ({why})")
         self._checked.add(name)
 
     def _fail(self, module: str, what: str) -> VerificationError:
@@ -413,11 +419,17 @@ def _reference_model(plan):
     if labels:  # a classification head of the size the adapter saved, as users load the base for it
         base_config.id2label = {int(k): v for k, v in labels.items()}
         base_config.label2id = {v: int(k) for k, v in labels.items()}
-    layout = describe_model(base_config, task_type=plan.adapter_config.task_type)
+    try:
+        layout = describe_model(base_config, task_type=plan.adapter_config.task_type)
+    except IncompatibleBaseError:  # a task the base has no class for: PEFT wraps the base as it is
+        layout = describe_model(base_config, task_type=None)
     with quiet_libraries(), _adapter_stays_on_cpu():
         with torch.device("meta"):
             model = getattr(transformers, layout.architecture)(base_config)
         resize_like_adapter(model, plan.adapter.path)
+        inner = bare_model_prefix(model, plan.adapter.path)
+        if inner:  # an adapter trained on the bare model (LlamaModel): PEFT wraps that part, as its trainer did
+            model = getattr(model, inner[:-1])
         try:
             peft_model, loaded = _attach_adapter(model, config, plan.adapter.path, low_cpu_mem_usage=True)
         except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as e:
@@ -431,13 +443,30 @@ def _reference_model(plan):
     wrapped, saved = {}, {}
     prefix = "base_model.model."
     for name, module in peft_model.named_modules():
-        short = name.removeprefix(prefix)
+        short = inner + name.removeprefix(prefix)
         if isinstance(module, ModulesToSaveWrapper):
             saved[short] = module
         elif isinstance(module, BaseTunerLayer) and ".modules_to_save." not in name and \
                 ".original_module." not in name:
             wrapped[short] = module
-    return peft_model, wrapped, saved
+    return peft_model, wrapped, saved, inner
+
+
+def bare_model_prefix(model, adapter_path) -> str:
+    """``"model."`` when the adapter's keys name the bare model's modules (``layers.0...``) while ``model``
+    keeps them under its base prefix (``model.layers.0...``); else ``""``."""
+    from bot.adapter import PEFT_PREFIX, read_adapter_weights
+
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix or not hasattr(model, prefix):
+        return ""
+    keys = [k.removeprefix(PEFT_PREFIX) for k in read_adapter_weights(adapter_path)]
+    module_names = {n for n, _ in model.named_modules()}
+    if keys and not any(k.startswith(prefix + ".") for k in keys) and \
+            any(k.split(".")[0] in {n.split(".")[0] for n in module_names if n.startswith(prefix + ".")} or
+                f"{prefix}.{k.split('.')[0]}" in module_names for k in keys):
+        return prefix + "."
+    return ""
 
 
 @contextmanager

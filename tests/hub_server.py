@@ -973,6 +973,7 @@ class HubServer:
     # ---- dispatch ----------------------------------------------------------------------------
     def _build_routes(self) -> list[tuple[str, re.Pattern, object]]:
         table = [
+            ("GET", r"/_test/stats", self._stats),
             ("GET", r"/api/whoami-v2", self._whoami),
             ("POST", r"/api/repos/create", self._create_repo),
             ("POST", r"/api/validate-yaml", self._validate_yaml),
@@ -1483,6 +1484,10 @@ class HubServer:
         if repo is None:
             raise HubError(404, "Repository not found", "RepoNotFound")
         return repo
+
+    def _stats(self, req: Request) -> Response:
+        """GET /_test/stats: counters a benchmark reads from another process (not a Hub route)."""
+        return Response.of_json({"lfs_bytes_received": self.lfs_bytes_received})
 
     def _lfs_upload(self, req: Request, t, ns, name, oid) -> Response:
         """PUT /lfs-upload/{type}s/{id}/{oid}?size=N: the object bytes (checked against oid and size)."""

@@ -5,6 +5,7 @@ test; published tensors are compared bit for bit with a local merge of the same 
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -90,6 +91,7 @@ def _tensors(folder: Path) -> dict[str, bytes]:
 def test_streamed_run_keeps_disk_to_a_few_pieces_and_publishes_what_a_local_merge_writes(
         hub, sharded, capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "PIECE_BYTES", PIECE)
+    monkeypatch.setenv("MERGEBOT_VERIFY_MEMORY_GB", "0")  # no room to hold it whole: streamed, proved per shard
     work = tmp_path / "work"
     work.mkdir()
     cache = Path(os.environ["HF_HOME"])
@@ -100,6 +102,9 @@ def test_streamed_run_keeps_disk_to_a_few_pieces_and_publishes_what_a_local_merg
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "published alice/sharded-merged in one commit" in out
+    report = json.loads(hub.files("alice/sharded-merged")["merge_report.json"])
+    assert report["verification"]["proof"]["passed"] and report["verification"]["proof"]["modules_proved"] == 42
+    assert report["verification"]["end_to_end"] is None and "streamed" in report["verification"]["end_to_end_skipped"]
     assert len([c for c in hub.commits("alice/sharded-merged") if c["title"].startswith("Merge ")]) == 1
 
     # Bounded: at most PREFETCH pieces, two output shards and the small files; less than half the model.

@@ -292,7 +292,7 @@ def test_a_local_base_naming_no_hub_repo_has_no_base_model(models, tmp_path):
 
 
 def test_a_verify_run_adds_verification_to_a_plain_publish_once(hub, models, capsys):
-    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/verified-later")
+    code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/verified-later", "--no-verify")
     assert code == 0, err
     assert json.loads(hub.files("alice/verified-later")["merge_report.json"])["verification"] is None
     code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/verified-later", "--verify")
