@@ -17,8 +17,7 @@ import torch
 from bot import peft_rules
 from bot.adapter import (PEFT_PREFIX, AdapterConfig, AdapterTensors, read_adapter_config, read_adapter_weights,
                          split_adapter_keys)
-from bot.architecture import (CONV1D_MODEL_TYPES, ModelLayout, checkpoint_layout, describe_model, infer_linear_kind,
-                               load_config)
+from bot.architecture import (CONV1D_MODEL_TYPES, ModelLayout, checkpoint_layout, describe_model, load_config)
 from bot.checkpoint import BinTensorInfo, index_checkpoint, index_remote_checkpoint
 from bot.errors import AdapterConfigError, IncompatibleBaseError, UnsupportedAdapterError, UsageError
 from bot.jsonfile import read_json_object
