@@ -189,7 +189,7 @@ def peft_config_fields(peft_type: str) -> frozenset[str] | None:
     """The fields of the installed PEFT's config class for ``peft_type``; None when PEFT has no such tuner."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)  # type: ignore[call-overload]  # keyed by a str enum
     return frozenset(f.name for f in dataclasses.fields(cls)) if cls is not None else None
 
 

@@ -133,7 +133,7 @@ def check_peft_can_merge(acfg: AdapterConfig) -> None:
         raise UnsupportedAdapterError(
             f"peft_type {acfg.peft_type} is not known to the installed PEFT; upgrade peft or check adapter_config.json"
         )
-    tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(acfg.peft_type)
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(acfg.peft_type)  # type: ignore[call-overload]  # keyed by a str enum
     if tuner is None or not hasattr(tuner, "merge_and_unload"):
         raise UnsupportedAdapterError(f"PEFT cannot merge {acfg.peft_type} adapters into the base weights")
     build_peft_config(acfg)  # what PEFT's config class refuses, with PEFT's reason, before any download
@@ -156,7 +156,7 @@ def resolve_plan(spec: MergeSpec, *, stream_base: bool = False) -> MergePlan:
                                    fix=f"re-download {base.label}")
     check_not_quantized(base_config, base)
     tokenizer_folder = adapter.path if any(is_tokenizer_file(p.name) for p in adapter.path.iterdir()) else base.path
-    common = dict(spec=spec, adapter=adapter, base=base, adapter_config=acfg, base_config=base_config,
+    common: dict[str, Any] = dict(spec=spec, adapter=adapter, base=base, adapter_config=acfg, base_config=base_config,
                   tokenizer_folder=tokenizer_folder)
     if not acfg.is_native:
         what = f"{acfg.peft_type} with {acfg.peft_only_field}" if is_streamed(acfg.peft_type) else acfg.peft_type
@@ -372,7 +372,7 @@ def module_ops(acfg: AdapterConfig, fields: Mapping[str, Any], parts: AdapterTen
             kind = storage_kind(acfg.peft_type, layout.model_type, roles, weights, weight_shape)
         assert kind is not None  # a model layout names it; a checkpoint-only one was just told
         op = module_op(acfg, module, kind, roles, weights, weight_shape)
-        ops_by_param.setdefault(weight_name, []).append((op, False))  # type: ignore[arg-type]
+        ops_by_param.setdefault(weight_name, []).append((op, False))
         bias_name = layout.canonical_name(f"{module}.bias")
         trained_bias = [tuner.bias_roles[r] for r in roles if r in tuner.bias_roles]
         if op.touches_bias and bias_name in base.by_param:
