@@ -216,7 +216,8 @@ def main() -> None:
     for label in args.sizes.split(","):
         print(f"size {label}:", flush=True)
         summaries.append(run_size(label.strip(), args.work, args.runs))
-    print("\n| size | merge-bot median | PEFT median | speed-up | merge-bot peak RSS | PEFT peak RSS | RSS ratio | bit-identical |")
+    print("\n| size | merge-bot median | PEFT median | speed-up | merge-bot peak RSS | PEFT peak RSS | RSS ratio "
+          "| bit-identical |")
     print("|---|---|---|---|---|---|---|---|")
     for s in summaries:
         print(f"| {s['size']} ({s['base_bytes'] / 1e9:.1f} GB bf16) | {s['ours_median_s']:.2f} s | {s['peft_median_s']:.2f} s | "

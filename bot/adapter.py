@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -21,7 +21,7 @@ from bot import peft_rules
 from bot.errors import AdapterConfigError, UnsupportedAdapterError
 from bot.jsonfile import read_json_object
 from bot.spec import is_valid_revision
-from bot.tuners import ADAPTER_KEY_ROLES
+from bot.tuners import adapter_key_roles, find_tuner, is_streamed, tuners
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,6 @@ PEFT_PREFIX = "base_model.model."
 PROMPT_LEARNING_TYPES = frozenset(
     {"PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "CPT", "CARTRIDGE"}
 )
-# Tuners merge-bot merges itself, streaming; every other mergeable one goes through PEFT.
-NATIVE_TYPES = frozenset({"LORA", "IA3", "LOHA", "LOKR"})
 # Heads PEFT adds to modules_to_save for these task types (PeftModelForSequenceClassification etc.).
 TASK_DEFAULT_MODULES_TO_SAVE = {
     "SEQ_CLS": ("classifier", "score"),
@@ -43,9 +41,10 @@ TASK_DEFAULT_MODULES_TO_SAVE = {
     "QUESTION_ANS": ("qa_outputs",),
 }
 # Config fields the streaming merge reads itself, or that only shape training and the
-# initialisation of tensors the saved adapter then overwrites. Any other field set to a
-# value (a LoRA variant such as KaSA or BD-LoRA, target_parameters, layer_replication,
-# trainable_token_indices, a field newer than this list, ...) sends the merge to PEFT,
+# initialisation of tensors the saved adapter then overwrites: these common ones (PEFT's
+# ``PeftConfig``) plus each tuner's ``config_fields`` (bot/tuners/<name>.py). Any other field set
+# to a value (a LoRA variant such as KaSA or BD-LoRA, target_parameters, layer_replication,
+# trainable_token_indices, a field newer than these lists, ...) sends the merge to PEFT,
 # which applies it or refuses: exact either way. Each set is a subset of the fields of PEFT's
 # own config class for that tuner (a field PEFT does not know, PEFT drops: IA3 has no
 # layers_to_transform), checked against PEFT's configs in tests.
@@ -53,26 +52,36 @@ _PEFT_CONFIG_FIELDS = frozenset({
     "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "target_modules", "exclude_modules", "modules_to_save",
 })
-_LYCORIS_FIELDS = _PEFT_CONFIG_FIELDS | {
-    "r", "alpha", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "rank_dropout",
-    "module_dropout", "use_effective_conv2d", "init_weights",
-}
-STREAMED_FIELDS: dict[str, frozenset[str]] = {
-    "LORA": _PEFT_CONFIG_FIELDS | {
-        "r", "lora_alpha", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
-        "lora_dropout", "bias", "use_rslora", "use_dora", "lora_bias", "init_lora_weights", "loftq_config",
-        "eva_config", "corda_config", "lora_ga_config", "megatron_core", "qalora_group_size", "runtime_config",
-    },
-    "IA3": _PEFT_CONFIG_FIELDS | {"feedforward_modules", "fan_in_fan_out", "init_ia3_weights"},
-    "LOHA": _LYCORIS_FIELDS,
-    "LOKR": _LYCORIS_FIELDS | {"decompose_both", "decompose_factor", "rank_dropout_scale"},
-}
-# Fields of PEFT versions too old for PEFT to know today, harmless when set.
-_OLD_PEFT_FIELDS = {"LORA": frozenset({"merge_weights"})}  # PEFT <= 0.3: merge on eval; saved tensors are unmerged
-# init_lora_weights values that only initialise A and B. PiSSA, OLoRA, CorDA, LoftQ and
-# LoRA-GA also rewrite the base weights when PEFT loads the adapter (and MiCA is a variant):
-# PEFT's merge reproduces that, a plain W + BA would not.
-_PLAIN_LORA_INITS = (True, False, None, "gaussian", "orthogonal", "eva")
+
+
+def streamed_fields(peft_type: str) -> frozenset[str]:
+    """The config fields the streaming merge reads or may ignore for ``peft_type``; empty for a tuner it does not merge."""
+    tuner = find_tuner(peft_type)
+    return _PEFT_CONFIG_FIELDS | tuner.config_fields if tuner is not None else frozenset()
+
+
+def _old_fields(peft_type: str) -> frozenset[str]:
+    """Fields of PEFT versions too old for PEFT to know today, harmless when set."""
+    tuner = find_tuner(peft_type)
+    return tuner.old_fields if tuner is not None else frozenset()
+
+
+class _StreamedFields(Mapping[str, frozenset[str]]):
+    """``streamed_fields`` as a read-only mapping over the registered tuners (for tests and docs)."""
+
+    def __getitem__(self, peft_type: str) -> frozenset[str]:
+        if not is_streamed(peft_type):
+            raise KeyError(peft_type)
+        return streamed_fields(peft_type)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([t.peft_type for t in tuners()])
+
+    def __len__(self) -> int:
+        return len(tuners())
+
+
+STREAMED_FIELDS: Mapping[str, frozenset[str]] = _StreamedFields()
 # LoRA variants whose output cannot be expressed as merged weights at all.
 _UNMERGEABLE_FIELDS = {
     "alora_invocation_tokens": "aLoRA adapters act only on tokens after their invocation sequence, so they cannot "
@@ -99,16 +108,18 @@ class AdapterConfig:
 
     @property
     def is_native(self) -> bool:
-        return self.peft_type in NATIVE_TYPES and self.peft_only_field is None
+        return is_streamed(self.peft_type) and self.peft_only_field is None
 
     @property
     def peft_only_field(self) -> str | None:
         """The first config field whose value the streaming merge does not model, if any."""
-        streamed = STREAMED_FIELDS.get(self.peft_type, frozenset()) | _OLD_PEFT_FIELDS.get(self.peft_type, frozenset())
+        streamed = streamed_fields(self.peft_type) | _old_fields(self.peft_type)
+        tuner = find_tuner(self.peft_type)
+        values = tuner.field_values if tuner is not None else {}
         for name, value in self.raw.items():
-            if name == "init_lora_weights" and self.peft_type == "LORA":
-                if value not in _PLAIN_LORA_INITS:  # exact, as PEFT compares ("EVA" is an error there)
-                    return f"init_lora_weights={value!r}"
+            if name in values:  # streamed with some values only (LoRA's init_lora_weights)
+                if value not in values[name]:
+                    return f"{name}={value!r}"
             elif name not in streamed and not _is_unset(value):
                 return name
         return None
@@ -178,7 +189,7 @@ def peft_config_fields(peft_type: str) -> frozenset[str] | None:
     """The fields of the installed PEFT's config class for ``peft_type``; None when PEFT has no such tuner."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)  # type: ignore[call-overload]  # keyed by a str enum
     return frozenset(f.name for f in dataclasses.fields(cls)) if cls is not None else None
 
 
@@ -197,8 +208,7 @@ def unknown_fields(peft_type: str, raw: dict[str, Any]) -> tuple[str, ...]:
     returned, for a warning. PEFT is imported only when some set field is not one the
     streaming merge reads, which already means PEFT's own merge.
     """
-    mine = STREAMED_FIELDS.get(peft_type, frozenset()) | _OLD_PEFT_FIELDS.get(peft_type, frozenset()) | \
-        _PEFT_CONFIG_FIELDS
+    mine = streamed_fields(peft_type) | _old_fields(peft_type) | _PEFT_CONFIG_FIELDS
     candidates = [n for n, v in raw.items() if n not in mine and not _is_unset(v)]
     if not candidates:
         return ()
@@ -357,7 +367,8 @@ def split_adapter_keys(keys: list[str]) -> AdapterTensors:
     key is a whole tensor that PEFT loads over the model's own: a ``modules_to_save``
     copy, a resized embedding (``<module>.base_layer.weight``), or a trained bias.
     """
-    suffixes = sorted(ADAPTER_KEY_ROLES, key=len, reverse=True)
+    key_roles = adapter_key_roles()
+    suffixes = sorted(key_roles, key=len, reverse=True)  # longest first: ".lora_B.bias" before a generic ".bias"
     modules: dict[str, dict[str, str]] = {}
     replacements: dict[str, str] = {}
     for key in sorted(keys):
@@ -365,7 +376,7 @@ def split_adapter_keys(keys: list[str]) -> AdapterTensors:
         for suffix in suffixes:
             if name.endswith(suffix):
                 module = name[: -len(suffix)]
-                modules.setdefault(module, {})[ADAPTER_KEY_ROLES[suffix]] = key
+                modules.setdefault(module, {})[key_roles[suffix]] = key
                 break
         else:
             parts = [p for p in name.split(".") if p not in ("base_layer", "modules_to_save", "original_module")]

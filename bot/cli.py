@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from bot import __version__
 from bot.errors import MergeBotError, OutputError, UsageError, redact
@@ -79,7 +80,7 @@ class _Progress:
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar, made on the first update
 
     def __call__(self, done: int, total: int, what: str) -> None:
         if not self.enabled:

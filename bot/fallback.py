@@ -148,7 +148,7 @@ def _untie_if_adapted(model) -> bool:
     tied = getattr(inner_in, "weight", None) is not None and inner_in.weight is getattr(inner_out, "weight", None)
     if not tied or not (isinstance(inp, wrappers) or isinstance(out, wrappers)):
         return False
-    inner_out.weight = torch.nn.Parameter(inner_out.weight.detach().clone())
+    inner_out.weight = torch.nn.Parameter(inner_out.weight.detach().clone())  # type: ignore[operator]
     base.config.tie_word_embeddings = False
     if hasattr(base.config, "get_text_config"):
         base.config.get_text_config().tie_word_embeddings = False

@@ -304,6 +304,7 @@ def merge_rows_blockwise(job: TensorJob, adapter: dict[str, torch.Tensor]) -> It
     Yields views of one reused buffer: the caller must consume each before the next.
     """
     source = job.source
+    assert isinstance(source, TensorInfo)  # rows_are_independent: a safetensors base tensor
     rows_total = job.shape[0]
     cols = 1
     for d in job.shape[1:]:
@@ -427,7 +428,7 @@ def local_paths(plan: MergePlan) -> list[tuple[str, str]]:
     """(path, what to say instead) for this machine's folders that a message might quote."""
     folders = [(plan.adapter.path, LOCAL_FOLDER), (plan.base.path, LOCAL_FOLDER), (Path(plan.spec.out), "the output"),
                (Path.home(), "~")]
-    pairs = {}
+    pairs: dict[str, str] = {}
     for folder, instead in folders:
         for form in (str(folder), str(Path(folder).absolute()), str(Path(folder).resolve())):
             if len(form) > 1:  # never "/" or "."

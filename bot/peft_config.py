@@ -37,7 +37,7 @@ def build_peft_config(acfg: AdapterConfig):
     """``peft.PeftConfig`` for this adapter; a refusal names PEFT's own reason (exit 5) or the unknown tuner (exit 6)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(acfg.peft_type)
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(acfg.peft_type)  # type: ignore[call-overload]  # keyed by a str enum
     if cls is None:
         raise UnsupportedAdapterError(
             f"peft_type {acfg.peft_type} is not known to the installed PEFT; upgrade peft or check adapter_config.json"

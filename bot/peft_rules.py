@@ -52,25 +52,14 @@ def is_excluded(cfg: Mapping[str, Any], key: str) -> bool:
 def config_problem(peft_type: str, cfg: Mapping[str, Any]) -> str | None:
     """What PEFT's config class (``LoraConfig.__post_init__`` etc.) would refuse when loading this config.
 
-    Only the checks that can fire for a saved adapter merge-bot streams itself; every other
-    tuner and option goes through PEFT, which runs its own.
+    Only the checks that can fire for a saved adapter merge-bot streams itself, each declared by
+    its tuner (``bot/tuners/<name>.py``); every other tuner and option goes through PEFT, which
+    runs its own.
     """
-    targets, layers, pattern = cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern")
-    if peft_type in ("LORA", "LOHA", "LOKR"):
-        if peft_type == "LORA" and isinstance(targets, str) and (layers is not None or pattern is not None):
-            return "layers_to_transform and layers_pattern cannot be used when target_modules is a regex string"
-        if pattern and layers is None:
-            return "layers_pattern is set but layers_to_transform is not"
-    if peft_type == "LORA" and cfg.get("lora_bias"):
-        if cfg.get("init_lora_weights", True) not in (True, False):
-            return "lora_bias needs init_lora_weights true or false"
-        if cfg.get("use_dora"):
-            return "lora_bias is not supported together with DoRA (use_dora)"
-    feedforward = cfg.get("feedforward_modules")
-    if peft_type == "IA3" and isinstance(feedforward, list) and isinstance(targets, list):
-        if not set(feedforward) <= set(targets):
-            return "feedforward_modules must be a subset of target_modules"
-    return None
+    from bot.tuners import find_tuner
+
+    tuner = find_tuner(peft_type)
+    return tuner.config_problem(cfg) if tuner is not None and tuner.config_problem is not None else None
 
 
 ALL_LINEAR = "all-linear"
@@ -137,23 +126,15 @@ def default_target_modules(peft_type: str, model_type: str) -> list[str] | None:
     """PEFT's per-architecture defaults, used when a config leaves target_modules empty.
 
     Only old or hand-written configs hit this (PEFT writes the resolved list when it
-    saves), so the import of PEFT's table is paid only then.
+    saves), so the import of PEFT's table (the tuner's ``peft_default_targets``) is paid only then.
     """
+    from bot.tuners import find_tuner
+
+    tuner = find_tuner(peft_type)
+    table = tuner.peft_default_targets if tuner is not None else None
+    if table is None:
+        return None
     from peft.utils import constants
 
-    table = {
-        "LORA": "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
-        "IA3": "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
-        "LOHA": "TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING",
-        "LOKR": "TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING",
-    }.get(peft_type)
-    mapping = getattr(constants, table, {}) if table else {}
-    found = mapping.get(model_type)
-    return list(found) if found else None
-
-
-def default_feedforward_modules(model_type: str) -> list[str] | None:
-    from peft.utils import constants
-
-    found = constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type)
+    found = getattr(constants, table, {}).get(model_type)
     return list(found) if found else None

@@ -10,22 +10,21 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import torch
 
 from bot import peft_rules
-from bot.adapter import (NATIVE_TYPES, PEFT_PREFIX, AdapterConfig, AdapterTensors, read_adapter_config, read_adapter_weights,
+from bot.adapter import (PEFT_PREFIX, AdapterConfig, AdapterTensors, read_adapter_config, read_adapter_weights,
                          split_adapter_keys)
-from bot.architecture import (CONV1D_MODEL_TYPES, ModelLayout, checkpoint_layout, describe_model, infer_linear_kind,
-                               load_config)
+from bot.architecture import (CONV1D_MODEL_TYPES, ModelLayout, checkpoint_layout, describe_model, load_config)
 from bot.checkpoint import BinTensorInfo, index_checkpoint, index_remote_checkpoint
 from bot.errors import AdapterConfigError, IncompatibleBaseError, UnsupportedAdapterError, UsageError
 from bot.jsonfile import read_json_object
 from bot.shards import CODE_FROM_DTYPE, OutputTensor, TensorInfo
 from bot.sources import ResolvedSource, is_tokenizer_file, resolve_source
 from bot.spec import MergeSpec, SourceRef, auto_shard_bytes, parse_source_ref
-from bot.tuners import TUNER_ROLES, ModuleOp
+from bot.tuners import ModuleOp, NeedsPeft, OpRequest, get_tuner, is_streamed, tuners
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,7 @@ def check_peft_can_merge(acfg: AdapterConfig) -> None:
         raise UnsupportedAdapterError(
             f"peft_type {acfg.peft_type} is not known to the installed PEFT; upgrade peft or check adapter_config.json"
         )
-    tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(acfg.peft_type)
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(acfg.peft_type)  # type: ignore[call-overload]  # keyed by a str enum
     if tuner is None or not hasattr(tuner, "merge_and_unload"):
         raise UnsupportedAdapterError(f"PEFT cannot merge {acfg.peft_type} adapters into the base weights")
     build_peft_config(acfg)  # what PEFT's config class refuses, with PEFT's reason, before any download
@@ -157,10 +156,10 @@ def resolve_plan(spec: MergeSpec, *, stream_base: bool = False) -> MergePlan:
                                    fix=f"re-download {base.label}")
     check_not_quantized(base_config, base)
     tokenizer_folder = adapter.path if any(is_tokenizer_file(p.name) for p in adapter.path.iterdir()) else base.path
-    common = dict(spec=spec, adapter=adapter, base=base, adapter_config=acfg, base_config=base_config,
+    common: dict[str, Any] = dict(spec=spec, adapter=adapter, base=base, adapter_config=acfg, base_config=base_config,
                   tokenizer_folder=tokenizer_folder)
     if not acfg.is_native:
-        what = f"{acfg.peft_type} with {acfg.peft_only_field}" if acfg.peft_type in NATIVE_TYPES else acfg.peft_type
+        what = f"{acfg.peft_type} with {acfg.peft_only_field}" if is_streamed(acfg.peft_type) else acfg.peft_type
         return MergePlan(**common, fallback_reason=f"{what} is merged by PEFT itself",
                          warnings=unknown_field_notes(acfg))
     weights = read_adapter_weights(adapter.path)
@@ -171,7 +170,7 @@ def resolve_plan(spec: MergeSpec, *, stream_base: bool = False) -> MergePlan:
         layout = describe_model(load_config(base.path), task_type=acfg.task_type)
     try:
         return _plan_streaming(common, acfg, weights, parts, checkpoint, layout)
-    except _NeedsPeft as e:
+    except NeedsPeft as e:
         if base.remote:  # PEFT loads the whole base from a folder
             common["base"] = resolve_source(base_ref, what="base", token=spec.token)
         return MergePlan(**common, fallback_reason=str(e))
@@ -204,7 +203,8 @@ def needs_model_layout(acfg: AdapterConfig, parts: AdapterTensors, keys: list[st
         return True
     if peft_rules.is_all_linear(acfg.fields.get("target_modules")):  # needs every module's type
         return True
-    if not base_config.get("architectures") or any(".lora_embedding_" in k for k in keys):
+    embedding_suffixes = tuple(s for tuner in tuners() for s in tuner.embedding_suffixes)  # LoRA on nn.Embedding
+    if not base_config.get("architectures") or any(k.endswith(embedding_suffixes) for k in keys):
         return True
     for module in parts.modules:
         if module.rsplit(".", 1)[-1] in _HEAD_OR_EMBEDDING:
@@ -250,108 +250,46 @@ def unused_tensors_error(unused: dict[str, list[str]]) -> AdapterConfigError:
     )
 
 
-class _NeedsPeft(Exception):
-    """The adapter uses something only PEFT's own merge handles (conv kernels, CP factors, ...)."""
-
-
-def _rank_and_alpha(fields: dict[str, Any], module: str, *, r_name: str, alpha_name: str) -> tuple[int, float]:
-    r = fields.get(r_name) if fields.get(r_name) is not None else 8
-    alpha = fields.get(alpha_name) if fields.get(alpha_name) is not None else 8
-    rank_pattern, alpha_pattern = fields.get("rank_pattern") or {}, fields.get("alpha_pattern") or {}
-    key = peft_rules.pattern_key(list(rank_pattern), module)
-    if key is not None:
-        r = rank_pattern[key]
-    key = peft_rules.pattern_key(list(alpha_pattern), module)
-    if key is not None:
-        alpha = alpha_pattern[key]
-    return int(r), float(alpha)
-
-
-def _module_op(acfg: AdapterConfig, module: str, kind: str, roles: dict[str, str],
-               weights: dict[str, torch.Tensor], weight_shape: tuple[int, ...]) -> ModuleOp:
-    """Build and shape-check one module's op; raise on a mismatch with the base."""
-    peft_type, fields = acfg.peft_type, acfg.fields
-    unknown = set(roles) - TUNER_ROLES[peft_type]
+def module_op(acfg: AdapterConfig, module: str, kind: str, roles: Mapping[str, str],
+              weights: Mapping[str, torch.Tensor], weight_shape: tuple[int, ...]) -> ModuleOp:
+    """Build and shape-check one module's op with its tuner's ``build_op``; raise on a mismatch with the base,
+    ``NeedsPeft`` for what only PEFT merges (a role or a kind of module the tuner does not stream)."""
+    tuner = get_tuner(acfg.peft_type)
+    unknown = set(roles) - tuner.roles
     if unknown:
-        raise _NeedsPeft(f"{peft_type} module {module} uses {sorted(unknown)[0]}")
-    if kind not in ("linear", "conv1d") and not (peft_type == "LORA" and kind == "embedding" and "magnitude" not in roles):
-        raise _NeedsPeft(f"{peft_type} on a {kind} module ({module})")
-    transpose = kind in ("conv1d", "embedding")
-    shape = lambda role: tuple(weights[roles[role]].shape)  # noqa: E731
-
-    def need(*names: str) -> None:
-        for name in names:
-            if name not in roles:
-                raise AdapterConfigError(f"adapter weights for {module} are incomplete: {name} is missing")
-
-    def mismatch(expected: tuple[int, ...]) -> IncompatibleBaseError:
-        return IncompatibleBaseError(
-            f"adapter does not fit the base: {module} is {list(weight_shape)} in the base but the adapter "
-            f"makes {list(expected)}; check that --base is the model the adapter was trained on"
-        )
-
-    if peft_type == "LORA":
-        need("lora_A", "lora_B")
-        r, alpha = _rank_and_alpha(fields, module, r_name="r", alpha_name="lora_alpha")
-        a, b = shape("lora_A"), shape("lora_B")
-        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-            raise AdapterConfigError(f"adapter weights for {module} have inconsistent shapes A{list(a)} B{list(b)}")
-        if a[0] != r:
-            raise AdapterConfigError(f"adapter weights for {module} have rank {a[0]} but the config says r={r}")
-        produced = (a[1], b[0]) if transpose else (b[0], a[1])
-        if produced != weight_shape:
-            raise mismatch(produced)
-        from bot.tuners.lora import lora_scaling
-
-        scaling = lora_scaling(alpha, r, use_rslora=bool(fields.get("use_rslora")))
-        if "magnitude" in roles and shape("magnitude") != (weight_shape[1] if transpose else weight_shape[0],):
-            raise mismatch(shape("magnitude"))
-        return ModuleOp("LORA", module, dict(roles), scaling, transpose, touches_bias="lora_B_bias" in roles)
-    if peft_type == "IA3":
-        need("ia3_l")
-        vec = shape("ia3_l")
-        oriented = (weight_shape[1], weight_shape[0]) if transpose else weight_shape
-        feedforward = vec == (1, oriented[1]) and vec != (oriented[0], 1)
-        if vec not in ((1, oriented[1]), (oriented[0], 1)):
-            raise mismatch(vec)
-        return ModuleOp("IA3", module, dict(roles), 1.0, transpose, touches_bias=not feedforward)
-    if transpose:
-        raise _NeedsPeft(f"{peft_type} on a Conv1D module ({module})")
-    r, alpha = _rank_and_alpha(fields, module, r_name="r", alpha_name="alpha")
-    numel = weight_shape[0] * weight_shape[1]
-    if peft_type == "LOHA":
-        need("w1_a", "w1_b", "w2_a", "w2_b")
-        produced = (shape("w1_a")[0], shape("w1_b")[-1])
-    else:
-        w1 = shape("w1") if "w1" in roles else (shape("w1_a")[0], shape("w1_b")[-1])
-        w2 = shape("w2") if "w2" in roles else (shape("w2_a")[0], shape("w2_b")[-1])
-        produced = (w1[0] * w2[0], w1[1] * w2[1])
-    if produced[0] * produced[1] != numel:
-        raise mismatch(produced)
-    return ModuleOp(peft_type, module, dict(roles), alpha / r, False)
+        raise NeedsPeft(f"{acfg.peft_type} module {module} uses {sorted(unknown)[0]}")
+    if kind not in tuner.module_kinds:
+        raise NeedsPeft(f"{acfg.peft_type} on a {kind} module ({module})")
+    shapes = {role: tuple(weights[key].shape) for role, key in roles.items()}
+    return tuner.build_op(OpRequest(acfg.peft_type, module, kind, roles, shapes, weight_shape, acfg.fields))
 
 
-def _kind_from_shapes(peft_type: str, model_type: str, roles: dict[str, str], weights: dict[str, torch.Tensor],
-                      weight_shape: tuple[int, ...]) -> str:
-    """Linear or Conv1D storage, told by which orientation the adapter's shapes fit.
+def storage_kind(peft_type: str, model_type: str, roles: Mapping[str, str], weights: Mapping[str, torch.Tensor],
+                 weight_shape: tuple[int, ...]) -> str:
+    """Linear or Conv1D storage, told by which orientation the adapter's shapes fit (the tuner's ``storage_kind``).
 
     When the shapes fit neither (or the tuner's do not say), the model family decides and
-    ``_module_op`` then names any mismatch.
+    ``module_op`` then names any mismatch.
     """
     family_default = "conv1d" if model_type in CONV1D_MODEL_TYPES else "linear"
-    if peft_type == "LORA" and "lora_A" in roles and "lora_B" in roles:
-        a, b = weights[roles["lora_A"]].shape, weights[roles["lora_B"]].shape
-        if len(a) != 2 or len(b) != 2:
-            return "conv"
-        return infer_linear_kind(model_type, weight_shape, (b[0], a[1])) or family_default
-    return family_default
+    from_shapes = get_tuner(peft_type).storage_kind
+    if from_shapes is None:
+        return family_default
+    shapes = {role: tuple(weights[key].shape) for role, key in roles.items()}
+    return from_shapes(model_type, shapes, weight_shape) or family_default
 
 
-def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.Tensor], parts: AdapterTensors,
-                    checkpoint: dict, layout: ModelLayout) -> MergePlan:
-    spec: MergeSpec = common["spec"]
+# The steps of a streaming plan, in the order their answers depend on each other (resolve_plan
+# runs them through _plan_streaming): targets -> base tensors -> ops -> replacements -> check
+# that every saved tensor is used -> output dtypes -> jobs with ties -> config updates.
+
+def effective_fields(acfg: AdapterConfig, layout: ModelLayout) -> dict[str, Any]:
+    """Targets: the config's fields with ``target_modules`` as PEFT resolves it on this model.
+
+    An unset ``target_modules`` takes PEFT's per-architecture default; ``all-linear`` expands to
+    every linear module (also under the bare model's names, for an adapter trained on it).
+    """
     fields = dict(acfg.fields)
-    warnings: list[str] = []
     if fields.get("target_modules") is None:
         fields["target_modules"] = peft_rules.default_target_modules(acfg.peft_type, layout.model_type)
         if fields["target_modules"] is None and not fields.get("modules_to_save"):
@@ -363,28 +301,59 @@ def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.
         prefix = f"{layout.base_model_prefix}." if layout.base_model_prefix else None
         # an adapter trained on the bare model names its modules without the prefix
         fields["target_modules"] = names + [n[len(prefix):] for n in names if prefix and n.startswith(prefix)]
-    if acfg.peft_type == "IA3" and fields.get("feedforward_modules") is None:
-        fields["feedforward_modules"] = peft_rules.default_feedforward_modules(layout.model_type) or []
+    return fields
 
-    base_by_param: dict[str, TensorInfo | BinTensorInfo] = {}
+
+BaseInfo = TensorInfo | BinTensorInfo
+
+
+@dataclass(frozen=True)
+class BaseTensors:
+    """The base checkpoint by the model's parameter names."""
+
+    by_param: dict[str, BaseInfo]  # every parameter name, tied aliases included -> the stored tensor
+    order: list[str]  # canonical names in checkpoint order: the output's order
+    dropped: list[str]  # stored keys the architecture does not use
+
+
+def base_tensors(checkpoint: Mapping[str, BaseInfo], layout: ModelLayout) -> BaseTensors:
+    """Base tensors: each stored tensor under its canonical name and every name tied to it."""
+    by_param: dict[str, BaseInfo] = {}
     order: list[str] = []
-    unused_base = []
+    dropped = []
     for key, info in checkpoint.items():
         name = layout.canonical_name(key)
         if name is None:
-            unused_base.append(key)
+            dropped.append(key)
             continue
         for member in layout.tied_group_of(name):
-            base_by_param.setdefault(member, info)
+            by_param.setdefault(member, info)
         order.append(name)
-    if unused_base:
-        warnings.append(f"dropped {len(unused_base)} base tensors that {layout.architecture} does not use "
-                        f"(e.g. {unused_base[0]})")
+    return BaseTensors(by_param, order, dropped)
 
+
+@dataclass
+class _Usage:
+    """What the ops and replacements steps found: per-kind counts, and saved keys no module takes."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    unused: dict[str, list[str]] = field(default_factory=dict)  # config field that would have to name them -> keys
+
+    def skip(self, field_name: str, keys: Iterable[str]) -> None:
+        self.unused.setdefault(field_name, []).extend(keys)
+
+
+def module_ops(acfg: AdapterConfig, fields: Mapping[str, Any], parts: AdapterTensors,
+               weights: Mapping[str, torch.Tensor], layout: ModelLayout, base: BaseTensors, usage: _Usage, *,
+               base_label: str) -> dict[str, list[tuple[ModuleOp, bool]]]:
+    """Ops: for each adapted module PEFT targets, its op on the weight (and on the bias, where the op touches it).
+
+    Returns parameter name -> [(op, applies to the bias)]. Untargeted modules' keys go to
+    ``usage.unused``; a module the base lacks is an error naming it.
+    """
+    tuner = get_tuner(acfg.peft_type)
     ops_by_param: dict[str, list[tuple[ModuleOp, bool]]] = {}
-    counts: Counter[str] = Counter()
     missing_modules: list[str] = []
-    unused: dict[str, list[str]] = {}  # config field that would have to name them -> saved keys nobody reads
     for module, roles in sorted(parts.modules.items()):
         weight_name = layout.canonical_name(f"{module}.weight")
         kind = layout.module_types.get(weight_name.rsplit(".", 1)[0] if weight_name else module)  # the model's name
@@ -392,66 +361,110 @@ def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.
             missing_modules.append(module)
             continue
         if not peft_rules.is_targeted(fields, module):
-            unused.setdefault(untargeted_field(fields, module), []).extend(roles.values())
+            usage.skip(untargeted_field(dict(fields), module), roles.values())
             continue
-        weight_info = base_by_param.get(weight_name) if weight_name else None
+        weight_info = base.by_param.get(weight_name) if weight_name else None
         replaced = parts.replacements.get(f"{module}.weight")
         weight_shape = tuple(weights[replaced].shape) if replaced else (tuple(weight_info.shape) if weight_info else None)
         if weight_shape is None or len(weight_shape) != 2:
-            raise _NeedsPeft(f"{module} has no 2-D weight in the base")
+            raise NeedsPeft(f"{module} has no 2-D weight in the base")
         if layout.from_checkpoint:
-            kind = _kind_from_shapes(acfg.peft_type, layout.model_type, roles, weights, weight_shape)
-        op = _module_op(acfg, module, kind, roles, weights, weight_shape)
+            kind = storage_kind(acfg.peft_type, layout.model_type, roles, weights, weight_shape)
+        assert kind is not None  # a model layout names it; a checkpoint-only one was just told
+        op = module_op(acfg, module, kind, roles, weights, weight_shape)
         ops_by_param.setdefault(weight_name, []).append((op, False))
         bias_name = layout.canonical_name(f"{module}.bias")
-        if op.touches_bias and bias_name in base_by_param:
+        trained_bias = [tuner.bias_roles[r] for r in roles if r in tuner.bias_roles]
+        if op.touches_bias and bias_name in base.by_param:
             ops_by_param.setdefault(bias_name, []).append((op, True))
-        elif "lora_B_bias" in roles:
-            raise IncompatibleBaseError(f"adapter trains a bias for {module} (lora_bias) but the base layer has none")
-        counts[op.kind] += 1
+        elif trained_bias:
+            raise IncompatibleBaseError(f"adapter trains a bias for {module} ({trained_bias[0]}) but the base layer "
+                                        f"has none")
+        usage.counts[op.kind] += 1
     if missing_modules:
         raise IncompatibleBaseError(
-            f"adapter targets {len(missing_modules)} module(s) missing from base {common['base'].label}, "
+            f"adapter targets {len(missing_modules)} module(s) missing from base {base_label}, "
             f"e.g. {missing_modules[0]}; check that --base is the model the adapter was trained on"
         )
+    return ops_by_param
 
+
+@dataclass(frozen=True)
+class Replacements:
+    """Whole tensors saved in the adapter that replace the base's (parameter name -> saved key)."""
+
+    local: dict[str, str]  # a modules_to_save copy: only this name, not its tied aliases
+    shared: dict[str, str]  # loaded into the shared parameter: every tied alias
+
+
+def replacements(fields: Mapping[str, Any], parts: AdapterTensors, weights: Mapping[str, torch.Tensor],
+                 layout: ModelLayout, base: BaseTensors, usage: _Usage) -> Replacements:
+    """Replacements: where each whole saved tensor goes, shape-checked as PEFT's ``load_state_dict`` would."""
     modules_to_save = fields.get("modules_to_save") or []
-    local_repl: dict[str, str] = {}
-    group_repl: dict[str, str] = {}
+    local: dict[str, str] = {}
+    shared: dict[str, str] = {}
     for param, key in parts.replacements.items():
         name = layout.canonical_name(param)
         if name is None:  # PEFT would skip it as an unexpected key: the adapter was saved from another model
-            unused.setdefault("modules_to_save", []).append(key)
+            usage.skip("modules_to_save", [key])
             continue
         module = name.rsplit(".", 1)[0]
-        _check_replacement_shape(name, tuple(weights[key].shape), base_by_param.get(name))
+        _check_replacement_shape(name, tuple(weights[key].shape), base.by_param.get(name))
         if peft_rules.is_module_to_save(modules_to_save, module):
-            local_repl[name] = key
-            counts["modules_to_save"] += 1
+            local[name] = key
+            usage.counts["modules_to_save"] += 1
         else:  # loaded into the shared parameter, so every tied alias sees it
             for member in layout.tied_group_of(name):
-                group_repl[member] = key
-            counts["replaced_tensors"] += 1
-    if unused:
-        raise unused_tensors_error(unused)
-    if not counts:
+                shared[member] = key
+            usage.counts["replaced_tensors"] += 1
+    return Replacements(local, shared)
+
+
+def check_usage(usage: _Usage, *, base_label: str) -> None:
+    """Every saved tensor is used (PEFT would drop the others with a warning), and something is changed."""
+    if usage.unused:
+        raise unused_tensors_error(usage.unused)
+    if not usage.counts:
         raise IncompatibleBaseError(
-            f"adapter changes nothing in base {common['base'].label}: none of its saved tensors match a targeted module"
+            f"adapter changes nothing in base {base_label}: none of its saved tensors match a targeted module"
         )
 
-    target_float = DTYPE_CODES.get(spec.dtype)
-    float_codes = Counter(t.dtype for t in checkpoint.values() if t.dtype in _FLOAT_CODES)
-    model_float = target_float or (float_codes.most_common(1)[0][0] if float_codes else "F32")
 
-    def value_of(name: str):
-        return (base_by_param.get(name), local_repl.get(name) or group_repl.get(name),
-                tuple(ops_by_param.get(name, ())))
+def model_float_code(dtype: str, checkpoint: Mapping[str, BaseInfo]) -> str:
+    """The output's float dtype: ``--dtype``, or under ``auto`` the base's most common float dtype."""
+    target_float = DTYPE_CODES.get(dtype)
+    float_codes = Counter(t.dtype for t in checkpoint.values() if t.dtype in _FLOAT_CODES)
+    return target_float or (float_codes.most_common(1)[0][0] if float_codes else "F32")
+
+
+def output_dtype(start_code: str, source: BaseInfo | None, replacement: str | None, *,
+                 target_float: str | None, model_float: str) -> str:
+    """Dtypes: one output tensor's dtype code. ``--dtype`` converts every float tensor; under ``auto`` a tensor
+    keeps its stored dtype, and a saved replacement takes the base tensor's float dtype (or the model's)."""
+    is_float = start_code in _FLOAT_CODES
+    if target_float and is_float:
+        return target_float
+    if replacement and is_float:
+        return source.dtype if source is not None and source.dtype in _FLOAT_CODES else model_float
+    return start_code
+
+
+def tensor_jobs(layout: ModelLayout, base: BaseTensors, ops_by_param: Mapping[str, list[tuple[ModuleOp, bool]]],
+                repl: Replacements, weights: Mapping[str, torch.Tensor], *, target_float: str | None,
+                model_float: str) -> tuple[list[TensorJob], bool]:
+    """Ties: one job per output tensor. Returns (jobs, whether a tied group had to be written untied).
+
+    A tied group (``lm_head.weight`` <-> ``embed_tokens.weight``) is written once while every
+    member gets the same value; when the adapter changes one member only (a LoRA on
+    ``lm_head``, a ``modules_to_save`` copy) each member is written on its own.
+    """
+    def value_of(name: str) -> tuple[BaseInfo | None, str | None, tuple[tuple[ModuleOp, bool], ...]]:
+        return base.by_param.get(name), repl.local.get(name) or repl.shared.get(name), tuple(ops_by_param.get(name, ()))
 
     jobs: list[TensorJob] = []
     written: set[str] = set()
     untied = False
-    candidates = order + sorted(set(local_repl) | set(group_repl))
-    for name in candidates:
+    for name in base.order + sorted(set(repl.local) | set(repl.shared)):
         if name in written:
             continue
         group = layout.tied_group_of(name)
@@ -464,37 +477,73 @@ def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.
         for member in emit:
             written.update(group if len(emit) == 1 else (member,))
             source, replacement, ops = values[member]
-            if source is None and replacement is None:
-                raise IncompatibleBaseError(f"base checkpoint has no {member} and the adapter does not provide it")
-            start_code = source.dtype if replacement is None else CODE_FROM_DTYPE[weights[replacement].dtype]
-            shape = tuple(weights[replacement].shape) if replacement else tuple(source.shape)
-            is_float = start_code in _FLOAT_CODES
-            if target_float and is_float:
-                code = target_float
-            elif replacement and is_float:
-                code = source.dtype if source is not None and source.dtype in _FLOAT_CODES else model_float
+            if replacement is not None:
+                start_code, shape = CODE_FROM_DTYPE[weights[replacement].dtype], tuple(weights[replacement].shape)
+            elif source is not None:
+                start_code, shape = source.dtype, tuple(source.shape)
             else:
-                code = start_code
+                raise IncompatibleBaseError(f"base checkpoint has no {member} and the adapter does not provide it")
+            code = output_dtype(start_code, source, replacement, target_float=target_float, model_float=model_float)
             jobs.append(TensorJob(member, source, replacement, ops, code, shape))
+    return jobs, untied
 
+
+_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def config_updates(acfg: AdapterConfig, base_config: Mapping[str, Any], layout: ModelLayout, jobs: list[TensorJob],
+                   *, model_float: str, untied: bool) -> dict[str, Any]:
+    """Config updates: what ``config.json`` must say of the merged model.
+
+    The architecture (a task head's class), its dtype, ``tie_word_embeddings: false`` when a
+    tied group was untied, ``vocab_size`` when the adapter resized the embeddings, and fresh
+    label maps when a classification head's label count differs from the base config's.
+    """
     updates: dict[str, Any] = {"architectures": [layout.architecture]} if layout.architecture else {}
-    updates["dtype"] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}[model_float]
+    updates["dtype"] = _DTYPE_NAMES[model_float]
     if untied:
         updates["tie_word_embeddings"] = False
-        warnings.append("the adapter changes one side of tied embeddings; input and output embeddings are written "
-                        "separately (tie_word_embeddings=false)")
     by_name = {j.name: j for j in jobs}
     emb = by_name.get(layout.input_embedding or "")
-    if emb is not None and "vocab_size" in common["base_config"] and emb.shape[0] != common["base_config"]["vocab_size"]:
+    if emb is not None and "vocab_size" in base_config and emb.shape[0] != base_config["vocab_size"]:
         updates["vocab_size"] = emb.shape[0]
     if acfg.task_type in ("SEQ_CLS", "TOKEN_CLS"):
         heads = [j for n, j in by_name.items() if n.split(".")[0] in ("score", "classifier") and n.endswith(".weight")]
         head = heads[-1] if heads else None  # the last layer of the head gives the label count
         if head is not None:
             n_labels = head.shape[0]
-            old = common["base_config"].get("id2label") or {}
+            old = base_config.get("id2label") or {}
             if len(old) != n_labels:
                 updates["id2label"] = {str(i): f"LABEL_{i}" for i in range(n_labels)}
                 updates["label2id"] = {f"LABEL_{i}": i for i in range(n_labels)}
+    return updates
+
+
+def _plan_streaming(common: dict, acfg: AdapterConfig, weights: dict[str, torch.Tensor], parts: AdapterTensors,
+                    checkpoint: Mapping[str, BaseInfo], layout: ModelLayout) -> MergePlan:
+    """Every output tensor's fate for a tuner merge-bot streams: the steps above, top to bottom.
+
+    Raises ``NeedsPeft`` when something in the adapter is for PEFT's own merge, and a
+    ``MergeBotError`` for any mismatch with the base; nothing is read but shapes and dtypes.
+    """
+    spec: MergeSpec = common["spec"]
+    base_label = common["base"].label
+    warnings: list[str] = []
+    fields = effective_fields(acfg, layout)
+    base = base_tensors(checkpoint, layout)
+    if base.dropped:
+        warnings.append(f"dropped {len(base.dropped)} base tensors that {layout.architecture} does not use "
+                        f"(e.g. {base.dropped[0]})")
+    usage = _Usage()
+    ops_by_param = module_ops(acfg, fields, parts, weights, layout, base, usage, base_label=base_label)
+    repl = replacements(fields, parts, weights, layout, base, usage)
+    check_usage(usage, base_label=base_label)
+    model_float = model_float_code(spec.dtype, checkpoint)
+    jobs, untied = tensor_jobs(layout, base, ops_by_param, repl, weights, target_float=DTYPE_CODES.get(spec.dtype),
+                               model_float=model_float)
+    if untied:
+        warnings.append("the adapter changes one side of tied embeddings; input and output embeddings are written "
+                        "separately (tie_word_embeddings=false)")
+    updates = config_updates(acfg, common["base_config"], layout, jobs, model_float=model_float, untied=untied)
     return MergePlan(**common, layout=layout, jobs=tuple(jobs), config_updates=updates,
-                     module_counts=dict(sorted(counts.items())), warnings=tuple(warnings))
+                     module_counts=dict(sorted(usage.counts.items())), warnings=tuple(warnings))

@@ -146,7 +146,7 @@ def read_into(info: TensorInfo, offset: int, out: torch.Tensor) -> None:
         raise RuntimeError(f"cannot read {want} bytes at {offset} of {info.name} into this buffer")
     if not want:
         return
-    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # an ndarray is a buffer
     fd = os.open(info.file, os.O_RDONLY)
     try:
         done = 0
@@ -255,7 +255,7 @@ class ShardWriter:
         if not tensor.numel():
             return 0
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._fh.write(memoryview(data))
+        self._fh.write(memoryview(data))  # type: ignore[arg-type]  # an ndarray is a buffer
         return data.nbytes
 
     def written(self, name: str) -> TensorInfo:

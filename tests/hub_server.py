@@ -461,7 +461,7 @@ class Request:
         try:
             data = json.loads(self.body or b"{}")
         except ValueError:
-            raise HubError(400, "Invalid JSON body")
+            raise HubError(400, "Invalid JSON body") from None
         if not isinstance(data, dict):
             raise HubError(400, "Expected a JSON object")
         return data
@@ -1518,7 +1518,7 @@ class HubServer:
         try:
             lines = [json.loads(line) for line in req.body.splitlines() if line.strip()]
         except ValueError:
-            raise HubError(400, "Invalid NDJSON commit payload")
+            raise HubError(400, "Invalid NDJSON commit payload") from None
         if not lines or lines[0].get("key") != "header":
             raise HubError(400, "The first line of a commit payload must be its header")
         header = lines[0].get("value") or {}
@@ -1581,7 +1581,7 @@ class HubServer:
                     data = base64.b64decode(value.get("content", ""), validate=True) \
                         if value.get("encoding", "base64") == "base64" else value.get("content", "").encode()
                 except ValueError:
-                    raise HubError(400, f"Invalid base64 content for {path}")
+                    raise HubError(400, f"Invalid base64 content for {path}") from None
                 if len(data) > LFS_THRESHOLD:
                     raise HubError(400, "Your push was rejected because it contains files larger than 10 MiB. "
                                         f"Please use LFS to store large files ({path}).")
