@@ -84,9 +84,10 @@ def resize_like_adapter(model, adapter_path: Path) -> None:
     emb = model.get_input_embeddings()
     if emb is None:
         return
+    embeddings = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight", "lm_head.weight",
+                  "embed_in.weight", "embed_out.weight")
     rows = {int(t.shape[0]) for k, t in read_adapter_weights(adapter_path).items()
-            if k.replace(".base_layer.", ".").endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight",
-                           "lm_head.weight", "embed_in.weight", "embed_out.weight")) and t.dim() == 2}
+            if k.replace(".base_layer.", ".").endswith(embeddings) and t.dim() == 2}
     rows.discard(emb.weight.shape[0])
     if len(rows) == 1:
         model.resize_token_embeddings(rows.pop(), mean_resizing=False)

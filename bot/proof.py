@@ -475,12 +475,13 @@ def _adapter_stays_on_cpu() -> Iterator[None]:
     would drop them. For the weightless reference model they stay where they were loaded."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    original = BaseTunerLayer._move_adapter_to_device_of_base_layer
-    BaseTunerLayer._move_adapter_to_device_of_base_layer = lambda self, *args, **kwargs: None
+    name = "_move_adapter_to_device_of_base_layer"
+    original = getattr(BaseTunerLayer, name)
+    setattr(BaseTunerLayer, name, lambda self, *args, **kwargs: None)
     try:
         yield
     finally:
-        BaseTunerLayer._move_adapter_to_device_of_base_layer = original
+        setattr(BaseTunerLayer, name, original)
 
 
 def base_lookup(plan, localize: Callable[[TensorInfo], TensorInfo | None] | None = None) -> BaseLookup:
@@ -489,7 +490,7 @@ def base_lookup(plan, localize: Callable[[TensorInfo], TensorInfo | None] | None
     from bot.checkpoint import index_checkpoint, index_remote_checkpoint
 
     checkpoint = index_remote_checkpoint(plan.base.remote) if plan.base.remote else index_checkpoint(plan.base.path)[0]
-    by_name = {}
+    by_name: dict[str, object] = {}
     for key, info in checkpoint.items():
         name = plan.layout.canonical_name(key) if plan.layout else key
         if name is not None:

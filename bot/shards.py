@@ -220,14 +220,16 @@ class ShardWriter:
         self._pending: Iterator[OutputTensor] = iter(tensors)
         header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
+        offsets: dict[str, tuple[int, int]] = {}
         for t in tensors:
-            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offsets[t.name] = (offset, offset + t.nbytes)
+            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(offsets[t.name])}
             offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
-        self._located = {t.name: TensorInfo(t.name, t.dtype, t.shape, self.path, 8 + len(raw) + entry["data_offsets"][0],
-                                            8 + len(raw) + entry["data_offsets"][1])
-                         for t in tensors for entry in [header[t.name]]}
+        start = 8 + len(raw)
+        self._located = {t.name: TensorInfo(t.name, t.dtype, t.shape, self.path, start + offsets[t.name][0],
+                                            start + offsets[t.name][1]) for t in tensors}
         self._fh = open(self.path, "wb")
         self._fh.write(struct.pack("<Q", len(raw)))
         self._fh.write(raw)

@@ -162,8 +162,8 @@ def chat_prompt(merged_dir: Path, vocab: int) -> tuple[torch.Tensor, str]:
         return fixed_inputs(vocab, seq2seq=False)["input_ids"], "fixed token ids (no tokenizer)"
     messages = [{"role": "user", "content": "Write one sentence about the sea."}]
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        encoded: Any = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
         return ids, "the merged tokenizer's chat template"
     return tokenizer(messages[0]["content"], return_tensors="pt")["input_ids"], "plain text (no chat template)"
 

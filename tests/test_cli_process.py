@@ -24,7 +24,8 @@ def test_python_m_bot_merge_and_load_without_peft(cache_dir, tmp_path):
                            "--max-shard-size", "30KB", "--verify"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "modules: 5 LORA" in proc.stdout and "verification passed:" in proc.stdout and "end to end max |delta logits|" in proc.stdout
+    assert "modules: 5 LORA" in proc.stdout and "verification passed:" in proc.stdout
+    assert "end to end max |delta logits|" in proc.stdout
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
