@@ -146,6 +146,9 @@ class JobQueue:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         db = self._db()
+        if db.in_transaction:  # nested (inside ``handling``): part of the caller's transaction
+            yield db
+            return
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
@@ -158,6 +161,21 @@ class JobQueue:
     def seen(self, event_id: str) -> bool:
         """Whether this webhook event (comment id) was handled before (the Hub redelivers)."""
         return self._db().execute("SELECT 1 FROM seen_events WHERE event_id = ?", (event_id,)).fetchone() is not None
+
+    @contextmanager
+    def handling(self, event_id: str) -> Iterator[bool]:
+        """One write transaction around handling a webhook event: yields False when the event was handled
+        before; else True, and the event is marked seen when the block ends without an exception.
+
+        The seen-check, the enqueue and the reply it causes commit together (BEGIN IMMEDIATE takes the write
+        lock before the check), so concurrent redeliveries of one comment give one job and one answer.
+        """
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM seen_events WHERE event_id = ?", (event_id,)).fetchone() is not None:
+                yield False
+                return
+            yield True
+            self._mark_seen(db, event_id)
 
     @staticmethod
     def _mark_seen(db: sqlite3.Connection, event_id: str | None) -> None:

@@ -89,9 +89,14 @@ class Service:
             line = find_command(discussion.title)
         if line is None:
             return Received("ignored", "no /merge command")
-        if self.queue.seen(event_id):
-            return Received("ignored", "already handled (webhook redelivery)")
         where = Where(repo.type, repo.name, discussion.num)
+        with self.queue.handling(event_id) as new:  # check, enqueue and reply: one transaction
+            if not new:
+                return Received("ignored", "already handled (webhook redelivery)")
+            return self._admit(line, where, author_id=author_id, comment_id=comment_id, event_id=event_id)
+
+    def _admit(self, line: str, where: Where, *, author_id: str, comment_id: str | None, event_id: str) -> Received:
+        """Parse, apply the caps, enqueue or answer; runs inside ``receive``'s transaction."""
         try:
             request = parse_command(line)
         except CommandError as e:
