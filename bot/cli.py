@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verify", action="store_true", help="compare merged logits with PEFT's unmerged model")
     run.add_argument("--max-shard-size", default="auto", help=SHARD_HELP)
     run.add_argument("--work-dir", type=Path, default=None, help="where to build the merged folder (default: temp)")
+    run.add_argument("--requested-by", default=None, help=argparse.SUPPRESS)  # the bot's Jobs: credit who asked
 
     batch = sub.add_parser("batch", help="run the publish jobs listed in a YAML file")
     batch.add_argument("file", type=Path, help="YAML file: jobs: [{adapter, repo, pr, private, base, dtype}, ...]")
@@ -160,7 +161,8 @@ def _job_from_args(args: argparse.Namespace):
     from bot.jobs import PublishJob
 
     return PublishJob(adapter=args.adapter, repo=args.repo, pr=args.pr, private=args.private, base=args.base,
-                      dtype=args.dtype, verify=args.verify, device=args.device, max_shard_size=args.max_shard_size)
+                      dtype=args.dtype, verify=args.verify, device=args.device, max_shard_size=args.max_shard_size,
+                      requested_by=getattr(args, "requested_by", None))
 
 
 def _say(message: str) -> None:
