@@ -155,3 +155,52 @@ def test_flavor_and_command():
     job = PublishJob(adapter="a/b@" + "1" * 40, base="c/d@" + "2" * 40, repo="e/f", pr=True, verify=True)
     assert job_command(job) == ["python", "-m", "bot", "run", "a/b@" + "1" * 40, "--repo", "e/f", "--base",
                                 "c/d@" + "2" * 40, "--pr", "--verify"]
+
+
+def test_sigkill_while_a_job_runs_then_restart_reattaches_exactly_once(hub, jobs, tmp_path):
+    from test_service import wait_for
+
+    target = "merge-bot/alice-tiny-lora-merged-float16"
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": BOT, "MERGEBOT_WEBHOOK_SECRET": SECRET,
+           "MERGEBOT_REQUESTS_REPO": REQUESTS, "MERGEBOT_DB": str(tmp_path / "queue.sqlite"),
+           "MERGEBOT_EXECUTOR": "jobs", "MERGEBOT_JOBS_IMAGE": IMAGE, "MERGEBOT_JOBS_POLL_S": "0.3"}
+
+    def serve() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "bot", "serve", "--port", str(port)], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _healthy(port), timeout=60)
+        return proc
+
+    proc = serve()
+    num, body = ask(hub, "alice", ALICE, "/merge alice/tiny-lora --dtype float16 --base bob/tiny-llama")
+    hub.delay_next("POST", rf"/api/models/{target}/commit/", 3.0)  # the Job outlives the bot
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/webhooks/merge", data=json.dumps(body).encode(),
+                                     headers={"X-Webhook-Secret": SECRET, "Content-Type": "application/json"})
+    assert json.loads(urllib.request.urlopen(request, timeout=5).read())["status"] == "queued"
+    db = sqlite3.connect(tmp_path / "queue.sqlite")
+    wait_for(lambda: db.execute("SELECT remote FROM jobs WHERE remote IS NOT NULL").fetchone())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert jobs.jobs[jobs.created[0]].stage in ("SCHEDULING", "RUNNING")
+    wait_for(lambda: jobs.jobs[jobs.created[0]].stage == "COMPLETED")  # it finished while no bot was there
+    proc = serve()
+    try:
+        wait_for(lambda: any(c.startswith("Done:") for c in bot_comments(hub, num)))
+        time.sleep(1.5)  # room for a wrong second Job, commit or reply
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert len(jobs.created) == 1
+    assert len([c for c in hub.commits(target) if c["title"].startswith("Merge ")]) == 1
+    replies = bot_comments(hub, num)
+    assert sum(c.startswith("Done:") for c in replies) == 1 and sum(c.startswith("Accepted") for c in replies) == 1
+    assert db.execute("SELECT state, attempts FROM jobs").fetchall() == [("done", 1)]
+
+
+def _healthy(port: int) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+        return True
+    except OSError:
+        return False
