@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("file", type=Path, help="YAML file: jobs: [{adapter, repo, pr, private, base, dtype}, ...]")
     batch.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
     batch.add_argument("--work-dir", type=Path, default=None, help="where to build merged folders (default: temp)")
+    batch.add_argument("--executor", choices=("local", "jobs"), default="local",
+                       help="local: merge here, one after another; jobs: one Hugging Face Job per entry, on your "
+                            "account (settings MERGEBOT_JOBS_IMAGE, _FLAVOR, _MAX_CONCURRENT, _TIMEOUT, _NAMESPACE)")
 
     serve = sub.add_parser("serve", help="run the self-service webhook endpoint and worker (settings from env)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -185,7 +188,14 @@ def run_batch(args: argparse.Namespace) -> int:
     if not jobs:
         print(f"{args.file}: no jobs; nothing to do")
         return 0
-    outcomes = run_batch_jobs(jobs, token=hub_token(args), work_dir=args.work_dir, on_event=_say)
+    if getattr(args, "executor", "local") == "jobs":
+        from bot.batch import run_batch_as_jobs
+        from bot.executors import JobsSettings
+
+        outcomes = run_batch_as_jobs(jobs, token=hub_token(args), settings=JobsSettings.from_env(dict(os.environ)),
+                                     endpoint=os.environ.get("HF_ENDPOINT") or None, on_event=_say)
+    else:
+        outcomes = run_batch_jobs(jobs, token=hub_token(args), work_dir=args.work_dir, on_event=_say)
     print(format_outcomes(outcomes))
     failed = sum(not o.ok for o in outcomes)
     if failed:

@@ -204,3 +204,22 @@ def _healthy(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_batch_with_the_jobs_executor(hub, jobs, tmp_path):
+    batch = tmp_path / "batch.yaml"
+    batch.write_text("jobs:\n"
+                     "  - {adapter: alice/tiny-lora, base: bob/tiny-llama, repo: alice/batch-jobs-1, dtype: float16}\n"
+                     "  - {adapter: alice/tiny-lora, base: bob/tiny-llama, repo: alice/batch-jobs-2, verify: true}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": ALICE, "MERGEBOT_JOBS_IMAGE": IMAGE,
+           "MERGEBOT_JOBS_POLL_S": "0.3", "MERGEBOT_JOBS_MAX_CONCURRENT": "1"}
+    proc = subprocess.run([sys.executable, "-m", "bot", "batch", str(batch), "--executor", "jobs"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "created" in proc.stdout and f"{hub.url}/alice/batch-jobs-1" in proc.stdout
+    assert f"{hub.url}/alice/batch-jobs-2" in proc.stdout and ALICE not in proc.stdout + proc.stderr
+    assert len(jobs.created) == 2 and all(j.spec["secrets"] == {"HF_TOKEN": ALICE} for j in jobs.jobs.values())
+    assert json.loads(hub.files("alice/batch-jobs-2")["merge_report.json"])["verification"]
+    again = subprocess.run([sys.executable, "-m", "bot", "batch", str(batch), "--executor", "jobs"], env=env,
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.count("unchanged") == 2 and len(jobs.created) == 2
