@@ -58,18 +58,27 @@ def run_until(service: Service, done, timeout: float = 60.0) -> None:
     raise AssertionError("timed out")
 
 
-def test_request_runs_as_a_job_and_is_answered_like_a_local_run(hub, jobs, tmp_path):
+@pytest.fixture(scope="module")
+def jobs_lora(hub, models):
+    """An adapter only this module merges, so targets made by other modules' tests do not interfere."""
+    from hub_fixtures import adapter_files
+
+    hub.create_repo("alice/jobs-lora", owner_token=ALICE, files=adapter_files(models["adapter"], "bob/tiny-llama"))
+    return "alice/jobs-lora"
+
+
+def test_request_runs_as_a_job_and_is_answered_like_a_local_run(hub, jobs, tmp_path, jobs_lora):
     service = make_service(tmp_path)
     client = TestClient(create_app(service))
-    num, body = ask(hub, "alice", ALICE, "/merge alice/tiny-lora --dtype bfloat16 --base bob/tiny-llama")
-    num2, body2 = ask(hub, "carol", CAROL, "/merge alice/tiny-lora --dtype bfloat16 --base bob/tiny-llama")
+    num, body = ask(hub, "alice", ALICE, "/merge alice/jobs-lora --dtype bfloat16 --base bob/tiny-llama")
+    num2, body2 = ask(hub, "carol", CAROL, "/merge alice/jobs-lora --dtype bfloat16 --base bob/tiny-llama")
     assert post(client, body).json()["status"] == "queued"
     assert post(client, body2).json()["status"] == "duplicate"
     run_until(service, lambda: any(c.startswith("Done:") for c in bot_comments(hub, num2)))
-    target = "merge-bot/alice-tiny-lora-merged-bfloat16"
+    target = "merge-bot/alice-jobs-lora-merged-bfloat16"
     replies = bot_comments(hub, num)
     assert replies[0].startswith("Accepted") and replies[-1].startswith(f"Done: {hub.url}/{target}")
-    assert "(published merge-bot/alice-tiny-lora-merged-bfloat16 in one commit.)" in replies[-1]
+    assert f"(published {target} in one commit.)" in replies[-1]
     assert len(jobs.created) == 1
     job = jobs.jobs[jobs.created[0]]
     assert BOT not in json.dumps(job.spec["command"]) and job.spec["secrets"] == {"HF_TOKEN": BOT}
@@ -157,10 +166,10 @@ def test_flavor_and_command():
                                 "c/d@" + "2" * 40, "--pr", "--verify"]
 
 
-def test_sigkill_while_a_job_runs_then_restart_reattaches_exactly_once(hub, jobs, tmp_path):
+def test_sigkill_while_a_job_runs_then_restart_reattaches_exactly_once(hub, jobs, tmp_path, jobs_lora):
     from test_service import wait_for
 
-    target = "merge-bot/alice-tiny-lora-merged-float16"
+    target = "merge-bot/alice-jobs-lora-merged-float16"
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": BOT, "MERGEBOT_WEBHOOK_SECRET": SECRET,
            "MERGEBOT_REQUESTS_REPO": REQUESTS, "MERGEBOT_DB": str(tmp_path / "queue.sqlite"),
@@ -173,7 +182,7 @@ def test_sigkill_while_a_job_runs_then_restart_reattaches_exactly_once(hub, jobs
         return proc
 
     proc = serve()
-    num, body = ask(hub, "alice", ALICE, "/merge alice/tiny-lora --dtype float16 --base bob/tiny-llama")
+    num, body = ask(hub, "alice", ALICE, "/merge alice/jobs-lora --dtype float16 --base bob/tiny-llama")
     hub.delay_next("POST", rf"/api/models/{target}/commit/", 3.0)  # the Job outlives the bot
     request = urllib.request.Request(f"http://127.0.0.1:{port}/webhooks/merge", data=json.dumps(body).encode(),
                                      headers={"X-Webhook-Secret": SECRET, "Content-Type": "application/json"})
