@@ -12,8 +12,9 @@ and a retried request never merges twice.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from bot.errors import RemoteJobError, UsageError, redact
 
@@ -45,7 +46,7 @@ class JobsSettings:
     poll_s: float = 15.0  # how often running Jobs are inspected
 
     @classmethod
-    def from_env(cls, env: dict[str, str]) -> "JobsSettings":
+    def from_env(cls, env: dict[str, str]) -> JobsSettings:
         image = env.get("MERGEBOT_JOBS_IMAGE", "").strip()
         if not image and env.get("SPACE_ID"):
             image = f"hf.co/spaces/{env['SPACE_ID']}"  # the Space's own image: merge-bot is installed there

@@ -19,22 +19,32 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from hub_fixtures import ALICE, CAROL
+from hub_server import disable_jobs, enable_jobs
 from huggingface_hub import HfApi
+from test_service import (  # noqa: F401
+    BOT,
+    REQUESTS,
+    ROOT,
+    SECRET,
+    ask,
+    bot_account,
+    bot_comments,
+    free_port,
+    post,
+)
 
 from bot.executors import JobsSettings, choose_flavor, job_command
 from bot.jobs import PublishJob
 from bot.service.config import ServiceConfig
 from bot.service.webhook import create_app
 from bot.service.worker import Service
-from hub_fixtures import ALICE, CAROL
-from hub_server import disable_jobs, enable_jobs
-from test_service import BOT, REQUESTS, ROOT, SECRET, ask, bot_account, bot_comments, free_port, post  # noqa: F401
 
 IMAGE = "hf.co/spaces/merge-bot/merge-bot"
 
 
 @pytest.fixture
-def jobs(hub, bot_account):
+def jobs(hub, bot_account):  # noqa: F811
     api = enable_jobs(hub, root=ROOT)
     yield api
     disable_jobs(hub)
@@ -223,12 +233,12 @@ def test_batch_with_the_jobs_executor(hub, jobs, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": ALICE, "MERGEBOT_JOBS_IMAGE": IMAGE,
            "MERGEBOT_JOBS_POLL_S": "0.3", "MERGEBOT_JOBS_MAX_CONCURRENT": "1"}
     proc = subprocess.run([sys.executable, "-m", "bot", "batch", str(batch), "--executor", "jobs"], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "created" in proc.stdout and f"{hub.url}/alice/batch-jobs-1" in proc.stdout
     assert f"{hub.url}/alice/batch-jobs-2" in proc.stdout and ALICE not in proc.stdout + proc.stderr
     assert len(jobs.created) == 2 and all(j.spec["secrets"] == {"HF_TOKEN": ALICE} for j in jobs.jobs.values())
     assert json.loads(hub.files("alice/batch-jobs-2")["merge_report.json"])["verification"]
     again = subprocess.run([sys.executable, "-m", "bot", "batch", str(batch), "--executor", "jobs"], env=env,
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert again.returncode == 0 and again.stdout.count("unchanged") == 2 and len(jobs.created) == 2

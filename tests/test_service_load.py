@@ -14,16 +14,24 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from hub_fixtures import ALICE, BOB, CAROL
+from test_service import (  # noqa: F401
+    BOT,
+    REQUESTS,
+    SECRET,
+    ask,
+    bot_account,
+    bot_comments,
+    free_port,
+)
 
 from bot.service.config import ServiceConfig
 from bot.service.webhook import create_app
 from bot.service.worker import Service
-from hub_fixtures import ALICE, BOB, CAROL
-from test_service import BOT, REQUESTS, SECRET, ask, bot_account, bot_comments, free_port  # noqa: F401
 
 
 @pytest.fixture
-def served(hub, bot_account, tmp_path):
+def served(hub, bot_account, tmp_path):  # noqa: F811
     """(service, url): the webhook app on a real HTTP server in this process, with uvicorn's own thread pool."""
     import uvicorn
 
