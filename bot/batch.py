@@ -79,3 +79,79 @@ def run_batch_jobs(jobs: list[PublishJob], *, token: str | None, endpoint: str |
         else:
             outcomes.append(JobOutcome(job, True, result.publish.action, result.publish.url))
     return outcomes
+
+
+def run_batch_as_jobs(jobs: list[PublishJob], *, token: str | None, settings, endpoint: str | None = None,
+                      on_event: EventFn = lambda _: None, sleep=None) -> list[JobOutcome]:
+    """``batch --executor jobs``: each entry pinned by pre-flight, run as one Hugging Face Job (at most
+    ``settings.max_concurrent`` at once), its result read from the target repo: the same summary."""
+    import time
+    from dataclasses import replace
+
+    from huggingface_hub import HfApi
+
+    from bot.errors import RemoteJobError
+    from bot.executors import JobsExecutor, choose_flavor, outcome_text
+    from bot.hub import check_can_publish, survey_target
+    from bot.preflight import preflight
+
+    if not token:
+        raise UsageError("batch --executor jobs needs a token (--token or HF_TOKEN): the Jobs run with it")
+    api = HfApi(endpoint=endpoint, token=token)
+    account = api.whoami()["name"]
+    executor = JobsExecutor(api, settings, token=token, namespace=settings.namespace or account, endpoint=endpoint)
+    outcomes: dict[int, JobOutcome] = {}
+    running: dict[int, tuple[str, PublishJob, tuple[str, ...]]] = {}
+    pending = list(enumerate(jobs, 1))
+
+    def fail(i: int, job: PublishJob, e: MergeBotError) -> None:
+        message = redact(str(e), token)
+        on_event(f"[{i}/{len(jobs)}] failed: {message}")
+        outcomes[i] = JobOutcome(job, False, f"failed (exit {e.exit_code})", message)
+
+    while pending or running:
+        while pending and len(running) < settings.max_concurrent:
+            i, job = pending.pop(0)
+            try:
+                spec = job.merge_spec(Path("unused"), token)
+                if spec.adapter.local or (spec.base is not None and spec.base.local):
+                    raise UsageError("a local folder cannot be merged in a Job; push it to the Hub first")
+                author = check_can_publish(api, job.target).name
+                checked = preflight(spec, endpoint=endpoint, check_disk=False)
+                pinned = replace(job, adapter=f"{checked.adapter_pin.name}@{checked.adapter_pin.revision}",
+                                 base=f"{checked.base_pin.name}@{checked.base_pin.revision}")
+                fps = checked.fingerprints(spec)
+                existing, _ = survey_target(api, job.target, fps, author=author, verified=job.verify)
+                if existing is not None:
+                    outcomes[i] = JobOutcome(job, True, existing.action, existing.url)
+                    continue
+                flavor = settings.flavor or choose_flavor(output_bytes=checked.output_bytes,
+                                                          download_bytes=checked.download_bytes, verify=job.verify)
+                job_id = executor.launch(pinned, flavor=flavor, labels={"merge-bot-batch": str(i)})
+            except MergeBotError as e:
+                fail(i, job, e)
+                continue
+            on_event(f"[{i}/{len(jobs)}] {job.adapter} -> {job.repo}: Job {job_id} ({flavor})")
+            running[i] = (job_id, job, fps)
+        (sleep or time.sleep)(settings.poll_s)
+        for i, (job_id, job, fps) in list(running.items()):
+            state = executor.state(job_id)
+            if not state.ended:
+                continue
+            del running[i]
+            lines = executor.logs(job_id)
+            try:
+                landed, _ = survey_target(api, job.target, fps, author=account, verified=job.verify)
+            except MergeBotError:
+                landed = None
+            if landed is not None:
+                from bot.executors import action_line
+
+                line = action_line(lines, landed.url) or ""
+                action = next((a for a, words in (("created", "published "), ("pr-opened", "opened pull request"))
+                               if line.startswith(words)), landed.action)
+                outcomes[i] = JobOutcome(job, True, action, landed.url)
+                on_event(f"[{i}/{len(jobs)}] done: {landed.url}")
+            else:
+                fail(i, job, RemoteJobError(outcome_text(state, timeout_s=settings.timeout_s, lines=lines)))
+    return [outcomes[i] for i in sorted(outcomes)]

@@ -56,11 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True, help=VERIFY_HELP)
     run.add_argument("--max-shard-size", default="auto", help=SHARD_HELP)
     run.add_argument("--work-dir", type=Path, default=None, help="where to build the merged folder (default: temp)")
+    run.add_argument("--requested-by", default=None, help=argparse.SUPPRESS)  # the bot's Jobs: credit who asked
 
     batch = sub.add_parser("batch", help="run the publish jobs listed in a YAML file")
     batch.add_argument("file", type=Path, help="YAML file: jobs: [{adapter, repo, pr, private, base, dtype}, ...]")
     batch.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
     batch.add_argument("--work-dir", type=Path, default=None, help="where to build merged folders (default: temp)")
+    batch.add_argument("--executor", choices=("local", "jobs"), default="local",
+                       help="local: merge here, one after another; jobs: one Hugging Face Job per entry, on your "
+                            "account (settings MERGEBOT_JOBS_IMAGE, _FLAVOR, _MAX_CONCURRENT, _TIMEOUT, _NAMESPACE)")
 
     serve = sub.add_parser("serve", help="run the self-service webhook endpoint and worker (settings from env)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -164,7 +168,8 @@ def _job_from_args(args: argparse.Namespace):
     from bot.jobs import PublishJob
 
     return PublishJob(adapter=args.adapter, repo=args.repo, pr=args.pr, private=args.private, base=args.base,
-                      dtype=args.dtype, verify=args.verify, device=args.device, max_shard_size=args.max_shard_size)
+                      dtype=args.dtype, verify=args.verify, device=args.device, max_shard_size=args.max_shard_size,
+                      requested_by=getattr(args, "requested_by", None))
 
 
 def _say(message: str) -> None:
@@ -187,7 +192,14 @@ def run_batch(args: argparse.Namespace) -> int:
     if not jobs:
         print(f"{args.file}: no jobs; nothing to do")
         return 0
-    outcomes = run_batch_jobs(jobs, token=hub_token(args), work_dir=args.work_dir, on_event=_say)
+    if getattr(args, "executor", "local") == "jobs":
+        from bot.batch import run_batch_as_jobs
+        from bot.executors import JobsSettings
+
+        outcomes = run_batch_as_jobs(jobs, token=hub_token(args), settings=JobsSettings.from_env(dict(os.environ)),
+                                     endpoint=os.environ.get("HF_ENDPOINT") or None, on_event=_say)
+    else:
+        outcomes = run_batch_jobs(jobs, token=hub_token(args), work_dir=args.work_dir, on_event=_say)
     print(format_outcomes(outcomes))
     failed = sum(not o.ok for o in outcomes)
     if failed:

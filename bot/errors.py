@@ -101,3 +101,9 @@ def redact(text: str, *secrets: str | None) -> str:
         if secret:
             text = text.replace(secret, "***")
     return _TOKEN_RE.sub("hf_***", text)
+
+
+class RemoteJobError(MergeBotError):
+    """A Hugging Face Job could not be started (no credits, refused) or ended without publishing."""
+
+    exit_code = 14

@@ -1807,5 +1807,215 @@ def main(argv: list[str] | None = None) -> None:
     hub.stop()
 
 
+
+# --------------------------------------------------------------------------------------------
+# Jobs (switchable: ``enable_jobs(hub, root=...)``; off by default)
+# --------------------------------------------------------------------------------------------
+# The routes and JSON that ``huggingface_hub`` 2.x's ``HfApi.run_job`` / ``inspect_job`` /
+# ``fetch_job_logs`` / ``cancel_job`` / ``list_jobs`` use (hf_api.py, _jobs_api.py):
+#   POST /api/jobs/{ns}              body: _create_job_spec's {command, arguments, environment, flavor,
+#                                    secrets?, timeoutSeconds?, labels?, dockerImage | spaceId}
+#   GET  /api/jobs/{ns}              ?stage=RUNNING&label=k=v (repeatable); a JSON list of JobInfo
+#   GET  /api/jobs/{ns}/{id}         JobInfo: {id, createdAt, ..., status: {stage, message}, owner: {...}}
+#   GET  /api/jobs/{ns}/{id}/logs    Server-Sent Events, "data: {"data": line, "timestamp": iso}"
+#   POST /api/jobs/{ns}/{id}/cancel
+# Stages are JobStage's: SCHEDULING, RUNNING, COMPLETED, ERROR, CANCELED, DELETED. The image is
+# ignored: each job runs here as a local subprocess (``python`` -> this interpreter) in ``root``,
+# with only the job's environment and secrets, plus PATH, PYTHONPATH=root and HF_ENDPOINT=this
+# server. The status messages for a failure or a timeout are this server's own wording.
+JOB_TERMINAL = ("COMPLETED", "ERROR", "CANCELED", "DELETED")
+
+
+@dataclass
+class HubJob:
+    id: str
+    owner: str
+    spec: dict
+    created: str
+    process: object = None
+    stage: str = "SCHEDULING"
+    message: str | None = None
+    started: str | None = None
+    finished: str | None = None
+    logs: list = field(default_factory=list)  # (iso timestamp, line)
+    timed_out: bool = False
+
+    def info(self, hub: "HubServer") -> dict:
+        spec = self.spec
+        return {
+            "id": self.id, "createdAt": self.created, "startedAt": self.started, "finishedAt": self.finished,
+            "dockerImage": spec.get("dockerImage"), "spaceId": spec.get("spaceId"),
+            "command": spec.get("command"), "arguments": spec.get("arguments") or [],
+            "environment": spec.get("environment") or {},
+            "secrets": {name: None for name in spec.get("secrets") or {}},  # names only, never values
+            "flavor": spec.get("flavor"), "labels": spec.get("labels"),
+            "status": {"stage": self.stage, "message": self.message},
+            "owner": {"id": user_id(self.owner), "name": self.owner, "type": "user"},
+        }
+
+
+class HubJobs:
+    """The Jobs API on a ``HubServer``: state, the routes, and the subprocesses that run jobs.
+
+    ``no_credits``: run_job answers 402, as the Hub does for an account without credits.
+    ``max_seconds``: a cap on every job's run time (besides its own timeoutSeconds).
+    """
+
+    def __init__(self, hub: "HubServer", root: Path, python: str):
+        self.hub, self.root, self.python = hub, Path(root), python
+        self.jobs: dict[str, HubJob] = {}
+        self.no_credits = False
+        self.created: list[str] = []  # ids in creation order, for "no duplicate Job" checks
+
+    def routes(self) -> list[tuple[str, re.Pattern, object]]:
+        table = [
+            ("POST", r"/api/jobs/(?P<ns>[^/]+)", self._run),
+            ("GET", r"/api/jobs/(?P<ns>[^/]+)", self._list),
+            ("GET", r"/api/jobs/(?P<ns>[^/]+)/(?P<job_id>[0-9a-f]{24})", self._inspect),
+            ("GET", r"/api/jobs/(?P<ns>[^/]+)/(?P<job_id>[0-9a-f]{24})/logs", self._logs),
+            ("POST", r"/api/jobs/(?P<ns>[^/]+)/(?P<job_id>[0-9a-f]{24})/cancel", self._cancel),
+        ]
+        return [(m, re.compile(f"^{p}$"), fn) for m, p, fn in table]
+
+    # ---- routes ------------------------------------------------------------------------------------
+    def _caller(self, req: Request, ns: str) -> User:
+        user = self.hub._auth(req)
+        if user is None:
+            raise HubError(401, "You must be authenticated to use Jobs")
+        if ns != user.name and ns not in user.orgs:
+            raise HubError(403, f"You cannot run or see jobs in namespace {ns}")
+        return user
+
+    def _job(self, req: Request, ns: str, job_id: str) -> HubJob:
+        self._caller(req, ns)
+        job = self.jobs.get(job_id)
+        if job is None or job.owner != ns:
+            raise HubError(404, "Job not found")
+        return job
+
+    def _run(self, req: Request, ns: str) -> Response:
+        self._caller(req, ns)
+        if self.no_credits:
+            raise HubError(402, "You must have a positive credit balance to run Jobs. Add credits to your "
+                                "account or organization.")
+        spec = req.json()
+        if not isinstance(spec.get("command"), list) or not spec["command"]:
+            raise HubError(400, "command is required")
+        if bool(spec.get("dockerImage")) == bool(spec.get("spaceId")):
+            raise HubError(400, "exactly one of dockerImage and spaceId is required")
+        job = HubJob(id=uuid.uuid4().hex[:24], owner=ns, spec=spec, created=now_iso())
+        self.jobs[job.id] = job
+        self.created.append(job.id)
+        threading.Thread(target=self._execute, args=(job,), name=f"hub-job-{job.id}", daemon=True).start()
+        return Response.of_json(job.info(self.hub))
+
+    def _list(self, req: Request, ns: str) -> Response:
+        self._caller(req, ns)
+        stages = set(req.query.get("stage", []))
+        labels = [tuple(item.split("=", 1)) for item in req.query.get("label", []) if "=" in item]
+        found = [j.info(self.hub) for j in self.jobs.values() if j.owner == ns and (not stages or j.stage in stages)
+                 and all((j.spec.get("labels") or {}).get(k) == v for k, v in labels)]
+        return Response.of_json(found)
+
+    def _inspect(self, req: Request, ns: str, job_id: str) -> Response:
+        return Response.of_json(self._job(req, ns, job_id).info(self.hub))
+
+    def _logs(self, req: Request, ns: str, job_id: str) -> Response:
+        job = self._job(req, ns, job_id)
+        body = "".join(f"data: {json.dumps({'data': line, 'timestamp': ts})}\n\n" for ts, line in list(job.logs))
+        return Response(200, body.encode(), {"Content-Type": "text/event-stream"})
+
+    def _cancel(self, req: Request, ns: str, job_id: str) -> Response:
+        job = self._job(req, ns, job_id)
+        if job.stage not in JOB_TERMINAL:
+            self._finish(job, "CANCELED", None)
+            self._kill(job)
+        return Response.of_json({})
+
+    # ---- running -----------------------------------------------------------------------------------
+    def _execute(self, job: HubJob) -> None:
+        import subprocess
+
+        spec = job.spec
+        command = [self.python if word == "python" else word for word in spec["command"]] + list(
+            spec.get("arguments") or [])
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(self.root), "HF_ENDPOINT": self.hub.url,
+               "HF_HUB_DISABLE_XET": os.environ.get("HF_HUB_DISABLE_XET", "1"),
+               "HF_HOME": tempfile.mkdtemp(prefix="hub-job-home-"), "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+               **{k: str(v) for k, v in (spec.get("environment") or {}).items()},
+               **{k: str(v) for k, v in (spec.get("secrets") or {}).items()}}
+        env["HF_ENDPOINT"] = self.hub.url
+        with self.hub._lock:
+            if job.stage != "SCHEDULING":  # cancelled before it started
+                return
+            job.process = subprocess.Popen(command, cwd=self.root, env=env, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            job.stage, job.started = "RUNNING", now_iso()
+        deadline = spec.get("timeoutSeconds")
+
+        def watch() -> None:
+            try:
+                job.process.wait(timeout=deadline)
+            except subprocess.TimeoutExpired:
+                with self.hub._lock:
+                    if job.stage == "RUNNING":
+                        job.timed_out = True
+                        self._finish(job, "ERROR", f"Job timeout: ran for more than {deadline} seconds")
+                self._kill(job)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        for line in job.process.stdout:
+            job.logs.append((now_iso(), line.rstrip("\n")))
+        code = job.process.wait()
+        watcher.join()
+        with self.hub._lock:
+            if job.stage == "RUNNING":
+                if code == 0:
+                    self._finish(job, "COMPLETED", None)
+                else:
+                    self._finish(job, "ERROR", f"Job failed with exit code: {code}")
+
+    def _finish(self, job: HubJob, stage: str, message: str | None) -> None:
+        job.stage, job.message, job.finished = stage, message, now_iso()
+
+    @staticmethod
+    def _kill(job: HubJob) -> None:
+        import signal
+
+        if job.process is not None and job.process.poll() is None:
+            try:
+                os.killpg(job.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop_all(self) -> None:
+        for job in list(self.jobs.values()):
+            self._kill(job)
+
+
+def enable_jobs(hub: HubServer, *, root: str | Path, python: str | None = None) -> HubJobs:
+    """Switch on the Jobs routes on ``hub`` (loopback only, like the server); returns their state."""
+    import sys
+
+    jobs = HubJobs(hub, Path(root), python or sys.executable)
+    with hub._lock:
+        disable_jobs(hub)
+        hub.jobs_api = jobs
+        hub._routes = jobs.routes() + hub._routes
+    return jobs
+
+
+def disable_jobs(hub: HubServer) -> None:
+    """Remove the Jobs routes again, killing any job still running."""
+    with hub._lock:
+        jobs = getattr(hub, "jobs_api", None)
+        if jobs is None:
+            return
+        jobs.stop_all()
+        hub._routes = [r for r in hub._routes if getattr(r[2], "__self__", None) is not jobs]
+        hub.jobs_api = None
+
+
 if __name__ == "__main__":
     main()

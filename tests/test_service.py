@@ -37,7 +37,8 @@ REQUESTS = "merge-bot/requests"
 @pytest.fixture(scope="module")
 def bot_account(hub, models):
     hub.add_user("merge-bot", BOT)
-    hub.create_repo(REQUESTS, owner_token=BOT, files={"README.md": b"# Ask for merges here\n"})
+    if not hub.repo_exists(REQUESTS):  # other modules import this fixture; one requests repo per session
+        hub.create_repo(REQUESTS, owner_token=BOT, files={"README.md": b"# Ask for merges here\n"})
     return "merge-bot"
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bot.errors import UsageError
+from bot.executors import JobsSettings
 
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 
@@ -22,6 +23,8 @@ class ServiceConfig:
     max_queue: int = 50
     max_output_gb: float = 40.0
     namespace: str | None = None  # where new repos go; default: the bot account
+    executor: str = "local"  # local: merges run in this process; jobs: one Hugging Face Job per merge
+    jobs: JobsSettings | None = None  # with executor "jobs"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "ServiceConfig":
@@ -32,6 +35,9 @@ class ServiceConfig:
             raise UsageError(f"missing setting(s) {', '.join(missing)}: set them in the environment (Space secrets) "
                              f"before starting the service")
         repo_type, repo = parse_requests_repo(env["MERGEBOT_REQUESTS_REPO"])
+        executor = env.get("MERGEBOT_EXECUTOR", "").strip().lower() or "local"
+        if executor not in ("local", "jobs"):
+            raise UsageError(f"MERGEBOT_EXECUTOR must be local or jobs, not {executor[:20]!r}")
         return cls(
             token=env["HF_TOKEN"].strip(),
             webhook_secret=env["MERGEBOT_WEBHOOK_SECRET"],
@@ -43,6 +49,8 @@ class ServiceConfig:
             max_queue=_positive_int(env, "MERGEBOT_MAX_QUEUE", 50),
             max_output_gb=float(_positive_int(env, "MERGEBOT_MAX_OUTPUT_GB", 40)),
             namespace=env.get("MERGEBOT_NAMESPACE") or None,
+            executor=executor,
+            jobs=JobsSettings.from_env(env) if executor == "jobs" else None,
         )
 
 

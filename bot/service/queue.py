@@ -8,8 +8,10 @@ and ``seen_events`` (comment ids already handled, since the Hub redelivers webho
 """
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
+import uuid
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,7 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
     result_url TEXT,
-    error TEXT
+    error TEXT,
+    remote TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_live_per_key ON jobs(key) WHERE state != 'failed';
 CREATE TABLE IF NOT EXISTS subscribers (
@@ -62,6 +65,10 @@ CREATE TABLE IF NOT EXISTS replies (
     created REAL NOT NULL,
     sent REAL,
     tries INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS seen_events (
     event_id TEXT PRIMARY KEY,
@@ -105,6 +112,11 @@ class Job:
     attempts: int
     result_url: str | None
     error: str | None
+    remote: str | None = None  # JSON: the Hugging Face Job running this entry (id, flavor, fingerprints, ...)
+
+    @property
+    def remote_job(self) -> dict | None:
+        return json.loads(self.remote) if self.remote else None
 
     @property
     def request(self) -> MergeRequest:
@@ -131,6 +143,12 @@ class JobQueue:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._db().executescript(SCHEMA)  # executescript manages its own transaction
+        with self._tx() as db:
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "remote" not in columns:  # a queue file from before the Jobs executor
+                db.execute("ALTER TABLE jobs ADD COLUMN remote TEXT")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('identity', ?)", (uuid.uuid4().hex[:16],))
+            self.identity: str = db.execute("SELECT value FROM meta WHERE name = 'identity'").fetchone()[0]
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -146,6 +164,9 @@ class JobQueue:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         db = self._db()
+        if db.in_transaction:  # nested (inside ``handling``): part of the caller's transaction
+            yield db
+            return
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
@@ -158,6 +179,21 @@ class JobQueue:
     def seen(self, event_id: str) -> bool:
         """Whether this webhook event (comment id) was handled before (the Hub redelivers)."""
         return self._db().execute("SELECT 1 FROM seen_events WHERE event_id = ?", (event_id,)).fetchone() is not None
+
+    @contextmanager
+    def handling(self, event_id: str) -> Iterator[bool]:
+        """One write transaction around handling a webhook event: yields False when the event was handled
+        before; else True, and the event is marked seen when the block ends without an exception.
+
+        The seen-check, the enqueue and the reply it causes commit together (BEGIN IMMEDIATE takes the write
+        lock before the check), so concurrent redeliveries of one comment give one job and one answer.
+        """
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM seen_events WHERE event_id = ?", (event_id,)).fetchone() is not None:
+                yield False
+                return
+            yield True
+            self._mark_seen(db, event_id)
 
     @staticmethod
     def _mark_seen(db: sqlite3.Connection, event_id: str | None) -> None:
@@ -241,7 +277,7 @@ class JobQueue:
     def requeue(self, job_id: int) -> None:
         """A run that hit a transient Hub failure goes back to the queue (attempts stay counted)."""
         with self._tx() as db:
-            db.execute("UPDATE jobs SET state = 'queued' WHERE id = ? AND state = 'running'", (job_id,))
+            db.execute("UPDATE jobs SET state = 'queued', remote = NULL WHERE id = ? AND state = 'running'", (job_id,))
 
     def position(self, job_id: int) -> int:
         """1 for the next job to run (a running job counts as ahead of everyone)."""
@@ -251,9 +287,19 @@ class JobQueue:
 
     # ---- running ---------------------------------------------------------------------------
     def recover(self) -> int:
-        """After a crash or restart: jobs left 'running' go back to the front of the queue."""
+        """After a crash or restart: jobs left 'running' go back to the front of the queue (local executor;
+        with Jobs, 'running' entries stay so and the worker re-attaches to their Jobs)."""
         with self._tx() as db:
-            return db.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
+            return db.execute("UPDATE jobs SET state = 'queued', remote = NULL WHERE state = 'running'").rowcount
+
+    def set_remote(self, job_id: int, remote: dict) -> None:
+        """Record the Job that runs this entry (its id first of all), in the entry itself."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET remote = ? WHERE id = ?", (json.dumps(remote, sort_keys=True), job_id))
+
+    def running(self) -> list[Job]:
+        rows = self._db().execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY id").fetchall()
+        return [_job(r) for r in rows]
 
     def claim_next(self) -> Job | None:
         with self._tx() as db:

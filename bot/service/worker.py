@@ -57,6 +57,14 @@ class Service:
         self.bot_name: str = me["name"]
         self.bot_id: str = me.get("id", "")
         self.namespace = config.namespace or self.bot_name
+        self.remote = None  # the Jobs executor, when merges run as Hugging Face Jobs
+        if config.executor == "jobs":
+            from bot.executors import JobsExecutor
+
+            assert config.jobs is not None
+            self.remote = JobsExecutor(self.api, config.jobs, token=config.token, endpoint=config.endpoint,
+                                       namespace=config.jobs.namespace or self.bot_name)
+        self._polled_at: dict[int, float] = {}
         self._triage_failures: dict[int, int] = {}
         self._triage_retry_at: dict[int, float] = {}
         self._stop = threading.Event()
@@ -89,9 +97,14 @@ class Service:
             line = find_command(discussion.title)
         if line is None:
             return Received("ignored", "no /merge command")
-        if self.queue.seen(event_id):
-            return Received("ignored", "already handled (webhook redelivery)")
         where = Where(repo.type, repo.name, discussion.num)
+        with self.queue.handling(event_id) as new:  # check, enqueue and reply: one transaction
+            if not new:
+                return Received("ignored", "already handled (webhook redelivery)")
+            return self._admit(line, where, author_id=author_id, comment_id=comment_id, event_id=event_id)
+
+    def _admit(self, line: str, where: Where, *, author_id: str, comment_id: str | None, event_id: str) -> Received:
+        """Parse, apply the caps, enqueue or answer; runs inside ``receive``'s transaction."""
         try:
             request = parse_command(line)
         except CommandError as e:
@@ -303,6 +316,8 @@ class Service:
         from bot.hub import repo_state
         from bot.jobs import PublishJob, run_publish_job
 
+        if self.remote is not None:
+            return self._work_remote_once()
         job = self.queue.claim_next()
         if job is None:
             return False
@@ -341,6 +356,141 @@ class Service:
                           reply=f"Done: {url}\n\n({result.publish.describe().split(':')[0]}.)")
         return True
 
+    # ---- work as Hugging Face Jobs -------------------------------------------------------------
+    def _work_remote_once(self) -> bool:
+        """Poll the running Jobs (finishing those that ended), then start queued ones up to the cap.
+
+        An entry is 'running' from its claim until its Job's outcome is written; the Job's id is stored
+        with it. Labels (queue identity, entry, attempt) let a restart find a Job whose id a crash lost
+        between starting it and storing it, so no entry ever gets a second Job for one attempt.
+        """
+        settings = self.config.jobs
+        busy = False
+        for job in self.queue.running():
+            if job.remote is None:
+                busy = self._launch(job) or busy
+            elif time.monotonic() >= self._polled_at.get(job.id, 0.0):
+                self._polled_at[job.id] = time.monotonic() + settings.poll_s
+                busy = self._poll(job) or busy
+        if len(self.queue.running()) < settings.max_concurrent:
+            job = self.queue.claim_next()
+            if job is not None:
+                if job.attempts > MAX_ATTEMPTS:
+                    self.queue.finish(job.id, state="failed", error="interrupted too often", reply_kind="failed",
+                                      reply=f"The merge was interrupted {MAX_ATTEMPTS} times; giving up. Please ask "
+                                            f"again.")
+                else:
+                    self._launch(job)
+                busy = True
+        return busy
+
+    def _remote_plan(self, job: Job):
+        """Pre-flight at the checked adapter commit; (PublishJob pinned to both SHAs, fingerprints, flavor),
+        or the ``PublishResult`` when the target already holds this merge."""
+        from bot.executors import choose_flavor
+        from bot.hub import repo_state, survey_target
+        from bot.jobs import PublishJob
+        from bot.preflight import preflight
+        from bot.spec import MergeSpec, parse_source_ref
+
+        request, settings = job.request, self.config.jobs
+        pr = bool(request.pr_repo)
+        if not pr:  # our own earlier merge of another revision: propose the new one as a PR on it
+            state = repo_state(self.api, job.target)
+            pr = state is not None and not state.is_empty
+        spec = MergeSpec(adapter=parse_source_ref(job.pinned_adapter, allow_local=False),
+                         base=parse_source_ref(request.base, what="base", allow_local=False) if request.base else None,
+                         out=self.config.db_path.parent / "unused", dtype=request.dtype, token=self.config.token)
+        checked = preflight(spec, endpoint=self.config.endpoint, check_disk=False)
+        self.policy(checked)
+        adapter, base = checked.adapter_pin, checked.base_pin
+        publish = PublishJob(adapter=f"{adapter.name}@{adapter.revision}", base=f"{base.name}@{base.revision}",
+                             repo=job.target, pr=pr, dtype=request.dtype, verify=settings.verify,
+                             requested_by=job.requester, allow_local=False)
+        fps = checked.fingerprints(spec)
+        existing, _ = survey_target(self.api, publish.target, fps, author=self.bot_name, verified=publish.verify)
+        if existing is not None:
+            return existing
+        flavor = settings.flavor or choose_flavor(output_bytes=checked.output_bytes,
+                                                  download_bytes=checked.download_bytes, verify=publish.verify)
+        return publish, fps, flavor
+
+    def _launch(self, job: Job) -> bool:
+        """Start (or find, after a crash) the Job for a claimed entry and store its id with the entry."""
+        from bot.hub import PublishResult
+
+        labels = {"merge-bot-queue": self.queue.identity, "merge-bot-entry": str(job.id),
+                  "merge-bot-attempt": str(job.attempts)}
+        try:
+            plan = self._remote_plan(job)
+            if isinstance(plan, PublishResult):
+                self._finish_done(job, plan, None)
+                return True
+            publish, fps, flavor = plan
+            job_id = self.remote.find(labels) or self.remote.launch(publish, flavor=flavor, labels=labels)
+        except (MergeBotError, RefusedError) as e:
+            if isinstance(e, MergeBotError) and self._is_transient(e) and job.attempts < MAX_ATTEMPTS:
+                log.warning("job %d hit a transient Hub error before its Job started; back in the queue", job.id)
+                self.queue.requeue(job.id)
+                return True
+            message = redact(str(e), self.config.token)
+            self.queue.finish(job.id, state="failed", error=message, reply_kind="failed",
+                              reply=f"The merge failed: {quote(message)}")
+            return True
+        except Exception as e:
+            log.warning("starting the Job for job %d failed (%s); will retry", job.id, e.__class__.__name__)
+            if job.attempts < MAX_ATTEMPTS:
+                self.queue.requeue(job.id)
+            else:
+                self.queue.finish(job.id, state="failed", error=f"could not start a Job ({e.__class__.__name__})",
+                                  reply_kind="failed", reply="The merge failed: I could not start a Job for it. "
+                                                             "Please ask again later.")
+            return True
+        self.queue.set_remote(job.id, {"id": job_id, "flavor": flavor, "fps": list(fps), "repo": publish.repo,
+                                       "pr": publish.pr, "verify": publish.verify})
+        log.info("job %d runs as Job %s (%s)", job.id, job_id, flavor)
+        return True
+
+    def _poll(self, job: Job) -> bool:
+        """Inspect the entry's Job; when it has ended, read the outcome from the target repo and reply."""
+        from bot.executors import outcome_text
+        from bot.hub import PublishTarget, survey_target
+
+        remote = job.remote_job
+        try:
+            state = self.remote.state(remote["id"])
+        except Exception as e:  # the Hub is down: ask again at the next poll
+            log.warning("could not inspect Job %s (%s)", remote["id"], e.__class__.__name__)
+            return False
+        if not state.ended:
+            return False
+        lines = self.remote.logs(remote["id"])
+        target = PublishTarget(remote["repo"], pr=remote["pr"])
+        try:  # a Job that published and then failed (or was cut off) still counts: the fingerprint says so
+            landed, _ = survey_target(self.api, target, tuple(remote["fps"]), author=self.bot_name,
+                                      verified=remote["verify"])
+        except MergeBotError:
+            landed = None
+        except Exception as e:
+            log.warning("could not read %s after Job %s (%s)", remote["repo"], remote["id"], e.__class__.__name__)
+            return False
+        if landed is not None:
+            self._finish_done(job, landed, lines)
+            return True
+        message = redact(outcome_text(state, timeout_s=self.config.jobs.timeout_s, lines=lines), self.config.token)
+        log.warning("Job %s for job %d ended %s without publishing", remote["id"], job.id, state.stage)
+        self.queue.finish(job.id, state="failed", error=message, reply_kind="failed",
+                          reply=f"The merge failed: {quote(message)}")
+        return True
+
+    def _finish_done(self, job: Job, result, lines: list[str] | None) -> None:
+        """The same 'Done' reply as a local run: the CLI's own last line names what the Job did."""
+        from bot.executors import action_line
+
+        described = action_line(lines or [], result.url) or result.describe()
+        self.queue.finish(job.id, state="done", url=result.url, reply_kind="done",
+                          reply=f"Done: {result.url}\n\n({described.split(':')[0]}.)")
+
     # ---- replies ---------------------------------------------------------------------------
     def send_replies_once(self) -> int:
         """Post pending replies; one the bot already posted (its marker, its author) is not posted again."""
@@ -365,7 +515,7 @@ class Service:
 
     # ---- threads ---------------------------------------------------------------------------
     def start(self) -> None:
-        recovered = self.queue.recover()
+        recovered = self.queue.recover() if self.remote is None else 0  # Jobs keep running: re-attach by id
         if recovered:
             log.warning("re-queued %d job(s) interrupted by a restart", recovered)
         for name, duty in (("merge-bot-courier", self._courier), ("merge-bot-worker", self._worker)):
