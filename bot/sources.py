@@ -199,6 +199,18 @@ def read_with_retries(call: Callable[[], T], waits: tuple[float, ...] | None = N
     raise AssertionError("unreachable")
 
 
+def is_bare_name(ref: SourceRef) -> bool:
+    """A slashless name typed where a folder would do ("demo-adapter"): most likely a mistyped
+    folder, so an unreachable Hub is neither retried nor blamed (see ``hub_read_errors``)."""
+    return ref.folder_candidate and "/" not in ref.name
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 @contextmanager
 def hub_read_errors(what: str, ref: SourceRef, *, gated: bool | None = None) -> Iterator[None]:
     """Turn huggingface_hub's read failures into one-line merge-bot errors naming the repo.
@@ -215,6 +227,9 @@ def hub_read_errors(what: str, ref: SourceRef, *, gated: bool | None = None) -> 
     except errors.RevisionNotFoundError as e:
         raise SourceNotFoundError(f"{what} revision {ref.revision!r} does not exist in {ref.name}") from e
     except errors.RepositoryNotFoundError as e:
+        if ref.folder_candidate:  # typed where a folder would do: say both places were looked at
+            raise SourceNotFoundError(f"no folder ./{ref.name} and no Hub repo {ref.name} (or it is private and your "
+                                      f"token cannot see it); check the spelling") from e
         raise SourceNotFoundError(
             f"{what} repo {ref.name} not found on the Hub (or it is private and your token cannot see it)"
         ) from e
@@ -241,6 +256,10 @@ def hub_read_errors(what: str, ref: SourceRef, *, gated: bool | None = None) -> 
                                       f"retry later") from e
         raise SourceNotFoundError(f"could not download {what} {ref.name} from the Hub (HTTP {status})") from e
     except Exception as e:
+        if is_bare_name(ref) and (isinstance(e, errors.LocalEntryNotFoundError) or is_network_error(e)):
+            why = "HF_HUB_OFFLINE is set" if _offline() else "the Hub could not be reached"
+            raise SourceNotFoundError(f"no folder ./{ref.name}, and no Hub repo {ref.name} was looked up ({why}); "
+                                      f"check the folder's path") from e
         if isinstance(e, errors.LocalEntryNotFoundError) or is_network_error(e):
             raise HubUnavailableError(
                 f"could not reach the Hub to download {what} {ref.name}; check your connection (or HF_HUB_OFFLINE)"
