@@ -211,6 +211,11 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def _no_folder_nor_repo(ref: SourceRef) -> SourceNotFoundError:
+    return SourceNotFoundError(f"no folder ./{ref.name} and no Hub repo {ref.name} (or it is private and your token "
+                               f"cannot see it); check the spelling")
+
+
 @contextmanager
 def hub_read_errors(what: str, ref: SourceRef, *, gated: bool | None = None) -> Iterator[None]:
     """Turn huggingface_hub's read failures into one-line merge-bot errors naming the repo.
@@ -228,8 +233,7 @@ def hub_read_errors(what: str, ref: SourceRef, *, gated: bool | None = None) -> 
         raise SourceNotFoundError(f"{what} revision {ref.revision!r} does not exist in {ref.name}") from e
     except errors.RepositoryNotFoundError as e:
         if ref.folder_candidate:  # typed where a folder would do: say both places were looked at
-            raise SourceNotFoundError(f"no folder ./{ref.name} and no Hub repo {ref.name} (or it is private and your "
-                                      f"token cannot see it); check the spelling") from e
+            raise _no_folder_nor_repo(ref) from e
         raise SourceNotFoundError(
             f"{what} repo {ref.name} not found on the Hub (or it is private and your token cannot see it)"
         ) from e
@@ -248,6 +252,8 @@ def hub_read_errors(what: str, ref: SourceRef, *, gated: bool | None = None) -> 
                                       f"pass a valid --token, set HF_TOKEN, or run `hf auth login`") from e
         if status == 403:
             raise AccessDeniedError(f"the Hub refused to read {what} repo {ref.name} (HTTP 403); check your token") from e
+        if status == 404 and ref.folder_candidate and not ref.revision:
+            raise _no_folder_nor_repo(ref) from e
         if status == 404:
             raise SourceNotFoundError(f"{what} repo {ref.name} or a file in it was not found on the Hub (HTTP 404)") from e
         if is_transient(e):
