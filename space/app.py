@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bot` lives at t
 import gradio as gr  # noqa: E402
 
 from bot.spec import DTYPES  # noqa: E402
-from space.handlers import merge_and_publish, on_space, preflight_view  # noqa: E402
+from space.handlers import (EMPTY_PREFLIGHT, merge_and_publish, on_space, preflight_view,  # noqa: E402
+                            target_view)
 
 FORM_QUEUE = int(os.environ.get("MERGEBOT_FORM_QUEUE", "16")) if os.environ.get("MERGEBOT_FORM_QUEUE", "16").isdigit() \
     else 16  # people waiting at the form (the bot's own queue is MERGEBOT_MAX_QUEUE)
@@ -63,28 +64,46 @@ def build_app(service=None) -> gr.Blocks:
 def _merge_tab() -> None:
     with gr.Row():
         with gr.Column():
-            adapter = gr.Textbox(label="Adapter", placeholder="owner/adapter-name[@revision]", elem_id="adapter")
+            adapter = gr.Textbox(label="Adapter", placeholder="owner/adapter-name[@revision] or its huggingface.co address",
+                                 elem_id="adapter")
             base = gr.Textbox(label="Base model override (optional)", placeholder="owner/base-model", elem_id="base")
-            repo = gr.Textbox(label="Target repo", placeholder="you/adapter-name-merged", elem_id="repo")
+            repo = gr.Textbox(label="Target repo", placeholder="you/adapter-name-merged (follows the adapter until "
+                                                              "you edit it)", elem_id="repo")
+            # None: nobody typed on this page (an API call: its target is taken as given); False: the target
+            # follows the adapter; True: the user typed a target of their own, which is kept.
+            repo_edited = gr.State(None)
             with gr.Row():
                 dtype = gr.Dropdown(list(DTYPES), value="auto", label="Output dtype", elem_id="dtype")
                 private = gr.Checkbox(label="Private repo", value=False, elem_id="private")
                 pr_mode = gr.Checkbox(label="Open a pull request on an existing repo", value=False, elem_id="pr-mode")
                 verify = gr.Checkbox(label="Verify against PEFT", value=True, elem_id="verify")
+            target = gr.Markdown(target_view("", False, False), elem_id="target")
             check = gr.Button("Check", elem_id="check")
             run = gr.Button("Merge and publish", variant="primary", elem_id="merge")
         with gr.Column():
-            preflight = gr.Markdown("Enter an adapter id to see what will happen.", elem_id="preflight")
+            preflight = gr.Markdown(EMPTY_PREFLIGHT, elem_id="preflight")
             result = gr.Markdown(elem_id="result")
-            card = gr.Code(label="Generated model card", language="markdown", elem_id="card")
+            with gr.Tab("Model card", elem_id="card-tab"):
+                card = gr.Markdown(elem_id="card")
+            with gr.Tab("Card source", elem_id="card-source-tab"):
+                card_source = gr.Code(label="README.md", language="markdown", elem_id="card-source")
 
-    checks = dict(fn=preflight_view, inputs=[adapter, base, dtype, repo], outputs=[preflight, repo],
+    # .input fires on the user's own typing only (not when a handler fills the field in).
+    repo.input(lambda text: bool((text or "").strip()), inputs=repo, outputs=repo_edited, queue=False,
+               api_name=False)
+    adapter.input(lambda edited: bool(edited), inputs=repo_edited, outputs=repo_edited, queue=False, api_name=False)
+    for field in (repo, private, pr_mode):
+        field.change(target_view, inputs=[repo, private, pr_mode], outputs=target, queue=False, api_name=False)
+    checks = dict(fn=preflight_view, inputs=[adapter, base, dtype, repo, repo_edited], outputs=[preflight, repo],
                   concurrency_limit=4, api_name=False)
     adapter.submit(**checks)
+    adapter.blur(**checks)
     base.submit(**checks)
+    base.blur(**checks)
     check.click(**{**checks, "api_name": "preflight"})
-    run.click(merge_and_publish, inputs=[adapter, base, repo, private, pr_mode, dtype, verify],
-              outputs=[result, card], concurrency_limit=1, concurrency_id="merge", api_name="merge")
+    run.click(merge_and_publish, inputs=[adapter, base, repo, private, pr_mode, dtype, verify, repo_edited],
+              outputs=[result, preflight, card, card_source], concurrency_limit=1, concurrency_id="merge",
+              api_name="merge")
 
 
 def self_service():
