@@ -87,7 +87,7 @@ FORM_WORDS = (
     (r"\(override with --base\)", "(override it in Base model override)"),
     (r"pass it with --base\b", "enter it in Base model override"),
     (r"pass --base\b", "fill in Base model override"),
-    (r"(?:use|with) --base\b", "with Base model override"),
+    (r"(?:use|with) --base\b", "in Base model override"),
     (r"--base\b", "Base model override"),
     (r"pass --pr\b", "tick \"Open a pull request on an existing repo\""),
     (r"with --pr\b", "with \"Open a pull request on an existing repo\""),
