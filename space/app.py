@@ -47,7 +47,8 @@ def build_app(service=None) -> gr.Blocks:
         else:
             gr.Markdown("Local mode: set `HF_TOKEN` to act as your account.")
         with gr.Tab("Merge"):
-            _merge_tab()
+            follows = _merge_tab()
+        demo.load(None, outputs=follows, js="() => true")  # a page's target follows the adapter; an API call's not
         if service is not None:
             with gr.Tab("Queue"):
                 gr.Markdown(f"Requests written as `/merge owner/adapter` in the discussions of "
@@ -61,7 +62,7 @@ def build_app(service=None) -> gr.Blocks:
     return demo
 
 
-def _merge_tab() -> None:
+def _merge_tab() -> gr.Checkbox:
     with gr.Row():
         with gr.Column():
             adapter = gr.Textbox(label="Adapter", placeholder="owner/adapter-name[@revision] or its huggingface.co address",
@@ -69,9 +70,11 @@ def _merge_tab() -> None:
             base = gr.Textbox(label="Base model override (optional)", placeholder="owner/base-model", elem_id="base")
             repo = gr.Textbox(label="Target repo", placeholder="you/adapter-name-merged (follows the adapter until "
                                                               "you edit it)", elem_id="repo")
-            # None: nobody typed on this page (an API call: its target is taken as given); False: the target
-            # follows the adapter; True: the user typed a target of their own, which is kept.
-            repo_edited = gr.State(None)
+            # Tracked in the browser (no server round trip can race the user's typing): the page starts
+            # with the target following the adapter; typing a target of one's own stops that. An API
+            # call leaves it off, so its target is taken as given.
+            follows = gr.Checkbox(value=False, visible=False, elem_id="target-follows")
+            suggested = gr.Textbox(visible=False, elem_id="suggested")
             with gr.Row():
                 dtype = gr.Dropdown(list(DTYPES), value="auto", label="Output dtype", elem_id="dtype")
                 private = gr.Checkbox(label="Private repo", value=False, elem_id="private")
@@ -89,21 +92,20 @@ def _merge_tab() -> None:
                 card_source = gr.Code(label="README.md", language="markdown", elem_id="card-source")
 
     # .input fires on the user's own typing only (not when a handler fills the field in).
-    repo.input(lambda text: bool((text or "").strip()), inputs=repo, outputs=repo_edited, queue=False,
-               api_name=False)
-    adapter.input(lambda edited: bool(edited), inputs=repo_edited, outputs=repo_edited, queue=False, api_name=False)
+    repo.input(None, inputs=repo, outputs=follows, js="(text) => !(text || '').trim()")
     for field in (repo, private, pr_mode):
         field.change(target_view, inputs=[repo, private, pr_mode], outputs=target, queue=False, api_name=False)
-    checks = dict(fn=preflight_view, inputs=[adapter, base, dtype, repo, repo_edited], outputs=[preflight, repo],
+    checks = dict(fn=preflight_view, inputs=[adapter, base, dtype, repo, follows], outputs=[preflight, suggested],
                   concurrency_limit=4, api_name=False)
-    adapter.submit(**checks)
-    adapter.blur(**checks)
-    base.submit(**checks)
-    base.blur(**checks)
-    check.click(**{**checks, "api_name": "preflight"})
-    run.click(merge_and_publish, inputs=[adapter, base, repo, private, pr_mode, dtype, verify, repo_edited],
+    # The suggestion lands in the field only if it still follows when the answer arrives (decided in the browser).
+    take = dict(fn=None, inputs=[suggested, follows, repo], outputs=repo, js="(s, f, r) => (f && s) ? s : r")
+    for event in (adapter.submit, adapter.blur, base.submit, base.blur):
+        event(**checks).then(**take)
+    check.click(**{**checks, "api_name": "preflight"}).then(**take)
+    run.click(merge_and_publish, inputs=[adapter, base, repo, private, pr_mode, dtype, verify, follows],
               outputs=[result, preflight, card, card_source], concurrency_limit=1, concurrency_id="merge",
               api_name="merge")
+    return follows
 
 
 def self_service():

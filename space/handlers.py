@@ -129,13 +129,13 @@ def target_view(repo: str, private: bool, pr_mode: bool) -> str:
            f"already holds this exact merge)."
 
 
-def follows_adapter(repo: str, repo_edited: bool | None) -> bool:
-    """Whether the target should be the adapter's default: on the page until the user typed a
-    target of their own (``repo_edited`` False); for API calls (None) only when left empty."""
-    return repo_edited is False or (repo_edited is None and not (repo or "").strip())
+def follows_adapter(repo: str, follows: bool | None) -> bool:
+    """Whether the target is the adapter's default: on the page until the user types a target of
+    their own (``follows``, tracked in the browser); otherwise only when left empty."""
+    return bool(follows) or not (repo or "").strip()
 
 
-def preflight_view(adapter: str, base: str, dtype: str, repo: str, repo_edited: bool | None,
+def preflight_view(adapter: str, base: str, dtype: str, repo: str, follows: bool | None,
                    profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None) -> tuple[str, str]:
     """(markdown describing what a merge would do or why it will be refused, target repo).
 
@@ -149,7 +149,7 @@ def preflight_view(adapter: str, base: str, dtype: str, repo: str, repo_edited: 
         return EMPTY_PREFLIGHT, repo
     token = read_token(oauth_token)
     suggestion = (default_target(user_name(profile, token or None), adapter) or repo) \
-        if follows_adapter(repo, repo_edited) else repo
+        if follows_adapter(repo, follows) else repo
     try:
         spec = MergeSpec(adapter=parse_source_ref(adapter, what="adapter", allow_local=False),
                          base=parse_source_ref(base.strip(), what="base", allow_local=False)
@@ -253,7 +253,7 @@ class ProgressReport:
 
 
 def merge_and_publish(adapter: str, base: str, repo: str, private: bool, pr_mode: bool, dtype: str, verify: bool,
-                      repo_edited: bool | None, profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None,
+                      follows: bool | None, profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None,
                       progress: gr.Progress = gr.Progress(track_tqdm=False)) -> tuple[str, str, str, str]:
     """Run the whole job for the signed-in user.
 
@@ -265,7 +265,7 @@ def merge_and_publish(adapter: str, base: str, repo: str, private: bool, pr_mode
     if not token:
         raise gr.Error("Sign in with Hugging Face first: the merge is published under your account.", duration=None)
     adapter, repo = (adapter or "").strip(), (repo or "").strip()
-    if follows_adapter(repo, repo_edited):
+    if follows_adapter(repo, follows):
         repo = default_target(user_name(profile, token), adapter) or repo
     if dtype not in DTYPES:
         raise gr.Error(f"Output dtype must be one of {', '.join(DTYPES)}", duration=None)

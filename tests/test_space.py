@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -86,7 +87,7 @@ class Recorder:
 def test_space_streams_with_real_progress(hub, models, on_a_space):
     progress = Recorder()
     result, _, _, _ = handlers.merge_and_publish("alice/tiny-lora", "", "alice/space-streamed", False, False, "auto",
-                                                 False, True, profile("alice"), token(ALICE), progress=progress)
+                                                 False, False, profile("alice"), token(ALICE), progress=progress)
     assert "alice/space-streamed" in result
     descs = [d for _, d in progress.calls if d]
     assert any(d.startswith("pre-flight done; download ~") and "iB, output ~" in d for d in descs), descs
@@ -100,11 +101,11 @@ def test_space_streams_with_real_progress(hub, models, on_a_space):
 
 def test_target_follows_the_adapter_until_edited(hub, models, on_a_space):
     you, key = profile("alice"), token(ALICE)
-    _, repo = handlers.preflight_view("alice/med-lroa", "", "auto", "", False, you, key)
+    _, repo = handlers.preflight_view("alice/med-lroa", "", "auto", "", True, you, key)
     assert repo == "alice/med-lroa-merged"
-    _, repo = handlers.preflight_view("alice/tiny-lora", "", "auto", repo, False, you, key)
+    _, repo = handlers.preflight_view("alice/tiny-lora", "", "auto", repo, True, you, key)
     assert repo == "alice/tiny-lora-merged"
-    _, repo = handlers.preflight_view("alice/tiny-lora", "", "auto", "alice/mine", True, you, key)
+    _, repo = handlers.preflight_view("alice/tiny-lora", "", "auto", "alice/mine", False, you, key)
     assert repo == "alice/mine"
     assert "public** repo `alice/mine`" in handlers.target_view("alice/mine", False, False)
     assert "pull request** on the existing repo `alice/mine`" in handlers.target_view("alice/mine", True, True)
@@ -128,14 +129,14 @@ def test_verdict_in_words():
 def test_space_never_falls_back_to_a_shared_token(hub, models, on_a_space):
     with pytest.raises(gr.Error, match="Sign in with Hugging Face first"):
         handlers.merge_and_publish("alice/tiny-lora", "", "carol/should-not-exist", False, False, "auto", False,
-                                   True, None, None, progress=no_progress)
+                                   False, None, None, progress=no_progress)
     assert not hub.repo_exists("carol/should-not-exist")
 
 
 def test_errors_are_one_line_gr_errors_without_the_token(hub, models, on_a_space):
     with pytest.raises(gr.Error) as caught:
         handlers.merge_and_publish("alice/tiny-lora", "", "bob/not-yours", False, False, "auto", False,
-                                   True, profile("alice"), token(ALICE), progress=no_progress)
+                                   False, profile("alice"), token(ALICE), progress=no_progress)
     message = caught.value.message
     assert "cannot write to namespace bob" in message and "\n" not in message and ALICE not in message
 
@@ -154,7 +155,7 @@ def test_server_folders_are_never_inputs_of_the_form(hub, models, on_a_space):
     assert text.startswith("**Will be refused:**") and "local path" in text
     with pytest.raises(gr.Error, match="local path"):
         handlers.merge_and_publish(str(models["adapter"]), "", "alice/from-a-folder", False, False, "auto", False,
-                                   True, profile("alice"), token(ALICE), progress=no_progress)
+                                   False, profile("alice"), token(ALICE), progress=no_progress)
     assert not hub.repo_exists("alice/from-a-folder")
 
 
@@ -246,20 +247,69 @@ def enter_adapter(page, url: str, adapter: str) -> None:
     box.press("Enter")
 
 
-def test_browser_preflight_merge_and_link(hub, running_app, page):
+RECORD_PROGRESS = """() => {
+    window.__progress = [];
+    const seen = new Set();
+    const grab = () => {
+        for (const el of document.querySelectorAll('.progress-text, .progress-level, .meta-text, .meta-text-center')) {
+            const text = el.textContent.trim();
+            if (text && !seen.has(text)) { seen.add(text); window.__progress.push(text); }
+        }
+    };
+    new MutationObserver(grab).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_browser_preflight_merge_and_link(hub, running_app, page, monkeypatch):
     from playwright.sync_api import expect
 
+    real_tensor = handlers.ProgressReport.tensor
+
+    def slow_tensor(self, done, total, what):  # a tiny model merges in a blink; let the page see each step
+        real_tensor(self, done, total, what)
+        time.sleep(0.15)
+
+    monkeypatch.setattr(handlers.ProgressReport, "tensor", slow_tensor)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    enter_adapter(page, running_app, "alice/tiny-lora")
+    repo_box = page.locator("#repo textarea, #repo input").first
+    # A typo first: the target follows the adapter, and follows the correction.
+    enter_adapter(page, running_app, "alice/med-lroa")
+    expect(page.locator("#preflight")).to_contain_text("Will be refused")
+    expect(repo_box).to_have_value("alice/med-lroa-merged")
+    adapter_box = page.locator("#adapter textarea, #adapter input").first
+    adapter_box.fill("https://huggingface.co/alice/tiny-lora/tree/main")  # pasted from the browser
+    adapter_box.press("Enter")
     expect(page.locator("#preflight")).to_contain_text("Ready to merge")
     expect(page.locator("#preflight")).to_contain_text("bob/tiny-llama")
-    expect(page.locator("#repo textarea, #repo input").first).to_have_value("alice/tiny-lora-merged")
-    page.locator("#repo textarea, #repo input").first.fill("alice/from-browser")
+    expect(page.locator("#preflight")).to_contain_text("KiB")  # human units, never ~0.00 GiB
+    expect(repo_box).to_have_value("alice/tiny-lora-merged")
+    expect(page.locator("#target")).to_contain_text("Will create the public repo alice/tiny-lora-merged")
+    # Once typed by the user, the target is theirs.
+    repo_box.fill("")
+    repo_box.press_sequentially("alice/from-browser")  # typed, as a person does (fill() is no keyboard input)
+    adapter_box.fill("alice/tiny-lora")
+    adapter_box.press("Enter")
+    expect(page.locator("#preflight")).to_contain_text("Ready to merge")
+    expect(repo_box).to_have_value("alice/from-browser")
+    expect(page.locator("#target")).to_contain_text("Will create the public repo alice/from-browser")
+    page.evaluate(RECORD_PROGRESS)
     page.locator("#merge").click()
     link = page.locator("#result a")
     expect(link).to_have_attribute("href", f"{hub.url}/alice/from-browser", timeout=120_000)
-    expect(page.locator("#result")).to_contain_text("Verification: max |Δ logits|")
+    expect(page.locator("#result")).to_contain_text("Verification passed: max |Δ logits|")
+    expect(page.locator("#result")).to_contain_text("within the threshold of")
+    expect(page.locator("#preflight")).to_contain_text("Done:")
+    expect(page.locator("#preflight")).not_to_contain_text("Enter an adapter id")
+    # The card rendered as Markdown (a heading, no YAML fence in the prose); its source one tab away.
+    expect(page.locator("#card h1, #card h2").first).to_be_visible()
+    assert "library_name:" not in page.locator("#card").inner_text().split("Card metadata")[0]
     page.screenshot(path=str(ARTIFACTS / "space-merge.png"), full_page=True)
+    page.get_by_role("tab", name="Card source").click()
+    expect(page.locator("#card-source")).to_contain_text("library_name: transformers")
+    seen = page.evaluate("window.__progress")
+    merging = [t for t in seen if "tensors/s" in t]
+    assert merging and all("ETA" in t and "iB" in t for t in merging), seen
+    assert not [t for t in seen if "0/0" in t or "incomplete" in t.lower()], seen
     assert hub.repo_exists("alice/from-browser")
 
 
