@@ -104,7 +104,7 @@ def parse_source_ref(text: str, *, what: str = "adapter", allow_local: bool = Tr
     if not _REPO_ID.match(name) or ".." in name or (revision and not is_valid_revision(revision)) \
             or not _valid_for_hub(name):
         if allow_local and from_url is None:
-            raise UsageError(f"no folder ./{shown}, and {shown!r} is not a Hub repo id like owner/name[@revision]; "
+            raise UsageError(f"no {what} folder ./{shown}, and {shown!r} is not a Hub repo id like owner/name[@revision]; "
                              f"check the spelling")
         raise UsageError(f"{what} {shown!r} is neither an existing folder nor a Hub repo id like owner/name[@revision]")
     return SourceRef(name=name, revision=revision or None,

@@ -117,7 +117,7 @@ def test_a_bare_name_missing_everywhere_names_both(hub, models, tmp_path):
     assert proc.stderr.startswith("Error: no folder ./demo-adaptr and no Hub repo demo-adaptr"), proc.stderr
     proc = bot("merge", "demo adaptr", "--out", "out", cwd=tmp_path)
     assert proc.returncode == errors.UsageError.exit_code
-    assert proc.stderr.startswith("Error: no folder ./demo adaptr, and 'demo adaptr' is not a Hub repo id")
+    assert proc.stderr.startswith("Error: no adapter folder ./demo adaptr, and 'demo adaptr' is not a Hub repo id")
 
 
 @pytest.mark.parametrize("typed", [
