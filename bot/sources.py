@@ -232,7 +232,7 @@ def hub_read_errors(what: str, ref: SourceRef, *, gated: bool | None = None) -> 
     except errors.RevisionNotFoundError as e:
         raise SourceNotFoundError(f"{what} revision {ref.revision!r} does not exist in {ref.name}") from e
     except errors.RepositoryNotFoundError as e:
-        if ref.folder_candidate:  # typed where a folder would do: say both places were looked at
+        if is_bare_name(ref):  # typed where a folder would do: say both places were looked at
             raise _no_folder_nor_repo(ref) from e
         raise SourceNotFoundError(
             f"{what} repo {ref.name} not found on the Hub (or it is private and your token cannot see it)"
@@ -252,7 +252,7 @@ def hub_read_errors(what: str, ref: SourceRef, *, gated: bool | None = None) -> 
                                       f"pass a valid --token, set HF_TOKEN, or run `hf auth login`") from e
         if status == 403:
             raise AccessDeniedError(f"the Hub refused to read {what} repo {ref.name} (HTTP 403); check your token") from e
-        if status == 404 and ref.folder_candidate and not ref.revision:
+        if status == 404 and is_bare_name(ref):
             raise _no_folder_nor_repo(ref) from e
         if status == 404:
             raise SourceNotFoundError(f"{what} repo {ref.name} or a file in it was not found on the Hub (HTTP 404)") from e
