@@ -19,7 +19,7 @@ from bot.errors import AdapterConfigError, IncompatibleBaseError, MergeBotError,
 from bot.jsonfile import MAX_JSON_BYTES, read_json_object
 from bot.plan import base_ref_for, check_not_quantized, check_peft_can_merge, suggest_unquantized
 from bot.provenance import Pinned, fingerprint, output_options, pin_local
-from bot.sources import canonical_repo_id, files_to_download, hub_read_errors, read_with_retries
+from bot.sources import canonical_repo_id, files_to_download, hub_read_errors, is_bare_name, read_with_retries
 from bot.spec import MergeSpec, SourceRef, auto_shard_bytes, parse_source_ref
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,11 @@ class Preflight:
         return tuple(dict.fromkeys(fps))
 
     def summary(self) -> str:
-        gib = 1024**3
+        from bot.pipeline import human_bytes
+
         parts = [f"{self.peft_type} adapter {self.adapter_pin.name}@{self.adapter_pin.revision[:12]}",
                  f"base {self.base_pin.name}@{self.base_pin.revision[:12]}",
-                 f"download ~{self.download_bytes / gib:.2f} GiB, output ~{self.output_bytes / gib:.2f} GiB"
+                 f"download ~{human_bytes(self.download_bytes)}, output ~{human_bytes(self.output_bytes)}"
                  + ("" if self.sizes_known else " (at least: the Hub did not report every file size)")]
         return "; ".join(parts)
 
@@ -90,8 +91,9 @@ def _hub_api(token: str | None, endpoint: str | None):
 
 
 def _repo_facts(api, ref: SourceRef, what: str) -> _RepoFacts:
-    with hub_read_errors(what, ref):
-        info = read_with_retries(lambda: api.model_info(ref.name, revision=ref.revision, files_metadata=True))
+    with hub_read_errors(what, ref):  # a bare name (likely a mistyped folder) is asked once, never retried
+        info = read_with_retries(lambda: api.model_info(ref.name, revision=ref.revision, files_metadata=True),
+                                 () if is_bare_name(ref) else None)
     sizes = {s.rfilename: (int(s.size) if isinstance(s.size, int) else None) for s in (info.siblings or [])}
     card = info.card_data.to_dict() if info.card_data is not None else {}
     private = info.private if isinstance(info.private, bool) else None

@@ -199,6 +199,23 @@ def read_with_retries(call: Callable[[], T], waits: tuple[float, ...] | None = N
     raise AssertionError("unreachable")
 
 
+def is_bare_name(ref: SourceRef) -> bool:
+    """A slashless name typed where a folder would do ("demo-adapter"): most likely a mistyped
+    folder, so an unreachable Hub is neither retried nor blamed (see ``hub_read_errors``)."""
+    return ref.folder_candidate and "/" not in ref.name
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _no_folder_nor_repo(ref: SourceRef) -> SourceNotFoundError:
+    return SourceNotFoundError(f"no folder ./{ref.name} and no Hub repo {ref.name} (or it is private and your token "
+                               f"cannot see it); check the spelling")
+
+
 @contextmanager
 def hub_read_errors(what: str, ref: SourceRef, *, gated: bool | None = None) -> Iterator[None]:
     """Turn huggingface_hub's read failures into one-line merge-bot errors naming the repo.
@@ -215,6 +232,8 @@ def hub_read_errors(what: str, ref: SourceRef, *, gated: bool | None = None) -> 
     except errors.RevisionNotFoundError as e:
         raise SourceNotFoundError(f"{what} revision {ref.revision!r} does not exist in {ref.name}") from e
     except errors.RepositoryNotFoundError as e:
+        if is_bare_name(ref):  # typed where a folder would do: say both places were looked at
+            raise _no_folder_nor_repo(ref) from e
         raise SourceNotFoundError(
             f"{what} repo {ref.name} not found on the Hub (or it is private and your token cannot see it)"
         ) from e
@@ -233,6 +252,8 @@ def hub_read_errors(what: str, ref: SourceRef, *, gated: bool | None = None) -> 
                                       f"pass a valid --token, set HF_TOKEN, or run `hf auth login`") from e
         if status == 403:
             raise AccessDeniedError(f"the Hub refused to read {what} repo {ref.name} (HTTP 403); check your token") from e
+        if status == 404 and is_bare_name(ref):
+            raise _no_folder_nor_repo(ref) from e
         if status == 404:
             raise SourceNotFoundError(f"{what} repo {ref.name} or a file in it was not found on the Hub (HTTP 404)") from e
         if is_transient(e):
@@ -241,6 +262,10 @@ def hub_read_errors(what: str, ref: SourceRef, *, gated: bool | None = None) -> 
                                       f"retry later") from e
         raise SourceNotFoundError(f"could not download {what} {ref.name} from the Hub (HTTP {status})") from e
     except Exception as e:
+        if is_bare_name(ref) and (isinstance(e, errors.LocalEntryNotFoundError) or is_network_error(e)):
+            why = "HF_HUB_OFFLINE is set" if _offline() else "the Hub could not be reached"
+            raise SourceNotFoundError(f"no folder ./{ref.name}, and no Hub repo {ref.name} was looked up ({why}); "
+                                      f"check the folder's path") from e
         if isinstance(e, errors.LocalEntryNotFoundError) or is_network_error(e):
             raise HubUnavailableError(
                 f"could not reach the Hub to download {what} {ref.name}; check your connection (or HF_HUB_OFFLINE)"

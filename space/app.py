@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bot` lives at t
 import gradio as gr  # noqa: E402
 
 from bot.spec import DTYPES  # noqa: E402
-from space.handlers import merge_and_publish, on_space, preflight_view  # noqa: E402
+from space.handlers import (EMPTY_PREFLIGHT, merge_and_publish, on_space, preflight_view,  # noqa: E402
+                            target_view)
 
 FORM_QUEUE = int(os.environ.get("MERGEBOT_FORM_QUEUE", "16")) if os.environ.get("MERGEBOT_FORM_QUEUE", "16").isdigit() \
     else 16  # people waiting at the form (the bot's own queue is MERGEBOT_MAX_QUEUE)
@@ -46,7 +47,8 @@ def build_app(service=None) -> gr.Blocks:
         else:
             gr.Markdown("Local mode: set `HF_TOKEN` to act as your account.")
         with gr.Tab("Merge"):
-            _merge_tab()
+            follows = _merge_tab()
+        demo.load(None, outputs=follows, js="() => true")  # a page's target follows the adapter; an API call's not
         if service is not None:
             with gr.Tab("Queue"):
                 gr.Markdown(f"Requests written as `/merge owner/adapter` in the discussions of "
@@ -60,31 +62,50 @@ def build_app(service=None) -> gr.Blocks:
     return demo
 
 
-def _merge_tab() -> None:
+def _merge_tab() -> gr.Checkbox:
     with gr.Row():
         with gr.Column():
-            adapter = gr.Textbox(label="Adapter", placeholder="owner/adapter-name[@revision]", elem_id="adapter")
+            adapter = gr.Textbox(label="Adapter", placeholder="owner/adapter-name[@revision] or its huggingface.co address",
+                                 elem_id="adapter")
             base = gr.Textbox(label="Base model override (optional)", placeholder="owner/base-model", elem_id="base")
-            repo = gr.Textbox(label="Target repo", placeholder="you/adapter-name-merged", elem_id="repo")
+            repo = gr.Textbox(label="Target repo", placeholder="you/adapter-name-merged (follows the adapter until "
+                                                              "you edit it)", elem_id="repo")
+            # Tracked in the browser (no server round trip can race the user's typing): the page starts
+            # with the target following the adapter; typing a target of one's own stops that. An API
+            # call leaves it off, so its target is taken as given.
+            follows = gr.Checkbox(value=False, visible=False, elem_id="target-follows")
+            suggested = gr.Textbox(visible=False, elem_id="suggested")
             with gr.Row():
                 dtype = gr.Dropdown(list(DTYPES), value="auto", label="Output dtype", elem_id="dtype")
                 private = gr.Checkbox(label="Private repo", value=False, elem_id="private")
                 pr_mode = gr.Checkbox(label="Open a pull request on an existing repo", value=False, elem_id="pr-mode")
                 verify = gr.Checkbox(label="Verify against PEFT", value=True, elem_id="verify")
+            target = gr.Markdown(target_view("", False, False), elem_id="target")
             check = gr.Button("Check", elem_id="check")
             run = gr.Button("Merge and publish", variant="primary", elem_id="merge")
         with gr.Column():
-            preflight = gr.Markdown("Enter an adapter id to see what will happen.", elem_id="preflight")
+            preflight = gr.Markdown(EMPTY_PREFLIGHT, elem_id="preflight")
             result = gr.Markdown(elem_id="result")
-            card = gr.Code(label="Generated model card", language="markdown", elem_id="card")
+            with gr.Tab("Model card", elem_id="card-tab"):
+                card = gr.Markdown(elem_id="card")
+            with gr.Tab("Card source", elem_id="card-source-tab"):
+                card_source = gr.Code(label="README.md", language="markdown", elem_id="card-source")
 
-    checks = dict(fn=preflight_view, inputs=[adapter, base, dtype, repo], outputs=[preflight, repo],
+    # .input fires on the user's own typing only (not when a handler fills the field in).
+    repo.input(None, inputs=repo, outputs=follows, js="(text) => !(text || '').trim()")
+    for field in (repo, private, pr_mode):
+        field.change(target_view, inputs=[repo, private, pr_mode], outputs=target, queue=False, api_name=False)
+    checks = dict(fn=preflight_view, inputs=[adapter, base, dtype, repo, follows], outputs=[preflight, suggested],
                   concurrency_limit=4, api_name=False)
-    adapter.submit(**checks)
-    base.submit(**checks)
-    check.click(**{**checks, "api_name": "preflight"})
-    run.click(merge_and_publish, inputs=[adapter, base, repo, private, pr_mode, dtype, verify],
-              outputs=[result, card], concurrency_limit=1, concurrency_id="merge", api_name="merge")
+    # The suggestion lands in the field only if it still follows when the answer arrives (decided in the browser).
+    take = dict(fn=None, inputs=[suggested, follows, repo], outputs=repo, js="(s, f, r) => (f && s) ? s : r")
+    for event in (adapter.submit, adapter.blur, base.submit, base.blur):
+        event(**checks).then(**take)
+    check.click(**{**checks, "api_name": "preflight"}).then(**take)
+    run.click(merge_and_publish, inputs=[adapter, base, repo, private, pr_mode, dtype, verify, follows],
+              outputs=[result, preflight, card, card_source], concurrency_limit=1, concurrency_id="merge",
+              api_name="merge")
+    return follows
 
 
 def self_service():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import time
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from bot.spec import DTYPES
 
 MOCK_TOKEN_PREFIX = "mock-oauth-token"  # what gradio's local login mock hands out
 log = logging.getLogger(__name__)
+EMPTY_PREFLIGHT = "Enter an adapter id (`owner/name`, optionally `@revision`, or its huggingface.co address)."
 
 
 def on_space() -> bool:
@@ -62,30 +65,91 @@ def user_name(profile: gr.OAuthProfile | None, token: str | None) -> str | None:
         return None
 
 
+def adapter_name(adapter: str) -> str:
+    """The repo name part of what was typed (an id, ``@revision`` or a pasted URL), for the default target."""
+    from bot.spec import parse_source_ref
+
+    try:
+        repo_id = parse_source_ref(adapter, what="adapter", allow_local=False).name
+    except MergeBotError:
+        repo_id = (adapter or "").split("@")[0]
+    return repo_id.rstrip("/").split("/")[-1]
+
+
 def default_target(user: str | None, adapter: str) -> str:
-    name = adapter.split("@")[0].rstrip("/").split("/")[-1] if adapter else ""
+    name = adapter_name(adapter) if adapter and adapter.strip() else ""
     return f"{user}/{name}-merged" if user and name else ""
 
 
-def _one_line(error: BaseException, token: str | None) -> str:
-    return redact(" ".join(str(error).split()), token)
+# The core's messages name command-line flags; the form has fields. (pattern, the form's words)
+FORM_WORDS = (
+    (r"pass --base with the base model's Hub id or folder", "enter the base model's Hub id in Base model override"),
+    (r"\(override with --base\)", "(override it in Base model override)"),
+    (r"pass it with --base\b", "enter it in Base model override"),
+    (r"pass --base\b", "fill in Base model override"),
+    (r"(?:use|with) --base\b", "in Base model override"),
+    (r"--base\b", "Base model override"),
+    (r"pass --pr\b", "tick \"Open a pull request on an existing repo\""),
+    (r"with --pr\b", "with \"Open a pull request on an existing repo\""),
+    (r"--dtype\b", "Output dtype"),
+    (r"pass (?:a valid )?--token, set HF_TOKEN,? (?:or )?run `hf auth login`(?: with a token that has write access)?",
+     "sign in again, granting write access"),
+    (r"--token\b", "signing in"),
+    (r"use --device cpu", "retry (the merge runs on the CPU)"),
+    (r"set --work-dir elsewhere", "try again later"),
+    (r"choose another --out", "try again later"),
+)
 
 
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+def form_words(message: str) -> str:
+    """A core message in the words of the form (its field labels instead of command-line flags)."""
+    for pattern, words in FORM_WORDS:
+        message = re.sub(pattern, words, message)
+    return message
 
 
-def preflight_view(adapter: str, base: str, dtype: str, repo: str, profile: gr.OAuthProfile | None,
-                   oauth_token: gr.OAuthToken | None) -> tuple[str, str]:
-    """(markdown describing what a merge would do or why it will be refused, target repo suggestion)."""
+def _one_line(error: BaseException | str, token: str | None) -> str:
+    return form_words(redact(" ".join(str(error).split()), token))
+
+
+def _size(n: int) -> str:
+    from bot.pipeline import human_bytes
+
+    return human_bytes(n)
+
+
+def target_view(repo: str, private: bool, pr_mode: bool) -> str:
+    """What Merge and publish will create, shown before anything is published."""
+    repo = (repo or "").strip()
+    if not repo:
+        return "Target: sign in and enter an adapter, or type a target repo."
+    if pr_mode:
+        return f"Will open **a pull request** on the existing repo `{repo}`."
+    return f"Will create the **{'private' if private else 'public'}** repo `{repo}` (or leave it as it is when it " \
+           f"already holds this exact merge)."
+
+
+def follows_adapter(repo: str, follows: bool | None) -> bool:
+    """Whether the target is the adapter's default: on the page until the user types a target of
+    their own (``follows``, tracked in the browser); otherwise only when left empty."""
+    return bool(follows) or not (repo or "").strip()
+
+
+def preflight_view(adapter: str, base: str, dtype: str, repo: str, follows: bool | None,
+                   profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None) -> tuple[str, str]:
+    """(markdown describing what a merge would do or why it will be refused, target repo).
+
+    The target follows the adapter (``you/<adapter name>-merged``) until the user edits the field
+    themselves; from then on it is theirs (``follows_adapter``)."""
     from bot.preflight import preflight
     from bot.spec import MergeSpec, parse_source_ref
 
     adapter = (adapter or "").strip()
     if not adapter:
-        return "Enter an adapter id (`owner/name`, optionally `@revision`).", repo
+        return EMPTY_PREFLIGHT, repo
     token = read_token(oauth_token)
-    suggestion = repo or default_target(user_name(profile, token or None), adapter)
+    suggestion = (default_target(user_name(profile, token or None), adapter) or repo) \
+        if follows_adapter(repo, follows) else repo
     try:
         spec = MergeSpec(adapter=parse_source_ref(adapter, what="adapter", allow_local=False),
                          base=parse_source_ref(base.strip(), what="base", allow_local=False)
@@ -109,7 +173,7 @@ def preflight_view(adapter: str, base: str, dtype: str, repo: str, profile: gr.O
         f"- Tuner: **{checked.peft_type}**" + (f" ({checked.task_type})" if checked.task_type else ""),
         f"- Adapter: `{checked.adapter_pin.name}` at `{checked.adapter_pin.revision[:12]}`",
         f"- Base: `{checked.base_pin.name}` at `{checked.base_pin.revision[:12]}`",
-        f"- Download: ~{_gib(checked.download_bytes)}; merged weights: ~{_gib(checked.output_bytes)}"
+        f"- Download: ~{_size(checked.download_bytes)}; merged weights: ~{_size(checked.output_bytes)}"
         + ("" if checked.sizes_known else " (at least: the Hub did not report every file size)"),
         f"- Access: {'; '.join(access) if access else 'public repos'}",
     ]
@@ -140,47 +204,81 @@ def merge_on_gpu(plan, verify: bool):
     return run_merge_plan(plan, verify)
 
 
-def _merge_runner(progress: gr.Progress):
-    """Per-tensor progress when merging in this process; ZeroGPU runs the merge in a worker."""
+def _on_zerogpu() -> bool:
     try:
         import spaces  # noqa: F401  # type: ignore
     except ImportError:
-        from bot.jobs import run_merge_plan
+        return False
+    return True
 
-        def merge_here(plan, verify: bool):
-            return run_merge_plan(plan, verify, lambda done, total, what: progress(
-                (done, total), desc="merging tensors", unit="tensors"))
 
-        return merge_here
-    return merge_on_gpu
+class ProgressReport:
+    """The job's events and per-tensor callbacks as gradio progress: a phase, real sizes, speed and ETA.
+
+    huggingface_hub's own bars are not tracked (``track_tqdm=False``): their totals are unknown
+    while a download starts ("0/0 B") and they say nothing about the merge."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.steps: list[str] = []
+        self.summary = ""  # the pre-flight line, shown again after the publish
+        self.upload = ""  # "uploaded 1.2 MiB/3.4 MiB at 2.0 MiB/s, ETA 1s"
+        self.output = ""  # the merged weights' size, from the pre-flight
+        self.started: float | None = None
+
+    def event(self, message: str) -> None:
+        self.steps.append(message)
+        if message.startswith("pre-flight: "):
+            self.summary = message[len("pre-flight: "):]
+            found = re.search(r"output ~([\d.]+ \w+)", message)
+            self.output = found.group(1) if found else ""
+            self.progress(None, desc="pre-flight done; " + message.split("; ")[-1][:100])
+        elif message.startswith("uploaded "):
+            self.upload = message
+            self.progress(None, desc=message)
+        elif not message.startswith(("warning:", "note:")):
+            self.progress(None, desc=message.split(";")[0][:100])
+
+    def tensor(self, done: int, total: int, what: str) -> None:
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        elapsed = max(now - self.started, 1e-6)
+        rate = done / elapsed
+        eta = (total - done) / rate if rate > 0 else 0.0
+        desc = f"merging {self.output or 'the weights'}: {rate:.1f} tensors/s, ETA {eta:.0f}s"
+        if self.upload:
+            desc += f"; {self.upload}"
+        self.progress((done, total), desc=desc, unit="tensors")
 
 
 def merge_and_publish(adapter: str, base: str, repo: str, private: bool, pr_mode: bool, dtype: str, verify: bool,
-                      profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None,
-                      progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple[str, str]:
-    """Run the whole job for the signed-in user; returns (result markdown, generated card)."""
+                      follows: bool | None, profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None,
+                      progress: gr.Progress = gr.Progress(track_tqdm=False)) -> tuple[str, str, str, str]:
+    """Run the whole job for the signed-in user.
+
+    Returns (result markdown, pre-flight panel, rendered card, card source). The target is the
+    user's own when they edited the field, else it follows the adapter."""
     from bot.jobs import PublishJob, run_publish_job
 
     token = user_token(oauth_token)
     if not token:
         raise gr.Error("Sign in with Hugging Face first: the merge is published under your account.", duration=None)
     adapter, repo = (adapter or "").strip(), (repo or "").strip()
-    repo = repo or default_target(user_name(profile, token), adapter)
+    if follows_adapter(repo, follows):
+        repo = default_target(user_name(profile, token), adapter) or repo
     if dtype not in DTYPES:
-        raise gr.Error(f"dtype must be one of {', '.join(DTYPES)}", duration=None)
-    steps: list[str] = []
-
-    def event(message: str) -> None:
-        steps.append(message)
-        progress(None, desc=message.split(";")[0][:80])
-
+        raise gr.Error(f"Output dtype must be one of {', '.join(DTYPES)}", duration=None)
+    report = ProgressReport(progress)
+    gpu = _on_zerogpu()  # ZeroGPU: the merge runs on a GPU worker; elsewhere it streams Hub to Hub here
     try:
         job = PublishJob(adapter=adapter, repo=repo, pr=bool(pr_mode), private=bool(private) and not pr_mode,
                          base=(base or "").strip() or None, dtype=dtype, verify=bool(verify), allow_local=False)
-        progress(0, desc="pre-flight")
+        progress(None, desc="pre-flight: pinning the adapter and base, checking access")
         with tempfile.TemporaryDirectory(prefix="merge-bot-space-") as work:
-            result = run_publish_job(job, token=token, work_dir=Path(work), on_event=event,
-                                     merge_runner=_merge_runner(progress))
+            result = run_publish_job(job, token=token, work_dir=Path(work), on_event=report.event,
+                                     on_progress=None if gpu else report.tensor,
+                                     merge_runner=merge_on_gpu if gpu else None)
     except MergeBotError as e:
         raise gr.Error(_one_line(e, token), duration=None) from None
     except OSError as e:
@@ -191,7 +289,37 @@ def merge_and_publish(adapter: str, base: str, repo: str, private: bool, pr_mode
         log.exception("merge of %s failed unexpectedly", adapter)
         raise gr.Error("The merge failed with an internal error; nothing was published. The details are in the "
                        "Space's logs.", duration=None) from None
-    return result_markdown(result), result.card or ""
+    card = result.card or ""
+    return result_markdown(result), done_preflight(result, report.summary), render_card(card), card
+
+
+def done_preflight(result: Any, summary: str) -> str:
+    """The pre-flight panel after a publish: what was merged, not a prompt to enter an adapter."""
+    publish = result.publish
+    lines = [f"**Done:** {publish.describe().split(':')[0]}."]
+    if summary:
+        lines += ["", f"- Pre-flight: {summary}"]
+    return "\n".join(lines)
+
+
+def verification_verdict(v: dict[str, Any]) -> str:
+    """The verification in words, with its verdict against the stated thresholds."""
+    from bot.verify import describe
+
+    proof = v.get("proof") or {}
+    verdict = "**Verification passed**" if v.get("passed", True) else "**Verification failed**"
+    threshold = (f" (threshold {proof.get('threshold_ulp', 1):g} ulp per element, at most "
+                 f"{proof.get('threshold_share', 0.01):.0%} beyond half an ulp)") if proof else ""
+    return f"{verdict}{threshold}: {describe(v).removeprefix('passed: ')}."
+
+
+def render_card(card: str) -> str:
+    """The card as the Hub shows it: the YAML header becomes a metadata block, the rest is Markdown."""
+    match = re.match(r"^---\n(.*?)\n---\n?", card, re.DOTALL)
+    if not match:
+        return card
+    return f"{card[match.end():].lstrip()}\n\n<details><summary>Card metadata</summary>\n\n```yaml\n" \
+           f"{match.group(1)}\n```\n</details>\n"
 
 
 def result_markdown(result: Any) -> str:
@@ -199,11 +327,9 @@ def result_markdown(result: Any) -> str:
     lines = [f"### {publish.describe().split(':')[0]}", "", f"[{publish.url}]({publish.url})"]
     report = result.report or {}
     if report.get("verification"):
-        from bot.verify import describe
-
-        lines += ["", f"Verification {describe(report['verification'])}."]
+        lines += ["", verification_verdict(report["verification"])]
     if report.get("base_note"):
-        lines += ["", f"Note: {report['base_note']}"]
+        lines += ["", f"Note: {form_words(report['base_note'])}"]
     if report:
         counts = {k: n for k, n in report.get("module_counts", {}).items() if k != "merged_modules"}
         lines += ["", f"Merged {', '.join(f'{n} {k}' for k, n in counts.items()) or 'the adapter'} in "

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -38,7 +40,7 @@ def on_a_space(monkeypatch):
 
 
 def test_preflight_view_shows_plan_and_suggests_a_repo(hub, models, on_a_space):
-    text, repo = handlers.preflight_view("alice/tiny-lora", "", "auto", "", profile("alice"), token(ALICE))
+    text, repo = handlers.preflight_view("alice/tiny-lora", "", "auto", "", None, profile("alice"), token(ALICE))
     adapter_sha = hub.commits("alice/tiny-lora")[0]["id"][:12]
     base_sha = hub.commits("bob/tiny-llama")[0]["id"][:12]
     assert "Ready to merge" in text and "LORA" in text
@@ -49,19 +51,23 @@ def test_preflight_view_shows_plan_and_suggests_a_repo(hub, models, on_a_space):
 @pytest.mark.parametrize("adapter, user, expected", [
     ("alice/prompt-tuning", ALICE, "PROMPT_TUNING"),
     ("alice/lora-on-gated", CAROL, "bob/gated-llama is gated"),
-    ("alice/qlora-bare", ALICE, "--base"),
+    ("alice/qlora-bare", ALICE, "in Base model override"),
     ("alice/nothing-here", ALICE, "not found"),
 ])
 def test_preflight_view_explains_refusals_at_once(hub, models, on_a_space, adapter, user, expected):
-    text, _ = handlers.preflight_view(adapter, "", "auto", "", None, token(user))
+    text, _ = handlers.preflight_view(adapter, "", "auto", "", None, None, token(user))
     assert text.startswith("**Will be refused:**") and expected in text
-    assert user not in text
+    assert user not in text and "--" not in text  # the form's words, not command-line flags
 
 
 def test_merge_and_publish_with_the_users_oauth_token(hub, models, on_a_space):
-    result, card = handlers.merge_and_publish("alice/tiny-lora", "", "", False, False, "auto", True,
-                                              profile("alice"), token(ALICE), progress=no_progress)
-    assert "alice/tiny-lora-merged" in result and "Verification passed:" in result and "end to end max |delta logits|" in result
+    result, panel, rendered, card = handlers.merge_and_publish("alice/tiny-lora", "", "", False, False, "auto", True,
+                                                               None, profile("alice"), token(ALICE),
+                                                               progress=no_progress)
+    assert "alice/tiny-lora-merged" in result and "**Verification passed**" in result
+    assert "end to end max |delta logits|" in result
+    assert panel.startswith("**Done:**") and "LORA adapter alice/tiny-lora@" in panel
+    assert "base_model: bob/tiny-llama" not in rendered.split("<details>")[0]  # the header is not prose
     assert "base_model: bob/tiny-llama" in card and 'repo = "alice/tiny-lora-merged"' in card
     commits = [c for c in hub.commits("alice/tiny-lora-merged") if c["title"].startswith("Merge ")]
     assert len(commits) == 1
@@ -69,17 +75,69 @@ def test_merge_and_publish_with_the_users_oauth_token(hub, models, on_a_space):
     assert report["verification"]["end_to_end"]["max_abs_logit_delta"] < 1e-4
 
 
+class Recorder:
+    """Stands in for gr.Progress and keeps every update."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, value=None, desc=None, unit=None, **kwargs):
+        self.calls.append((value, desc))
+
+
+def test_space_streams_with_real_progress(hub, models, on_a_space):
+    progress = Recorder()
+    result, _, _, _ = handlers.merge_and_publish("alice/tiny-lora", "", "alice/space-streamed", False, False, "auto",
+                                                 False, False, profile("alice"), token(ALICE), progress=progress)
+    assert "alice/space-streamed" in result
+    descs = [d for _, d in progress.calls if d]
+    assert any(d.startswith("pre-flight done; download ~") and "iB, output ~" in d for d in descs), descs
+    merging = [(v, d) for v, d in progress.calls if isinstance(v, tuple)]
+    assert merging and merging[-1][0][0] == merging[-1][0][1]  # every tensor counted, to the real total
+    assert all("tensors/s, ETA" in d and d.startswith("merging ") and "iB" in d for _, d in merging)
+    uploads = [d for d in descs if d.startswith("uploaded ")]
+    assert uploads and all(re.search(r"\d+\.\d \w?i?B/\d+\.\d \w?i?B at .+/s, ETA \d+s", d) for d in uploads), uploads
+    assert not [d for d in descs if "0/0 B" in d or "incomplete" in d]
+
+
+def test_target_follows_the_adapter_until_edited(hub, models, on_a_space):
+    you, key = profile("alice"), token(ALICE)
+    _, repo = handlers.preflight_view("alice/med-lroa", "", "auto", "", True, you, key)
+    assert repo == "alice/med-lroa-merged"
+    _, repo = handlers.preflight_view("alice/tiny-lora", "", "auto", repo, True, you, key)
+    assert repo == "alice/tiny-lora-merged"
+    _, repo = handlers.preflight_view("alice/tiny-lora", "", "auto", "alice/mine", False, you, key)
+    assert repo == "alice/mine"
+    assert "public** repo `alice/mine`" in handlers.target_view("alice/mine", False, False)
+    assert "pull request** on the existing repo `alice/mine`" in handlers.target_view("alice/mine", True, True)
+
+
+@pytest.mark.parametrize("typed", ["https://huggingface.co/alice/tiny-lora", "hf.co/alice/tiny-lora/tree/main",
+                                   "https://huggingface.co/alice/tiny-lora/blob/main/adapter_config.json"])
+def test_the_form_takes_pasted_addresses(hub, models, on_a_space, typed):
+    text, repo = handlers.preflight_view(typed, "", "auto", "", False, profile("alice"), token(ALICE))
+    assert "Ready to merge" in text and "`alice/tiny-lora` at" in text, text
+    assert repo == "alice/tiny-lora-merged"
+
+
+def test_verdict_in_words():
+    passed = handlers.verification_verdict({"max_abs_logit_delta": 2e-6, "max_abs_logit": 4.0, "input_tokens": 16})
+    failed = handlers.verification_verdict({"max_abs_logit_delta": 0.5, "max_abs_logit": 4.0, "input_tokens": 16})
+    assert passed.startswith("**Verification passed**") and "within the threshold of 0.004" in passed
+    assert failed.startswith("**Verification failed**") and "above the threshold of 0.004" in failed
+
+
 def test_space_never_falls_back_to_a_shared_token(hub, models, on_a_space):
     with pytest.raises(gr.Error, match="Sign in with Hugging Face first"):
         handlers.merge_and_publish("alice/tiny-lora", "", "carol/should-not-exist", False, False, "auto", False,
-                                   None, None, progress=no_progress)
+                                   False, None, None, progress=no_progress)
     assert not hub.repo_exists("carol/should-not-exist")
 
 
 def test_errors_are_one_line_gr_errors_without_the_token(hub, models, on_a_space):
     with pytest.raises(gr.Error) as caught:
         handlers.merge_and_publish("alice/tiny-lora", "", "bob/not-yours", False, False, "auto", False,
-                                   profile("alice"), token(ALICE), progress=no_progress)
+                                   False, profile("alice"), token(ALICE), progress=no_progress)
     message = caught.value.message
     assert "cannot write to namespace bob" in message and "\n" not in message and ALICE not in message
 
@@ -88,17 +146,17 @@ def test_anonymous_preflight_on_a_space_does_not_use_the_spaces_token(hub, model
     # HF_TOKEN (the Space's own secret) is carol's here; an anonymous visitor must not read as carol.
     hub.create_repo("carol/private-lora", owner_token=CAROL, private=True,
                     files={"adapter_config.json": b'{"peft_type": "LORA", "base_model_name_or_path": "bob/tiny-llama"}'})
-    text, _ = handlers.preflight_view("carol/private-lora", "", "auto", "", None, None)
+    text, _ = handlers.preflight_view("carol/private-lora", "", "auto", "", None, None, None)
     assert text.startswith("**Will be refused:**") and "not found" in text
 
 
 def test_server_folders_are_never_inputs_of_the_form(hub, models, on_a_space):
     local = str(models["base"])  # e.g. a gated model's snapshot folder in the Space's shared cache
-    text, _ = handlers.preflight_view("alice/tiny-lora", local, "auto", "", profile("alice"), token(ALICE))
+    text, _ = handlers.preflight_view("alice/tiny-lora", local, "auto", "", None, profile("alice"), token(ALICE))
     assert text.startswith("**Will be refused:**") and "local path" in text
     with pytest.raises(gr.Error, match="local path"):
         handlers.merge_and_publish(str(models["adapter"]), "", "alice/from-a-folder", False, False, "auto", False,
-                                   profile("alice"), token(ALICE), progress=no_progress)
+                                   False, profile("alice"), token(ALICE), progress=no_progress)
     assert not hub.repo_exists("alice/from-a-folder")
 
 
@@ -152,9 +210,9 @@ def test_gradio_client_runs_a_full_merge(hub, running_app):
     client = Client(running_app, verbose=False)
     preflight, repo = client.predict("alice/tiny-lora", "", "auto", "", api_name="/preflight")
     assert "Ready to merge" in preflight and repo == "alice/tiny-lora-merged"
-    result, card = client.predict("alice/tiny-lora", "", "alice/from-gradio-client", False, False, "bfloat16", False,
-                                  api_name="/merge")
-    assert f"{hub.url}/alice/from-gradio-client" in result
+    result, _, _, card = client.predict("alice/tiny-lora", "", "alice/from-gradio-client", False, False, "bfloat16",
+                                        False, api_name="/merge")
+    assert f"{hub.url}/alice/from-gradio-client" in result  # an API call's target is taken as given
     assert "library_name: transformers" in card
     assert json.loads(hub.files("alice/from-gradio-client")["merge_report.json"])["output_dtype"] == "bfloat16"
 
@@ -190,20 +248,71 @@ def enter_adapter(page, url: str, adapter: str) -> None:
     box.press("Enter")
 
 
-def test_browser_preflight_merge_and_link(hub, running_app, page):
+RECORD_PROGRESS = """() => {
+    window.__progress = [];
+    const seen = new Set();
+    const grab = () => {
+        for (const el of document.querySelectorAll('.progress-text, .progress-level, .meta-text, .meta-text-center')) {
+            const text = el.textContent.trim();
+            if (text && !seen.has(text)) { seen.add(text); window.__progress.push(text); }
+        }
+    };
+    new MutationObserver(grab).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_browser_preflight_merge_and_link(hub, running_app, page, monkeypatch):
     from playwright.sync_api import expect
 
+    real_tensor = handlers.ProgressReport.tensor
+
+    def slow_tensor(self, done, total, what):  # a tiny model merges in a blink; let the page see each step
+        real_tensor(self, done, total, what)
+        time.sleep(0.15)
+
+    monkeypatch.setattr(handlers.ProgressReport, "tensor", slow_tensor)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    enter_adapter(page, running_app, "alice/tiny-lora")
+    repo_box = page.locator("#repo textarea, #repo input").first
+    # A typo first: the target follows the adapter, and follows the correction.
+    enter_adapter(page, running_app, "alice/med-lroa")
+    expect(page.locator("#preflight")).to_contain_text("Will be refused")
+    expect(repo_box).to_have_value("alice/med-lroa-merged")
+    adapter_box = page.locator("#adapter textarea, #adapter input").first
+    adapter_box.fill("https://huggingface.co/alice/tiny-lora/tree/main")  # pasted from the browser
+    adapter_box.press("Enter")
     expect(page.locator("#preflight")).to_contain_text("Ready to merge")
     expect(page.locator("#preflight")).to_contain_text("bob/tiny-llama")
-    expect(page.locator("#repo textarea, #repo input").first).to_have_value("alice/tiny-lora-merged")
-    page.locator("#repo textarea, #repo input").first.fill("alice/from-browser")
+    expect(page.locator("#preflight")).to_contain_text("KiB")  # human units, never ~0.00 GiB
+    expect(repo_box).to_have_value("alice/tiny-lora-merged")
+    expect(page.locator("#target")).to_contain_text("Will create the public repo alice/tiny-lora-merged")
+    # Once typed by the user, the target is theirs.
+    repo_box.click()  # leaving the adapter box starts one more pre-flight; its answer keeps following until we type
+    expect(repo_box).to_have_value("alice/tiny-lora-merged")
+    repo_box.press("Control+a")
+    repo_box.press_sequentially("alice/from-browser")  # typed, as a person does (fill() is no keyboard input)
+    adapter_box.fill("alice/tiny-lora")
+    adapter_box.press("Enter")
+    expect(page.locator("#preflight")).to_contain_text("Ready to merge")
+    expect(repo_box).to_have_value("alice/from-browser")
+    expect(page.locator("#target")).to_contain_text("Will create the public repo alice/from-browser")
+    page.evaluate(RECORD_PROGRESS)
     page.locator("#merge").click()
     link = page.locator("#result a")
     expect(link).to_have_attribute("href", f"{hub.url}/alice/from-browser", timeout=120_000)
-    expect(page.locator("#result")).to_contain_text("Verification passed:")
+    expect(page.locator("#result")).to_contain_text("Verification passed")
+    expect(page.locator("#result")).to_contain_text("threshold 1 ulp")
+    expect(page.locator("#preflight")).to_contain_text("Done:")
+    expect(page.locator("#preflight")).not_to_contain_text("Enter an adapter id")
+    # The card rendered as Markdown (a heading, no YAML fence in the prose); its source one tab away.
+    expect(page.locator("#card h1, #card h2").first).to_be_visible()
+    assert "library_name:" not in page.locator("#card").inner_text().split("Card metadata")[0]
     page.screenshot(path=str(ARTIFACTS / "space-merge.png"), full_page=True)
+    page.get_by_role("tab", name="Card source").click()
+    expect(page.locator("#card-source")).to_contain_text("library_name: transformers")
+    seen = page.evaluate("window.__progress")
+    merging = [t for t in seen if "tensors/s" in t]
+    assert merging and all("ETA" in t and "iB" in t for t in merging), seen
+    assert not [t for t in seen if "0/0 B" in t or "incomplete" in t.lower()], seen  # huggingface_hub's bars
     assert hub.repo_exists("alice/from-browser")
 
 
