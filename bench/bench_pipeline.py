@@ -153,9 +153,11 @@ def received(url: str) -> int:
         return json.load(response)["lfs_bytes_received"]
 
 
-def timed_run(url: str, argv: list[str], work: Path, *, kill_after_bytes: int | None = None) -> dict:
+def timed_run(url: str, argv: list[str], work: Path, *, kill_after_bytes: int | None = None,
+              verify_memory_gb: float = 0) -> dict:
     env = {**os.environ, "HF_ENDPOINT": url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HOME": str(work / "hf-home")}
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HOME": str(work / "hf-home"),
+           "MERGEBOT_VERIFY_MEMORY_GB": str(verify_memory_gb)}  # 0: the proof alone, streamed
     scratch = work / "scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -174,6 +176,7 @@ def timed_run(url: str, argv: list[str], work: Path, *, kill_after_bytes: int | 
     out, err = child.communicate()
     wall = time.perf_counter() - started
     sampler.stop()
+    shutil.rmtree(work / "hf-home", ignore_errors=True)
     if child.returncode != 0 and not killed:
         raise SystemExit(f"run failed ({child.returncode}): {err[-2000:]}")
     return {"wall_s": round(wall, 2), "peak_rss_mib": round(sampler.peak_rss / 2**20), "killed": killed,
@@ -217,7 +220,13 @@ def plain_upload(url: str, repo: str, sizes: list[int], work: Path) -> float:
     return wall
 
 
-def bench_size(size: str, bandwidth: float, work: Path) -> dict:
+def snapshot(url: str, repo: str, work: Path) -> str:
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo, "merge_report.json", endpoint=url, token=TOKEN, cache_dir=work / "reports")
+
+
+def bench_size(size: str, bandwidth: float, work: Path, end_to_end: bool) -> dict:
     import torch
 
     from bot.spec import auto_shard_bytes
@@ -246,6 +255,14 @@ def bench_size(size: str, bandwidth: float, work: Path) -> dict:
         record["run"] = timed_run(url, argv, work)
         record["run_verified"] = timed_run(url, ["run", f"bench/lora-{size}", "--repo", f"bench/verified-{size}"],
                                            work)
+        if end_to_end:  # the folder whole, both float32 models in memory: the end-to-end check and latency
+            record["run_verified_end_to_end"] = timed_run(
+                url, ["run", f"bench/lora-{size}", "--repo", f"bench/verified-e2e-{size}"], work, verify_memory_gb=1000)
+            report = json.loads(Path(snapshot(url, f"bench/verified-e2e-{size}", work)).read_text())
+            record["end_to_end"] = report["verification"]["end_to_end"]
+        proof = json.loads(Path(snapshot(url, f"bench/verified-{size}", work)).read_text())["verification"]["proof"]
+        record["proof"] = {k: proof[k] for k in ("modules_proved", "unchanged_tensors", "max_error_ulp",
+                                                 "max_share_beyond_half_ulp", "max_dense_relative_delta")}
         argv = ["run", f"bench/lora-{size}", "--repo", f"bench/resumed-{size}", "--no-verify"]
         record["killed"] = timed_run(url, argv, work, kill_after_bytes=weights // 2)
         record["resumed"] = timed_run(url, argv, work)
@@ -268,20 +285,27 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, default=2e8, help="bytes/s each way (default 2e8)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.log")
+    parser.add_argument("--end-to-end", nargs="*", default=["1.1b", "tiny"],
+                        help="sizes that also get a verified run with the end-to-end check (both float32 models "
+                             "in memory; default 1.1b)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     results = []
     for size in args.sizes:
-        record = bench_size(size, args.bandwidth, work)
+        record = bench_size(size, args.bandwidth, work, end_to_end=size in args.end_to_end)
         results.append(record)
         line = (f"{size}: weights {record['weights_bytes'] / 1e9:.2f} GB in {record['shards_in']} shards -> "
                 f"{record['shards_out']}; download {record['download_s']} s, upload {record['upload_s']} s; run "
                 f"{record['run']['wall_s']} s = {record['run_over_max_transfer']}x max(download, upload) "
                 f"({record['run_over_sum_transfer']}x their sum); peak RSS {record['run']['peak_rss_mib']} MiB, "
                 f"peak scratch {record['run']['peak_scratch_mib']} MiB ({record['scratch_over_weights']}x the "
-                f"weights); verified run {record['run_verified']['wall_s']} s, peak RSS "
-                f"{record['run_verified']['peak_rss_mib']} MiB; after a kill at half, the rerun uploaded "
+                f"weights); verified run (per-module proof, streamed) {record['run_verified']['wall_s']} s, peak RSS "
+                f"{record['run_verified']['peak_rss_mib']} MiB"
+                + (f"; with the end-to-end check {record['run_verified_end_to_end']['wall_s']} s, peak RSS "
+                   f"{record['run_verified_end_to_end']['peak_rss_mib']} MiB, latency "
+                   f"{record['end_to_end'].get('latency')}" if "end_to_end" in record else "")
+                + f"; after a kill at half, the rerun uploaded "
                 f"{record['resumed']['uploaded_bytes']} bytes ({record['reuploaded_over_shard']} shards)")
         print(line, flush=True)
         if args.out:

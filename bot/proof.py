@@ -407,10 +407,10 @@ def _reference_model(plan):
     from bot.fallback import _attach_adapter, check_every_tensor_loaded, quiet_libraries, resize_like_adapter
     from bot.peft_config import build_peft_config
 
-    from bot.adapter import _PLAIN_LORA_INITS
+    from bot.tuners.lora import PLAIN_LORA_INITS
 
     init = plan.adapter_config.get("init_lora_weights", True)
-    if plan.adapter_config.peft_type == "LORA" and init not in _PLAIN_LORA_INITS:
+    if plan.adapter_config.peft_type == "LORA" and init not in PLAIN_LORA_INITS:
         raise ProofUnavailable(f"init_lora_weights={init!r} makes PEFT rewrite the base weights as it loads the "
                                f"adapter, which needs the whole base")
     config = build_peft_config(plan.adapter_config)

@@ -134,7 +134,7 @@ def _config_problem(cfg: Mapping[str, Any]) -> str | None:
 # init_lora_weights values that only initialise A and B. PiSSA, OLoRA, CorDA, LoftQ and
 # LoRA-GA also rewrite the base weights when PEFT loads the adapter (and MiCA is a variant):
 # PEFT's merge reproduces that, a plain W + BA would not.
-_PLAIN_LORA_INITS = (True, False, None, "gaussian", "orthogonal", "eva")
+PLAIN_LORA_INITS = (True, False, None, "gaussian", "orthogonal", "eva")
 
 TUNER = Tuner(
     peft_type="LORA",
@@ -161,7 +161,7 @@ TUNER = Tuner(
     module_kinds=frozenset({"linear", "conv1d", "embedding"}),
     kind_of=lambda op: "DORA" if "magnitude" in op.tensors else "LORA",
     storage_kind=_storage_kind,
-    field_values={"init_lora_weights": _PLAIN_LORA_INITS},  # exact, as PEFT compares ("EVA" is an error there)
+    field_values={"init_lora_weights": PLAIN_LORA_INITS},  # exact, as PEFT compares ("EVA" is an error there)
     old_fields=frozenset({"merge_weights"}),  # PEFT <= 0.3: merge on eval; saved tensors are unmerged
     bias_roles={"lora_B_bias": "lora_bias"},
     embedding_suffixes=(".lora_embedding_A", ".lora_embedding_B"),
