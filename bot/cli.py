@@ -33,7 +33,8 @@ EXIT_CODES = """exit codes:
   1 other known failure      6 adapter cannot be merged     11 no usable token
   2 bad usage                7 adapter does not fit base    12 target repo conflict
   3 source not found         8 output problem               13 Hub unavailable (retry later)
-  4 access denied            9 publish failed              130 interrupted
+  4 access denied            9 publish failed              14 a Hugging Face Job failed
+                                                           130 interrupted
   (the README's "Exit codes" table gives an example of each)"""
 # Every key a batch job accepts (bot.jobs._BATCH_FIELDS; a test keeps the two in step).
 BATCH_KEYS = """job keys (adapter and repo required):

@@ -121,10 +121,12 @@ def test_the_form_takes_pasted_addresses(hub, models, on_a_space, typed):
 
 
 def test_verdict_in_words():
-    passed = handlers.verification_verdict({"max_abs_logit_delta": 2e-6, "max_abs_logit": 4.0, "input_tokens": 16})
-    failed = handlers.verification_verdict({"max_abs_logit_delta": 0.5, "max_abs_logit": 4.0, "input_tokens": 16})
-    assert passed.startswith("**Verification passed**") and "within the threshold of 0.004" in passed
-    assert failed.startswith("**Verification failed**") and "above the threshold of 0.004" in failed
+    proof = {"modules_proved": 4, "peft_version": "0.21.2", "probes_per_module": 8, "max_error_ulp": 0.5,
+             "threshold_ulp": 1.0, "threshold_share": 0.01, "saved_copies": 0, "unchanged_tensors": 17}
+    passed = handlers.verification_verdict({"proof": proof, "end_to_end": None, "passed": True})
+    failed = handlers.verification_verdict({"proof": proof, "end_to_end": None, "passed": False})
+    assert passed.startswith("**Verification passed** (threshold 1 ulp per element") and "4 modules proved" in passed
+    assert failed.startswith("**Verification failed**")
 
 
 def test_space_never_falls_back_to_a_shared_token(hub, models, on_a_space):

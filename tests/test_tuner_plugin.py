@@ -46,7 +46,8 @@ def scaled(cache_dir, tmp_path):
 def test_a_tuner_in_one_file_merges_through_the_cli(scale_tuner, scaled, tmp_path):
     base, base_weights, factors, adapter = scaled
     out = tmp_path / "merged"
-    assert main(["merge", str(adapter), "--out", str(out), "--quiet"]) == 0
+    # --no-verify: the proof is PEFT's own layers, and PEFT has no SCALE tuner to compare with
+    assert main(["merge", str(adapter), "--out", str(out), "--quiet", "--no-verify"]) == 0
 
     merged = load_file(out / "model.safetensors")
     assert set(merged) == set(base_weights)
