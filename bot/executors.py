@@ -33,6 +33,16 @@ MORE_CPU_FROM = 30e9  # outputs above this many bytes get cpu-upgrade: 4x the CP
 TERMINAL = ("COMPLETED", "ERROR", "CANCELED", "DELETED")  # huggingface_hub's TERMINAL_JOB_STAGES
 
 
+
+def positive_int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) <= 0:
+        raise UsageError(f"{name} must be a positive whole number, not {raw[:20]!r}")
+    return int(raw)
+
+
 @dataclass(frozen=True)
 class JobsSettings:
     """How merges run as Hugging Face Jobs (``MERGEBOT_JOBS_*``)."""
@@ -58,20 +68,11 @@ class JobsSettings:
         if verify not in ("0", "1", "true", "false", "yes", "no"):
             raise UsageError(f"MERGEBOT_JOBS_VERIFY must be 1 or 0, not {verify[:20]!r}")
         return cls(image=image, flavor=flavor,
-                   max_concurrent=_positive(env, "MERGEBOT_JOBS_MAX_CONCURRENT", 4),
+                   max_concurrent=positive_int(env, "MERGEBOT_JOBS_MAX_CONCURRENT", 4),
                    timeout_s=parse_duration(env.get("MERGEBOT_JOBS_TIMEOUT", "").strip() or "6h"),
                    namespace=env.get("MERGEBOT_JOBS_NAMESPACE", "").strip() or None,
                    verify=verify in ("1", "true", "yes"),
                    poll_s=float(env.get("MERGEBOT_JOBS_POLL_S", "").strip() or 15.0))
-
-
-def _positive(env: dict[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isdigit() or int(raw) <= 0:
-        raise UsageError(f"{name} must be a positive whole number, not {raw[:20]!r}")
-    return int(raw)
 
 
 def parse_duration(text: str) -> int:

@@ -340,7 +340,8 @@ def _operations(folder: Path, repo_id: str, replaced: tuple[str, ...] = (), uplo
     delete the loadable files of ``replaced`` that the commit does not write."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    ops, names = list(uploaded), {op.path_in_repo for op in uploaded}
+    ops = sorted(uploaded, key=lambda op: op.path_in_repo)
+    names = {op.path_in_repo for op in ops}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if path.is_symlink() or not path.is_file() or rel.startswith(".") or "/." in rel or rel in names:
@@ -390,6 +391,11 @@ def upload_with_xet_only_if_offered(api, repo_id: str) -> None:
         constants.HF_HUB_DISABLE_XET = True
 
 
+# Files pre-uploading at once: two keep the link busy while the other is hashed, announced and
+# verified (per-file steps the Hub does in sequence); each is a shard on disk until it is done.
+UPLOADS_AT_ONCE = 2
+
+
 class Publication:
     """One commit being prepared on a target: files are pre-uploaded as they are ready (``upload``,
     in a background thread, one at a time), then everything lands in one ``commit``.
@@ -410,10 +416,13 @@ class Publication:
         self.uploaded: list = []  # CommitOperationAdd, pre-uploaded
         self.uploaded_bytes = 0
         self._queue: queue.Queue = queue.Queue()
-        self._slot = threading.Semaphore(1)  # one file waiting or uploading: bounded disk
+        self._slot = threading.Semaphore(UPLOADS_AT_ONCE)  # files handed over and not yet uploaded: bounded disk
+        self._count = threading.Lock()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="merge-bot-upload", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"merge-bot-upload-{i}", daemon=True)
+                         for i in range(UPLOADS_AT_ONCE)]
+        for thread in self._threads:
+            thread.start()
 
     def _run(self) -> None:
         from huggingface_hub import CommitOperationAdd
@@ -429,8 +438,9 @@ class Publication:
                         self.target.repo_id, additions=[op], create_pr=self.target.pr, free_memory=True),
                         doing=f"uploading {path.name} to {self.target.repo_id}", repo_id=self.target.repo_id)
                     if op._is_uploaded:  # an LFS/Xet blob now; a small regular file stays and is committed
-                        self.uploaded.append(op)
-                        self.uploaded_bytes += op.upload_info.size
+                        with self._count:
+                            self.uploaded.append(op)
+                            self.uploaded_bytes += op.upload_info.size
                         path.unlink(missing_ok=True)
                         if self.on_uploaded:
                             self.on_uploaded(op.upload_info.size)
@@ -446,19 +456,23 @@ class Publication:
 
     def upload(self, path: Path) -> None:
         """Pre-upload ``path`` (a file named as in the repo) in the background, then delete it; waits while
-        the previous file is still uploading."""
+        ``UPLOADS_AT_ONCE`` earlier files are still uploading."""
         self._raise_error()
         self._slot.acquire()
         self._queue.put(Path(path))
 
     def wait_uploads(self) -> None:
-        self._slot.acquire()
-        self._slot.release()
+        for _ in range(UPLOADS_AT_ONCE):
+            self._slot.acquire()
+        for _ in range(UPLOADS_AT_ONCE):
+            self._slot.release()
         self._raise_error()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
 
     def __enter__(self) -> "Publication":
         return self

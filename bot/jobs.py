@@ -235,7 +235,8 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
     from bot.pipeline import PieceFetcher, Rate, check_scratch_space, scratch_bytes
 
     largest = max((j.output.nbytes for j in plan.jobs), default=0)
-    check_scratch_space(work, scratch_bytes(plan.shard_bytes, largest) if plan.jobs else plan.output_bytes)
+    check_scratch_space(work, scratch_bytes(plan.shard_bytes, largest, plan.output_bytes) if plan.jobs
+                        else plan.output_bytes)
     down = Rate(sum(j.source.nbytes for j in plan.jobs if plan.base.remote and hasattr(j.source, "begin")))
     up = Rate(plan.output_bytes)
 

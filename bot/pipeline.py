@@ -28,16 +28,27 @@ from bot.shards import TensorInfo
 
 log = logging.getLogger(__name__)
 
-PIECE_BYTES = 512 * 1024 * 1024  # one range request; a tensor larger than this is one piece of its own
+# One range request: a 32nd of the base, between 32 MiB and 512 MiB (a 70B base is ~280 requests: the
+# Hub rate-limits /resolve); a tensor larger than this is a piece of its own.
+PIECE_BYTES = 512 * 1024 * 1024
+PIECE_MIN = 32 * 1024 * 1024
 PREFETCH = 2  # pieces on disk at once: the one being merged and the next one downloading
 _SMALL_FILES = 64 * 1024 * 1024  # config, tokenizer, card, report: generous
 
 
-def scratch_bytes(max_shard_bytes: int, largest_tensor: int = 0) -> int:
-    """Peak scratch disk of a streamed publish: fetched pieces, the shard being written and the one
+def piece_bytes_for(base_bytes: int) -> int:
+    """The range-request size for a base of ``base_bytes``: a 32nd of it, within [PIECE_MIN, PIECE_BYTES]."""
+    return min(PIECE_BYTES, max(PIECE_MIN, base_bytes // 32))
+
+
+def scratch_bytes(max_shard_bytes: int, largest_tensor: int = 0, base_bytes: int | None = None) -> int:
+    """Peak scratch disk of a streamed publish: fetched pieces, the shard being written and the ones
     being uploaded, and the small files."""
-    piece = max(PIECE_BYTES, largest_tensor)  # a tensor larger than a piece is fetched whole
-    return PREFETCH * piece + 2 * max(max_shard_bytes, largest_tensor) + _SMALL_FILES
+    from bot.hub import UPLOADS_AT_ONCE
+
+    piece = PIECE_BYTES if base_bytes is None else piece_bytes_for(base_bytes)
+    piece = max(piece, largest_tensor)  # a tensor larger than a piece is fetched whole
+    return PREFETCH * piece + (1 + UPLOADS_AT_ONCE) * max(max_shard_bytes, largest_tensor) + _SMALL_FILES
 
 
 @dataclass
@@ -61,7 +72,8 @@ def plan_pieces(jobs: list[TensorJob], piece_bytes: int | None = None) -> list[P
     Consecutive tensors of one file that follow each other share a piece up to ``piece_bytes``; a
     tensor read out of order (an untied head that starts from the input embedding) gets its own.
     """
-    piece_bytes = PIECE_BYTES if piece_bytes is None else piece_bytes
+    if piece_bytes is None:
+        piece_bytes = piece_bytes_for(sum(j.source.nbytes for j in jobs if isinstance(j.source, TensorInfo)))
     pieces: list[Piece] = []
     for job in jobs:
         source = job.source

@@ -19,21 +19,12 @@ from pathlib import Path
 import pytest
 from huggingface_hub import CommitOperationAdd, HfApi, constants, hf_hub_download, snapshot_download
 
-from bot import cli
+from test_publish import run_cli
 from factory import assert_matches_peft
-from hub_fixtures import ALICE, BOB, CAROL
+from hub_fixtures import ALICE, BOB
 from hub_server import HubServer
 
 LFS_BATCH = ".git/info/lfs/objects/batch"
-
-
-def run_cli(capsys, *argv: str, token: str | None = ALICE) -> tuple[int, str, str]:
-    code = cli.main([*argv, *(["--token", token] if token else [])])
-    out, err = capsys.readouterr()
-    for secret in (ALICE, BOB, CAROL):
-        assert secret not in out and secret not in err, "a token was printed"
-    assert "Traceback" not in err
-    return code, out, err
 
 
 def paths_since(hub, before: int) -> list[tuple[str, str]]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bot.errors import UsageError
-from bot.executors import JobsSettings
+from bot.executors import JobsSettings, positive_int
 
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 
@@ -45,9 +45,9 @@ class ServiceConfig:
             requests_repo_type=repo_type,
             db_path=Path(env.get("MERGEBOT_DB") or default_db_path()),
             endpoint=env.get("HF_ENDPOINT") or None,
-            max_queued_per_user=_positive_int(env, "MERGEBOT_MAX_QUEUED_PER_USER", 3),
-            max_queue=_positive_int(env, "MERGEBOT_MAX_QUEUE", 50),
-            max_output_gb=float(_positive_int(env, "MERGEBOT_MAX_OUTPUT_GB", 40)),
+            max_queued_per_user=positive_int(env, "MERGEBOT_MAX_QUEUED_PER_USER", 3),
+            max_queue=positive_int(env, "MERGEBOT_MAX_QUEUE", 50),
+            max_output_gb=float(positive_int(env, "MERGEBOT_MAX_OUTPUT_GB", 40)),
             namespace=env.get("MERGEBOT_NAMESPACE") or None,
             executor=executor,
             jobs=JobsSettings.from_env(env) if executor == "jobs" else None,
@@ -69,12 +69,3 @@ def default_db_path() -> Path:
     if Path("/data").is_dir() and os.access("/data", os.W_OK):
         return Path("/data/merge-bot/jobs.sqlite")
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "merge-bot" / "jobs.sqlite"
-
-
-def _positive_int(env: dict[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isdigit() or int(raw) <= 0:
-        raise UsageError(f"{name} must be a positive whole number, not {raw[:20]!r}")
-    return int(raw)
