@@ -59,7 +59,7 @@ environment (optional):
                                 storage, else ~/.cache/merge-bot/jobs.sqlite)
   MERGEBOT_MAX_QUEUE            jobs waiting at most (default 50)
   MERGEBOT_MAX_QUEUED_PER_USER  jobs one user may have waiting (default 3)
-  MERGEBOT_MAX_OUTPUT_GB        largest merged model accepted, in GB (default 40)
+  MERGEBOT_MAX_OUTPUT_GB        largest merged model accepted, in GB (default 150: a 70B model in bf16)
   MERGEBOT_VERIFY_MEMORY_GB     memory for the end-to-end check (default: 40% of available memory)
   MERGEBOT_EXECUTOR             local (default): merge in this process; jobs: one Hugging Face Job per merge
   MERGEBOT_JOBS_IMAGE           the Jobs' image, pinned (default: this Space's, hf.co/spaces/$SPACE_ID)

@@ -21,7 +21,7 @@ class ServiceConfig:
     endpoint: str | None = None
     max_queued_per_user: int = 3
     max_queue: int = 50
-    max_output_gb: float = 40.0
+    max_output_gb: float = 150.0  # a 70B model in bf16 (~141 GB): streamed, its disk is a few shards
     namespace: str | None = None  # where new repos go; default: the bot account
     executor: str = "local"  # local: merges run in this process; jobs: one Hugging Face Job per merge
     jobs: JobsSettings | None = None  # with executor "jobs"
@@ -47,7 +47,7 @@ class ServiceConfig:
             endpoint=env.get("HF_ENDPOINT") or None,
             max_queued_per_user=positive_int(env, "MERGEBOT_MAX_QUEUED_PER_USER", 3),
             max_queue=positive_int(env, "MERGEBOT_MAX_QUEUE", 50),
-            max_output_gb=float(positive_int(env, "MERGEBOT_MAX_OUTPUT_GB", 40)),
+            max_output_gb=float(positive_int(env, "MERGEBOT_MAX_OUTPUT_GB", 150)),
             namespace=env.get("MERGEBOT_NAMESPACE") or None,
             executor=executor,
             jobs=JobsSettings.from_env(env) if executor == "jobs" else None,
