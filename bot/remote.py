@@ -39,6 +39,13 @@ class RemoteWeights:
     def __repr__(self) -> str:  # never the token
         return f"RemoteWeights({self.repo_id}@{self.sha[:12]}, {len(self.files)} files)"
 
+    def reading(self):
+        """Hub failures while reading these weights, as merge-bot's one-line errors (``hub_read_errors``)."""
+        from bot.sources import hub_read_errors
+        from bot.spec import SourceRef
+
+        return hub_read_errors("base", SourceRef(name=self.repo_id, revision=self.sha))
+
     def url(self, name: str) -> str:
         from huggingface_hub import hf_hub_url
 
@@ -99,7 +106,8 @@ def read_remote_header(remote: RemoteWeights, name: str, size: int | None) -> di
         tensors, _ = parse_header(data[8:8 + header_len], file_size, Path(name))
         return tensors
 
-    return read_with_retries(attempt)
+    with remote.reading():
+        return read_with_retries(attempt)
 
 
 def fetch_range(remote: RemoteWeights, name: str, start: int, end: int, dest: Path,
@@ -113,4 +121,5 @@ def fetch_range(remote: RemoteWeights, name: str, start: int, end: int, dest: Pa
                     on_bytes(len(chunk))
             _get(remote, name, start, end, write)
 
-    read_with_retries(attempt)
+    with remote.reading():
+        read_with_retries(attempt)

@@ -195,3 +195,22 @@ def test_streamed_run_over_xet_and_a_killed_run_dedupes_on_restart(xet_hub, shar
     assert len([c for c in hub.commits("alice/xet-streamed") if c["title"].startswith("Merge ")]) == 1
     published = Path(snapshot_download("alice/xet-streamed", cache_dir=tmp_path / "dl"))
     assert_matches_peft(published, sharded["base"], sharded["adapter"])
+
+
+def test_a_base_the_hub_stops_serving_is_one_line_and_commits_nothing(hub, sharded, capsys, tmp_path, monkeypatch):
+    """Range reads of the base that keep failing (here while reading its headers): exit 13, no commit."""
+    import bot.sources
+
+    monkeypatch.setattr(bot.sources, "READ_RETRY_WAITS", (0.01, 0.01))
+    monkeypatch.setenv("MERGEBOT_VERIFY_MEMORY_GB", "0")
+    hub.fail_next("GET", r"/bob/sharded-llama/resolve/.*\.safetensors", status=503, times=100)
+    try:
+        code = cli.main(["run", "alice/sharded-lora", "--repo", "alice/dropped-merged", "--max-shard-size", SHARD,
+                         "--work-dir", str(tmp_path), "--token", ALICE])
+    finally:
+        hub.reset_faults()
+    _, err = capsys.readouterr()
+    assert code == 13, err
+    assert err.rstrip().splitlines()[-1].startswith("Error: ") and "Traceback" not in err
+    assert not hub.repo_exists("alice/dropped-merged") or not [
+        c for c in hub.commits("alice/dropped-merged") if c["title"].startswith("Merge ")]
