@@ -397,8 +397,8 @@ UPLOADS_AT_ONCE = 2
 
 
 class Publication:
-    """One commit being prepared on a target: files are pre-uploaded as they are ready (``upload``,
-    in a background thread, one at a time), then everything lands in one ``commit``.
+    """One commit being prepared on a target: files are pre-uploaded as they are ready (``upload``, in
+    background threads, ``UPLOADS_AT_ONCE`` at a time), then everything lands in one ``commit``.
 
     Made by ``open_publication``, which surveys the target and creates it when new. Nothing shows
     on the target before the commit except, for a new repo, the empty repo itself: a run that
@@ -450,9 +450,8 @@ class Publication:
                 self._slot.release()
 
     def _raise_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        if self._error is not None:  # sticky: files queued behind a failure are not sent either
+            raise self._error
 
     def upload(self, path: Path) -> None:
         """Pre-upload ``path`` (a file named as in the repo) in the background, then delete it; waits while

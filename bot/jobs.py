@@ -162,11 +162,12 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
                     policy: Callable[[Any], None] | None = None) -> JobResult:
     """Pre-flight, skip if the target already has this merge, else merge and publish in one commit.
 
-    Without verification the merge streams Hub to Hub (``stream_publish``): scratch disk stays at a
-    few shards whatever the model's size. With it (or a custom ``merge_runner``), the merged folder is
-    built whole in ``work_dir`` first. ``merge_runner(plan, verify)`` replaces the merge step (the Space
-    runs it on a GPU worker); ``policy(preflight)`` may raise to refuse a job after pre-flight (the
-    self-service bot's rules).
+    The merge streams Hub to Hub (``stream_publish``): scratch disk stays at a few shards whatever the
+    model's size, and each shard is proved against PEFT before it is uploaded. A verified job small
+    enough to hold whole (``_end_to_end_fits``), or one with a custom ``merge_runner``, builds the merged
+    folder in ``work_dir`` first, so the end-to-end check runs too. ``merge_runner(plan, verify)``
+    replaces the merge step (the Space runs it on a GPU worker); ``policy(preflight)`` may raise to
+    refuse a job after pre-flight (the self-service bot's rules).
     """
     from huggingface_hub import HfApi
 
@@ -233,11 +234,12 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
     and deleted, then one commit (see ``bot.pipeline``). Scratch lives in ``work``."""
     from bot.merge import merge_into
     from bot.pipeline import PieceFetcher, Rate, check_scratch_space, scratch_bytes
+    from bot.shards import TensorInfo
 
     largest = max((j.output.nbytes for j in plan.jobs), default=0)
     check_scratch_space(work, scratch_bytes(plan.shard_bytes, largest, plan.output_bytes) if plan.jobs
                         else plan.output_bytes)
-    down = Rate(sum(j.source.nbytes for j in plan.jobs if plan.base.remote and hasattr(j.source, "begin")))
+    down = Rate(sum(j.source.nbytes for j in plan.jobs if plan.base.remote and isinstance(j.source, TensorInfo)))
     up = Rate(plan.output_bytes)
 
     def uploaded(n: int) -> None:
@@ -253,15 +255,10 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
     folder = work / "out"
     folder.mkdir()
     tensors = len(plan.jobs)
-
-    def merged(done: int, total: int, what: str) -> None:
-        if on_progress is not None:
-            on_progress(done, total, what)
-
     try:
         with opened:
             on_event(f"merging {tensors} tensors; each shard is uploaded as soon as it is written")
-            result = merge_into(plan, folder, base_pieces=fetcher, on_shard=opened.upload, on_progress=merged,
+            result = merge_into(plan, folder, base_pieces=fetcher, on_shard=opened.upload, on_progress=on_progress,
                                 verify=plan.spec.verify)
             if fetcher is not None:
                 on_event(f"downloaded {down.describe()}")

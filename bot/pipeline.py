@@ -2,16 +2,16 @@
 
 Three things run at once, each bounded:
 
-- ``PieceFetcher`` (one thread) downloads the base in contiguous byte ranges of up to
-  ``PIECE_BYTES`` (many tensors per request) into scratch files, at most ``PREFETCH`` pieces
-  ahead of the merge; a piece is deleted as soon as its last tensor is merged.
-- the merge (the calling thread) writes output shards in order (``bot.merge.stream_merge``);
-- ``bot.hub.Publication`` (one thread) pre-uploads each closed shard (LFS or Xet) and deletes
-  it; the merge waits when one shard is still waiting for upload.
+- ``PieceFetcher`` (one thread) downloads the base in contiguous byte ranges (``piece_bytes_for``:
+  many tensors per request) into scratch files, at most ``PREFETCH`` pieces ahead of the merge;
+  a piece is deleted as soon as its last tensor is merged (and proved).
+- the merge (the calling thread) writes output shards in order (``bot.merge.stream_merge``),
+  proving each tensor against PEFT as it is written (``bot.proof``);
+- ``bot.hub.Publication`` (``UPLOADS_AT_ONCE`` threads) pre-uploads each closed shard (LFS or
+  Xet) and deletes it; the merge waits while that many shards are still uploading.
 
-Scratch disk therefore peaks at about ``PREFETCH`` pieces plus two output shards, whatever
-the model's size (``scratch_bytes``), and wall time approaches the slower of download and
-upload plus one shard's merge, instead of their sum.
+Scratch disk therefore peaks at about ``PREFETCH`` pieces plus ``1 + UPLOADS_AT_ONCE`` output
+shards, whatever the model's size (``scratch_bytes``), and download, merge and upload overlap.
 """
 from __future__ import annotations
 
