@@ -214,3 +214,26 @@ def test_a_base_the_hub_stops_serving_is_one_line_and_commits_nothing(hub, shard
     assert err.rstrip().splitlines()[-1].startswith("Error: ") and "Traceback" not in err
     assert not hub.repo_exists("alice/dropped-merged") or not [
         c for c in hub.commits("alice/dropped-merged") if c["title"].startswith("Merge ")]
+
+
+@pytest.mark.parametrize("variant", ["cdn_redirect", "lfs_upload_elsewhere", "no_file_metadata", "gzip_text"])
+def test_streamed_run_on_another_hub_compatible_server(variant, hub, sharded, capsys, tmp_path, monkeypatch):
+    """Range reads through a CDN redirect that refuses the token, uploads to another origin, listings
+    without sizes, gzip on text: the streamed path publishes what a local merge writes."""
+    monkeypatch.setattr(pipeline, "PIECE_BYTES", PIECE)
+    monkeypatch.setenv("MERGEBOT_VERIFY_MEMORY_GB", "0")
+    repo = f"alice/streamed-{variant.replace('_', '-')}"
+    hub.variant = {variant}
+    cdn_before = len(hub.cdn_log)
+    try:
+        code = cli.main(["run", "alice/sharded-lora", "--repo", repo, "--max-shard-size", SHARD,
+                         "--work-dir", str(tmp_path), "--token", ALICE])
+    finally:
+        hub.variant = set()
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    if variant == "cdn_redirect":
+        assert any(m == "GET" and p.startswith("/cdn-lfs/") for m, p in hub.cdn_log[cdn_before:]), \
+            "the base was not read via the CDN"
+    published = Path(snapshot_download(repo, cache_dir=tmp_path / "dl"))
+    assert_matches_peft(published, sharded["base"], sharded["adapter"])
