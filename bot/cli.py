@@ -116,8 +116,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="resolve, merge and publish in one go", formatter_class=formatter,
         description="Merge an adapter into its base and publish the result to a Hub repo in one commit (a new repo, "
-                    "or a pull request with --pr). Without --verify the merge streams Hub to Hub.",
-        epilog=_epilog([f"{prog} run someone/my-lora --repo me/my-lora-merged --verify",
+                    "or a pull request with --pr). The merge streams Hub to Hub with a few shards of scratch disk, "
+                    "and every shard is proved against PEFT before it is uploaded (--no-verify skips that).",
+        epilog=_epilog([f"{prog} run someone/my-lora --repo me/my-lora-merged",
                         f"{prog} run https://huggingface.co/someone/my-lora/tree/v2 --repo someone/my-model --pr"]))
     run.add_argument("adapter", help=ADAPTER_HELP)
     _add_target_args(run)

@@ -266,6 +266,12 @@ class Service:
         self._triage_retry_at[job_id] = time.monotonic() + min(300.0, 2.0 ** failures)
         return failures < 6
 
+    def _reply_failed(self, job, error: BaseException) -> None:
+        """End ``job`` as failed with its one-line error (token redacted) as the reply."""
+        message = redact(str(error), self.config.token)
+        self.queue.finish(job.id, state="failed", error=message, reply_kind="failed",
+                          reply=f"The merge failed: {quote(message)}")
+
     @staticmethod
     def _is_transient(error: BaseException) -> bool:
         from bot.hub import hub_failure, is_transient
@@ -341,9 +347,7 @@ class Service:
                 self.queue.requeue(job.id)
                 self._stop.wait(5.0)
                 return True
-            message = redact(str(e), self.config.token)
-            self.queue.finish(job.id, state="failed", error=message, reply_kind="failed",
-                              reply=f"The merge failed: {quote(message)}")
+            self._reply_failed(job, e)
             return True
         except Exception as e:
             log.exception("job %d crashed", job.id)
@@ -433,9 +437,7 @@ class Service:
                 log.warning("job %d hit a transient Hub error before its Job started; back in the queue", job.id)
                 self.queue.requeue(job.id)
                 return True
-            message = redact(str(e), self.config.token)
-            self.queue.finish(job.id, state="failed", error=message, reply_kind="failed",
-                              reply=f"The merge failed: {quote(message)}")
+            self._reply_failed(job, e)
             return True
         except Exception as e:
             log.warning("starting the Job for job %d failed (%s); will retry", job.id, e.__class__.__name__)
