@@ -1,6 +1,7 @@
 """What the user asked for, validated once at the edge (CLI, Space, YAML, webhook)."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,16 +47,25 @@ class SourceRef:
 
 
 # What users paste from a browser: https://huggingface.co/owner/name[/tree/rev | /blob/rev/file | /resolve/rev/file],
-# hf.co/owner/name, with or without the scheme or www.
-_HUB_URL = re.compile(r"^(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/(?P<path>[^?#]*)(?:[?#].*)?$", re.IGNORECASE)
+# hf.co/owner/name, with or without the scheme or www; and the same pages of the Hub-compatible server
+# HF_ENDPOINT names, when one is configured (its users paste its addresses).
+_HUB_HOSTS = r"(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)"
 _URL_TAILS = ("tree", "blob", "resolve", "commit")
+
+
+def _hub_url_pattern() -> re.Pattern:
+    hosts = _HUB_HOSTS
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/")
+    if re.match(r"^https?://[^/?#]+", endpoint):
+        hosts = f"(?:{hosts}|{re.escape(endpoint)})"
+    return re.compile(rf"^{hosts}/(?P<path>[^?#]*)(?:[?#].*)?$", re.IGNORECASE)
 
 
 def _from_hub_url(text: str, what: str) -> str | None:
     """``owner/name[@revision]`` for a pasted Hub URL; None when ``text`` is no Hub URL."""
     from urllib.parse import unquote
 
-    match = _HUB_URL.match(text)
+    match = _hub_url_pattern().match(text)
     if match is None:
         if re.match(r"^[a-z][a-z0-9+.-]*://", text, re.IGNORECASE):
             raise UsageError(f"{what} {text[:100]!r} is a web address but not a Hugging Face Hub one; give owner/name "

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants
 
 from bot import errors
 from hub_fixtures import ALICE
@@ -120,10 +121,19 @@ def test_a_bare_name_missing_everywhere_names_both(hub, models, tmp_path):
     assert proc.stderr.startswith("Error: no adapter folder ./demo adaptr, and 'demo adaptr' is not a Hub repo id")
 
 
+# Pages of the Hub the client is pointed at (the loopback test server; HF_ENDPOINT is set by conftest),
+# and of the default Hub (its address from huggingface_hub, parsed only: no request is made).
+TEST_HUB = os.environ["HF_ENDPOINT"]
+DEFAULT_HUB = constants._HF_DEFAULT_ENDPOINT
+
+
 @pytest.mark.parametrize("typed", [
-    "https://huggingface.co/alice/tiny-lora",
-    "https://huggingface.co/alice/tiny-lora/tree/main",
-    "https://huggingface.co/alice/tiny-lora/blob/main/adapter_config.json",
+    f"{TEST_HUB}/alice/tiny-lora",
+    f"{TEST_HUB}/alice/tiny-lora/tree/main",
+    f"{TEST_HUB}/alice/tiny-lora/blob/main/adapter_config.json",
+    f"{DEFAULT_HUB}/alice/tiny-lora",
+    f"{DEFAULT_HUB}/alice/tiny-lora/tree/main",
+    f"{DEFAULT_HUB}/alice/tiny-lora/blob/main/adapter_config.json",
     "hf.co/alice/tiny-lora",
     "alice/tiny-lora@main",
 ])
@@ -136,7 +146,7 @@ def test_pasted_names_are_normalised(typed):
 
 
 def test_a_pasted_url_merges(hub, models, tmp_path):
-    proc = bot("merge", "https://huggingface.co/alice/tiny-lora/tree/main", "--out", "out", "--quiet", cwd=tmp_path,
+    proc = bot("merge", f"{TEST_HUB}/alice/tiny-lora/tree/main", "--out", "out", "--quiet", cwd=tmp_path,
                env={"HF_TOKEN": ALICE})
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())

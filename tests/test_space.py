@@ -112,8 +112,8 @@ def test_target_follows_the_adapter_until_edited(hub, models, on_a_space):
     assert "pull request** on the existing repo `alice/mine`" in handlers.target_view("alice/mine", True, True)
 
 
-@pytest.mark.parametrize("typed", ["https://huggingface.co/alice/tiny-lora", "hf.co/alice/tiny-lora/tree/main",
-                                   "https://huggingface.co/alice/tiny-lora/blob/main/adapter_config.json"])
+@pytest.mark.parametrize("typed", [f"{os.environ['HF_ENDPOINT']}/alice/tiny-lora", "hf.co/alice/tiny-lora/tree/main",
+                                   f"{os.environ['HF_ENDPOINT']}/alice/tiny-lora/blob/main/adapter_config.json"])
 def test_the_form_takes_pasted_addresses(hub, models, on_a_space, typed):
     text, repo = handlers.preflight_view(typed, "", "auto", "", False, profile("alice"), token(ALICE))
     assert "Ready to merge" in text and "`alice/tiny-lora` at" in text, text
@@ -280,7 +280,7 @@ def test_browser_preflight_merge_and_link(hub, running_app, page, monkeypatch):
     expect(page.locator("#preflight")).to_contain_text("Will be refused")
     expect(repo_box).to_have_value("alice/med-lroa-merged")
     adapter_box = page.locator("#adapter textarea, #adapter input").first
-    adapter_box.fill("https://huggingface.co/alice/tiny-lora/tree/main")  # pasted from the browser
+    adapter_box.fill(f"{hub.url}/alice/tiny-lora/tree/main")  # pasted from the browser
     adapter_box.press("Enter")
     expect(page.locator("#preflight")).to_contain_text("Ready to merge")
     expect(page.locator("#preflight")).to_contain_text("bob/tiny-llama")
