@@ -1,6 +1,7 @@
 """The base model's weight files as one name -> location map (safetensors, or legacy .bin)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +82,11 @@ def index_checkpoint(folder: Path) -> tuple[dict[str, TensorInfo | BinTensorInfo
     return tensors, sorted({t.dtype for t in tensors.values()})
 
 
+@functools.lru_cache(maxsize=4)
 def index_remote_checkpoint(remote) -> dict[str, TensorInfo]:
     """Every tensor of a base whose safetensors files stay on the Hub (``bot.remote.RemoteWeights``), in
-    file order, from the files' headers; each ``TensorInfo.file`` is the bare file name."""
+    file order, from the files' headers; each ``TensorInfo.file`` is the bare file name. Read once per
+    pinned base (the plan and the proof both ask): the headers are a request or two per shard."""
     from bot.remote import read_remote_header
 
     tensors: dict[str, TensorInfo] = {}

@@ -29,7 +29,7 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -101,7 +101,7 @@ class ProofReport:
         }
 
 
-BaseLookup = Callable[[str], object]  # a base tensor's location by parameter name (None: not available)
+BaseLookup = Callable[[str], Any]  # a base tensor's location (TensorInfo or BinTensorInfo) by name; None: not available
 
 
 class ModuleProof:
@@ -112,7 +112,7 @@ class ModuleProof:
         # PEFT's own merge (the fallback) adds in float32 even for float32 outputs: correct rounding is not
         # claimed there, so float32's own arithmetic error is allowed (measured per module, see _noise).
         self.float32_arithmetic = bool(plan.fallback_reason)
-        self.base_tensor = base_tensor  # name -> where the base keeps it
+        self.base_tensor = base_tensor  # name (tied aliases included) -> where the base keeps it
         self.report = ProofReport()
         self.model, self.wrapped, self.saved, inner = _reference_model(plan)
         # Plain parameters PEFT loaded from the adapter (biases trained with bias="all", other whole tensors)
@@ -170,7 +170,7 @@ class ModuleProof:
                 raise self._fail(name, "is not the tensor PEFT loads from the adapter")
             self.report.saved_copies += 1
             return
-        base = self._base_info(name)
+        base = self.base_tensor(name)
         if base is None:
             return  # a tensor the base does not have (a new head the adapter saved as a whole is checked above)
         if tuple(base.shape) != merged.shape:
@@ -203,11 +203,11 @@ class ModuleProof:
             else:
                 self._pending_bias[module] = (read_tensor(merged), out_dtype)
             return
-        base_info = self._base_info(f"{module}.weight")
+        base_info = self.base_tensor(f"{module}.weight")
         if base_info is None:
             raise self._fail(module, "the base has no weight for this module, so it cannot be proved")
         base_weight = _read(base_info)
-        bias_info = self._base_info(f"{module}.bias")
+        bias_info = self.base_tensor(f"{module}.bias")
         kind = "embedding" if isinstance(layer.get_base_layer(), torch.nn.Embedding) else "linear"
         compute = torch.float64 if out_dtype in (torch.float32, torch.float64) else torch.float32
         merged_weight = read_tensor(merged)
@@ -264,15 +264,6 @@ class ModuleProof:
             raise self._fail(module, f"differs from PEFT's unmerged layer by up to {worst:.3g} ulp ({share:.1%} of "
                                      f"probed elements beyond half an ulp; thresholds 1 ulp and "
                                      f"{HALF_ULP_SLACK:.0%}): wrong weight, scale, transpose or rounding")
-
-    def _base_info(self, name: str):
-        """Where the base keeps ``name``, or its tied partner (an output embedding the checkpoint omits)."""
-        base = self.base_tensor(name)
-        if base is None:
-            for member in self.tied.get(name, ()):
-                if member != name and (base := self.base_tensor(member)) is not None:
-                    break
-        return base
 
     # -- the whole -----------------------------------------------------------------------------
     def finish(self, *, tie_word_embeddings: bool | None = None) -> dict:
@@ -489,12 +480,11 @@ def base_lookup(plan, localize: Callable[[TensorInfo], TensorInfo | None] | None
     fetched piece that holds it, None when no piece does)."""
     from bot.checkpoint import index_checkpoint, index_remote_checkpoint
 
+    from bot.plan import base_tensors
+
     checkpoint = index_remote_checkpoint(plan.base.remote) if plan.base.remote else index_checkpoint(plan.base.path)[0]
-    by_name: dict[str, object] = {}
-    for key, info in checkpoint.items():
-        name = plan.layout.canonical_name(key) if plan.layout else key
-        if name is not None:
-            by_name.setdefault(name, info)
+    # by the model's names, tied aliases included, as the plan names them (a fallback plan has no layout)
+    by_name = base_tensors(checkpoint, plan.layout).by_param if plan.layout else dict(checkpoint)
 
     def lookup(name: str):
         info = by_name.get(name)

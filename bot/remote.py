@@ -13,7 +13,7 @@ drop the token, as httpx does for any cross-origin redirect.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -34,10 +34,7 @@ class RemoteWeights:
     sha: str
     endpoint: str
     files: tuple[str, ...]  # safetensors file names, in index order
-    token: str | None = None
-
-    def __repr__(self) -> str:  # never the token
-        return f"RemoteWeights({self.repo_id}@{self.sha[:12]}, {len(self.files)} files)"
+    token: str | None = field(default=None, repr=False)
 
     def reading(self):
         """Hub failures while reading these weights, as merge-bot's one-line errors (``hub_read_errors``)."""
