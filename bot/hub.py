@@ -325,14 +325,13 @@ def survey_target(api, target: PublishTarget, fps: tuple[str, ...], *, author: s
 # Files that decide what transformers (or PEFT) loads. A pull request that replaces a model
 # deletes the ones the merge does not write, so old shards or adapter files cannot win.
 _LOADABLE = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf",
-             "*.safetensors.index.json", "*.bin.index.json", "adapter_config.json", "config.json",
-             "generation_config.json")
+             "*.safetensors.index.json", "*.bin.index.json", "adapter_config.json", "config.json")
 
 
 def _is_loadable(name: str) -> bool:
-    from bot.sources import is_tokenizer_file
+    from bot.sources import is_side_file
 
-    return "/" not in name and (is_tokenizer_file(name) or any(fnmatch.fnmatch(name, p) for p in _LOADABLE))
+    return "/" not in name and (is_side_file(name) or any(fnmatch.fnmatch(name, p) for p in _LOADABLE))
 
 
 def _operations(folder: Path, repo_id: str, replaced: tuple[str, ...] = (), uploaded: tuple = ()):

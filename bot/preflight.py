@@ -262,7 +262,8 @@ def preflight(spec: MergeSpec, *, endpoint: str | None = None, check_disk: bool 
         if streamed:
             from bot.pipeline import scratch_bytes
 
-            check_free_space(Path(spec.out).resolve().parent, min(download + output, scratch_bytes(spec.max_shard_bytes or auto_shard_bytes(output), 0, output)),
+            shard = spec.max_shard_bytes or auto_shard_bytes(output)
+            check_free_space(Path(spec.out).resolve().parent, min(download + output, scratch_bytes(shard, 0, output)),
                              what="the streamed merge's scratch files", hint="set --work-dir elsewhere")
         else:
             check_free_space(Path(constants.HF_HUB_CACHE), download, what="the download", hint="set HF_HOME elsewhere")
