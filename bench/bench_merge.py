@@ -170,7 +170,10 @@ def run_size(label: str, work: Path, runs: int) -> dict:
             out = ours_out if who == "ours" else peft_out
             shutil.rmtree(out, ignore_errors=True)
             os.sync()  # start each run with no dirty pages left by the previous one
-            cmd = ([sys.executable, "-m", "bot", "merge", str(adapter), "--out", str(out), "--quiet"] if who == "ours"
+            # --no-verify: the merge against PEFT's recipe, which verifies nothing (verification is timed by
+            # bench_pipeline.py); both outputs are compared bit for bit below
+            cmd = ([sys.executable, "-m", "bot", "merge", str(adapter), "--out", str(out), "--quiet", "--no-verify"]
+                   if who == "ours"
                    else [sys.executable, str(script), str(base), str(adapter), str(out)])
             results[who].append(timed(cmd))
             print(f"  {label} run {k + 1} {who}: {results[who][-1][0]:.2f}s, {results[who][-1][1] / 2**20:.0f} MiB",
