@@ -18,7 +18,7 @@ from bot.spec import DEVICES, DTYPES, MergeSpec, parse_shard_size, parse_source_
 
 VERIFY_HELP = ("prove every merged tensor against PEFT's own layers (bounded memory), and compare the whole model "
                "end to end when it fits in memory (default: on; --no-verify skips it)")
-SHARD_HELP = ("largest output shard, with a unit: 2GB, 500MB, 64KiB (at least 1KB); default: auto, an eighth of the "
+SHARD_HELP = ("largest output shard, with a unit: 2GB, 500MB, 64KiB (at least 1KB); default: auto, a sixteenth of the "
               "model between 128 MiB and 2 GiB")
 DTYPE_HELP = f"output dtype: {', '.join(DTYPES)}; default: auto, the base's stored dtype"
 DEVICE_HELP = f"where the arithmetic runs: {', '.join(DEVICES)}; default: auto, CUDA when present, else the CPU"

@@ -233,7 +233,7 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
     """Merge ``plan`` Hub to Hub: base pieces fetched ahead, each output shard pre-uploaded as it closes
     and deleted, then one commit (see ``bot.pipeline``). Scratch lives in ``work``."""
     from bot.merge import merge_into
-    from bot.pipeline import PieceFetcher, Rate, check_scratch_space, scratch_bytes
+    from bot.pipeline import PieceFetcher, Rate, check_scratch_space, merge_threads_beside_transfers, scratch_bytes
     from bot.shards import TensorInfo
 
     largest = max((j.output.nbytes for j in plan.jobs), default=0)
@@ -258,8 +258,9 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
     try:
         with opened:
             on_event(f"merging {tensors} tensors; each shard is uploaded as soon as it is written")
-            result = merge_into(plan, folder, base_pieces=fetcher, on_shard=opened.upload, on_progress=on_progress,
-                                verify=plan.spec.verify)
+            with merge_threads_beside_transfers():
+                result = merge_into(plan, folder, base_pieces=fetcher, on_shard=opened.upload,
+                                    on_progress=on_progress, verify=plan.spec.verify)
             if fetcher is not None:
                 on_event(f"downloaded {down.describe()}")
             for warning in result.warnings:

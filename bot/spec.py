@@ -10,16 +10,18 @@ from bot.errors import SourceNotFoundError, UsageError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
-# --max-shard-size auto: an eighth of the output, between these bounds. Eight or more shards let a
+# --max-shard-size auto: a sixteenth of the output, between these bounds. Many shards let a
 # streamed publish upload while it merges (wall time near the slower of download and upload, not
-# their sum) and keep scratch disk at two shards; 2 GiB keeps a 70B model at ~70 files.
+# their sum): the first upload starts after 1/16 of the merge, the last one's tail is 1/16 of the
+# upload, and the ``UPLOADS_AT_ONCE`` shards in flight stay a quarter of the model on disk;
+# 2 GiB keeps a 70B model at ~70 files.
 AUTO_SHARD_MIN = 128 * 2**20
 AUTO_SHARD_MAX = 2 * 2**30
 
 
 def auto_shard_bytes(output_bytes: int) -> int:
     """The output shard size ``--max-shard-size auto`` picks for a model of ``output_bytes``."""
-    return min(AUTO_SHARD_MAX, max(AUTO_SHARD_MIN, -(-output_bytes // 8)))
+    return min(AUTO_SHARD_MAX, max(AUTO_SHARD_MIN, -(-output_bytes // 16)))
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")

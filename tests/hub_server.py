@@ -48,6 +48,7 @@ import threading
 import time
 import traceback
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -204,7 +205,7 @@ class ObjectStore:
         if self.folder is None:
             self._memory[sha256] = data
         elif sha256 not in self:
-            tmp = self._path(sha256 + ".tmp")
+            tmp = self._path(f"{sha256}.{uuid.uuid4().hex}.tmp")  # two uploads of one object may race
             tmp.write_bytes(data)
             os.replace(tmp, self._path(sha256))
 
@@ -873,6 +874,17 @@ class HubServer:
                 return cas, *found
         return None
 
+    @contextmanager
+    def _outside_lock(self):
+        """Let other requests run during heavy work on immutable content (hashing an upload, reading a
+        stored object), as a real Hub's many workers do; one lock held over it would make every
+        transfer wait for every other one."""
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
+
     def _content(self, sha256: str, size: int, start: int = 0, stop: int | None = None) -> bytes:
         """Bytes of an LFS object; one known only to a Xet CAS is read back from it (once)."""
         if sha256 not in self._lfs_store:
@@ -886,7 +898,8 @@ class HubServer:
                 incoming = self._lfs_store.folder / f"incoming-{uuid.uuid4().hex}.tmp"
                 cas.load_to(xet_hash, size, incoming)
                 os.replace(incoming, self._lfs_store.folder / sha256)
-        return self._lfs_store.read(sha256, start, stop)
+        with self._outside_lock():
+            return self._lfs_store.read(sha256, start, stop)
 
     def _in_xet(self, blob: Blob) -> str | None:
         """The Xet hash of an LFS blob, copying it into the offered CAS first if needed; None without Xet."""
@@ -1492,11 +1505,12 @@ class HubServer:
     def _lfs_upload(self, req: Request, t, ns, name, oid) -> Response:
         """PUT /lfs-upload/{type}s/{id}/{oid}?size=N: the object bytes (checked against oid and size)."""
         repo = self._upload_target(t, ns, name)
-        if hashlib.sha256(req.body).hexdigest() != oid:
-            raise HubError(400, "Uploaded content does not match its sha256 oid")
         if req.param("size") is not None and int(req.param("size")) != len(req.body):
             raise HubError(400, "Uploaded content does not match the announced size")
-        self._lfs_store.put(oid, req.body)
+        with self._outside_lock():
+            if hashlib.sha256(req.body).hexdigest() != oid:
+                raise HubError(400, "Uploaded content does not match its sha256 oid")
+            self._lfs_store.put(oid, req.body)  # content-addressed and written via a temporary file
         self.lfs_bytes_received += len(req.body)
         repo.lfs_oids.add(oid)
         return Response(200)

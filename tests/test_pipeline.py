@@ -237,3 +237,58 @@ def test_streamed_run_on_another_hub_compatible_server(variant, hub, sharded, ca
             "the base was not read via the CDN"
     published = Path(snapshot_download(repo, cache_dir=tmp_path / "dl"))
     assert_matches_peft(published, sharded["base"], sharded["adapter"])
+
+
+def test_split_range_gives_contiguous_parts_of_at_least_the_minimum():
+    from bot.remote import split_range
+
+    for start, end, streams, part_min in [(0, 100, 4, 10), (7, 1000, 4, 100), (5, 9, 4, 100), (0, 64, 4, 16),
+                                          (3, 4, 8, 1), (0, 2**31 + 5, 4, 2**20)]:
+        parts = split_range(start, end, streams, part_min)
+        assert parts[0][0] == start and parts[-1][1] == end
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:])), parts
+        assert 1 <= len(parts) <= streams
+        assert len(parts) == 1 or all(e - s >= part_min for s, e in parts[:-1]), parts
+
+
+def test_pieces_come_in_parallel_parts_and_a_dropped_part_alone_is_fetched_again(
+        hub, sharded, capsys, tmp_path, monkeypatch):
+    """Each piece is split into range requests run at once; a connection dropped mid-part retries that
+    part only, and what is published is still what a local merge writes."""
+    import bot.remote
+    import bot.sources
+
+    monkeypatch.setattr(pipeline, "PIECE_BYTES", PIECE)
+    monkeypatch.setattr(bot.remote, "RANGE_PART_MIN", PIECE // 4)
+    monkeypatch.setattr(bot.sources, "READ_RETRY_WAITS", (0.01, 0.01))
+    monkeypatch.setenv("MERGEBOT_VERIFY_MEMORY_GB", "0")
+    calls: list[tuple[int, int]] = []
+    dropped: list[tuple[int, int]] = []
+    lock = threading.Lock()
+    real_get = bot.remote._get
+
+    def get(remote, name, start, end, write):
+        with lock:
+            calls.append((start, end))
+            drop = end is not None and start > 0 and end - start <= PIECE // 4 + 1 and not dropped
+            if drop:
+                dropped.append((start, end))
+        if drop:  # half the part arrives, then the connection goes
+            real_get(remote, name, start, start + (end - start) // 2, write)
+            raise ConnectionError("connection reset by peer")
+        return real_get(remote, name, start, end, write)
+
+    monkeypatch.setattr(bot.remote, "_get", get)
+    code = cli.main(["run", "alice/sharded-lora", "--repo", "alice/parted-merged", "--max-shard-size", SHARD,
+                     "--work-dir", str(tmp_path), "--token", ALICE])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert len(dropped) == 1 and calls.count(dropped[0]) == 2, "the dropped part was not fetched again, alone"
+    parts = [(s, e) for s, e in calls if e is not None and e - s <= PIECE // 4 + 1]
+    assert len(parts) > len(list(sharded["base"].glob("*.safetensors"))) * 4, "pieces were not split into parts"
+    published = Path(snapshot_download("alice/parted-merged", cache_dir=tmp_path / "dl"))
+    local = tmp_path / "local"
+    assert cli.main(["merge", str(sharded["adapter"]), "--base", str(sharded["base"]), "--out", str(local),
+                     "--max-shard-size", SHARD]) == 0
+    capsys.readouterr()
+    assert _tensors(published) == _tensors(local)
