@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -171,6 +170,7 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
     """
     from huggingface_hub import HfApi
 
+    from bot.pipeline import claim_scratch, release_scratch
     from bot.plan import resolve_plan
     from bot.preflight import preflight
 
@@ -178,7 +178,7 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
     api = HfApi(endpoint=endpoint, token=token)
     account = check_can_publish(api, target)  # a bad token or foreign namespace is known before any download
     streamed = merge_runner is None
-    work = Path(tempfile.mkdtemp(prefix="merge-bot-", dir=work_dir))
+    work, work_lock = claim_scratch(work_dir)  # and removes what a killed run left there
     try:
         spec = job.merge_spec(work / "merged", token)
         checked = preflight(spec, endpoint=endpoint, streamed=streamed)
@@ -211,7 +211,7 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
         published = publish_merged_folder(result.out_dir, target, token=token, endpoint=endpoint, aliases=fps[1:])
         return JobResult(published, result.report, _card_of(result.out_dir, target.repo_id))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        release_scratch(work, work_lock)
 
 
 def _end_to_end_fits(output_bytes: int, work: Path) -> bool:

@@ -272,6 +272,53 @@ def merge_threads_beside_transfers() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+SCRATCH_PREFIX = "merge-bot-"
+_SCRATCH_LOCK = ".in-use"
+
+
+def claim_scratch(work_dir: Path | None) -> tuple[Path, int]:
+    """A new scratch folder for one job in ``work_dir`` (default: the system's temp folder), and the
+    descriptor of the lock it holds while the job runs (``release_scratch``).
+
+    Scratch left by a job that died without cleaning up (kill -9, a lost machine: up to a few shards
+    and pieces) is deleted first: its lock (``flock``) is free once no process holds it, whichever
+    process, container or user made it, while a live job's folder is never touched."""
+    import fcntl
+    import os
+    import shutil
+    import tempfile
+
+    root = Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir())
+    for folder in root.glob(f"{SCRATCH_PREFIX}*"):
+        lock = folder / _SCRATCH_LOCK
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue  # not ours to judge (no lock file: an older version's, or being made right now)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a running job holds it
+        finally:
+            os.close(fd)
+        log.info("removing scratch left by a job that stopped: %s", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=root))
+    fd = os.open(folder / f"{_SCRATCH_LOCK}.new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(folder / f"{_SCRATCH_LOCK}.new", folder / _SCRATCH_LOCK)  # visible only once held
+    return folder, fd
+
+
+def release_scratch(folder: Path, lock_fd: int) -> None:
+    """Delete a job's scratch folder, then let go of its lock."""
+    import os
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    os.close(lock_fd)
+
+
 def check_scratch_space(work: Path, needed: int) -> None:
     from bot.preflight import check_free_space
 

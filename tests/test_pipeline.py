@@ -292,3 +292,29 @@ def test_pieces_come_in_parallel_parts_and_a_dropped_part_alone_is_fetched_again
                      "--max-shard-size", SHARD]) == 0
     capsys.readouterr()
     assert _tensors(published) == _tensors(local)
+
+
+def test_scratch_a_killed_run_left_is_removed_by_the_next_run_and_a_live_one_is_not(tmp_path):
+    import fcntl
+
+    from bot.pipeline import claim_scratch, release_scratch
+
+    dead, dead_fd = claim_scratch(tmp_path)
+    (dead / "piece-00001").write_bytes(b"x" * 1000)
+    os.close(dead_fd)  # as the kernel does for a process killed with kill -9
+    live, live_fd = claim_scratch(tmp_path)
+    held = tmp_path / "merge-bot-held"  # another process's job, lock held
+    held.mkdir()
+    (held / ".in-use").write_bytes(b"")
+    other_fd = os.open(held / ".in-use", os.O_RDWR)
+    fcntl.flock(other_fd, fcntl.LOCK_EX)
+    unlocked = tmp_path / "merge-bot-space-x"  # a folder without a lock file is not ours to judge
+    unlocked.mkdir()
+
+    new, new_fd = claim_scratch(tmp_path)
+    assert not dead.exists()
+    assert live.exists() and held.exists() and unlocked.exists() and new.exists()
+    release_scratch(new, new_fd)
+    release_scratch(live, live_fd)
+    os.close(other_fd)
+    assert not new.exists() and not live.exists()
