@@ -460,13 +460,7 @@ def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None =
     ``check_tensor(name, where)`` as each tensor is written, while its base piece is still at hand
     (the per-module proof, ``bot.proof``), so every shard is proved before it is uploaded.
     """
-    adapter = {}
-    needed = {j.replacement for j in plan.jobs if j.replacement} | {
-        key for j in plan.jobs for op, _ in j.ops for key in op.tensors.values()}
-    if needed:
-        from bot.adapter import read_adapter_weights
-
-        adapter = {k: v for k, v in read_adapter_weights(plan.adapter.path).items() if k in needed}
+    adapter = dict(plan.adapter_tensors)  # read once, by resolve_plan
     device = pick_device(plan.spec.device)
     outputs = [j.output for j in plan.jobs]
     shards = layout_shards(outputs, plan.shard_bytes)
