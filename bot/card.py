@@ -10,40 +10,46 @@ with their content digest, never by path.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bot.report import MergeReport, ReportSource, Verification
 
 CARD_NAME = "README.md"
 
-# Architecture class-name suffix -> (Auto class, pipeline tag), first match wins.
-_TASKS = (
-    ("ForCausalLM", "AutoModelForCausalLM", "text-generation"),
-    ("ForConditionalGeneration", "AutoModelForSeq2SeqLM", "text2text-generation"),
-    ("ForSequenceClassification", "AutoModelForSequenceClassification", "text-classification"),
-    ("ForTokenClassification", "AutoModelForTokenClassification", "token-classification"),
-    ("ForQuestionAnswering", "AutoModelForQuestionAnswering", "question-answering"),
+# Architecture class-name suffix -> Auto class, first match wins.
+_SUFFIX_AUTO_CLASS = (
+    ("ForCausalLM", "AutoModelForCausalLM"),
+    ("ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
 )
+# Auto class -> the Hub's pipeline tag for it (AutoModel: only when the adapter says it extracts features).
+_PIPELINE_TAGS = {
+    "AutoModelForCausalLM": "text-generation",
+    "AutoModelForSeq2SeqLM": "text2text-generation",
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForTokenClassification": "token-classification",
+    "AutoModelForQuestionAnswering": "question-answering",
+    "AutoModel": "feature-extraction",
+}
 _INHERITED = ("license", "license_name", "license_link", "language", "datasets")
 _LICENSE_KEYS = ("license", "license_name", "license_link")
 
 
-# PEFT task_type -> (Auto class, pipeline tag): what the adapter was trained for decides.
-_TASK_TYPES = {
-    "CAUSAL_LM": ("AutoModelForCausalLM", "text-generation"),
-    "SEQ_2_SEQ_LM": ("AutoModelForSeq2SeqLM", "text2text-generation"),
-    "SEQ_CLS": ("AutoModelForSequenceClassification", "text-classification"),
-    "TOKEN_CLS": ("AutoModelForTokenClassification", "token-classification"),
-    "QUESTION_ANS": ("AutoModelForQuestionAnswering", "question-answering"),
-    "FEATURE_EXTRACTION": ("AutoModel", "feature-extraction"),
-}
-
-
 def auto_class_and_pipeline(architecture: str | None, task_type: str | None = None) -> tuple[str, str | None]:
-    if task_type in _TASK_TYPES:
-        return _TASK_TYPES[task_type]
-    for suffix, auto_class, pipeline in _TASKS:
+    """(Auto class, pipeline tag): the PEFT task type the adapter was trained for decides (the same table
+    PEFT's task models use, ``bot.architecture.TASK_AUTO_CLASS``), else the architecture's class name."""
+    from bot.architecture import TASK_AUTO_CLASS
+
+    if task_type in TASK_AUTO_CLASS:
+        auto_class = TASK_AUTO_CLASS[task_type]
+        return auto_class, _PIPELINE_TAGS[auto_class]
+    for suffix, auto_class in _SUFFIX_AUTO_CLASS:
         # *ForConditionalGeneration is also vision-language and speech models: only trust it with a task type.
         if architecture and architecture.endswith(suffix) and suffix != "ForConditionalGeneration":
-            return auto_class, pipeline
+            return auto_class, _PIPELINE_TAGS[auto_class]
     return "AutoModel", None
 
 
@@ -119,41 +125,40 @@ def hub_url() -> str:
     return constants.ENDPOINT.rstrip("/")
 
 
-def _link(source: dict[str, Any]) -> str:
-    if source.get("repo_id") and source.get("revision"):
-        repo, sha = source["repo_id"], source["revision"]
+def _link(source: ReportSource) -> str:
+    if source.repo_id and source.revision:
+        repo, sha = source.repo_id, source.revision
         return f"[{repo}]({hub_url()}/{repo}/tree/{sha}) at `{sha[:12]}`"
-    return f"a local folder (content digest `{source.get('revision') or '?'}`)"
+    return f"a local folder (content digest `{source.revision or '?'}`)"
 
 
-def base_model_of(base: dict[str, Any]) -> tuple[str | None, str]:
+def base_model_of(base: ReportSource) -> tuple[str | None, str]:
     """(the card's ``base_model``, the body's Base model line) for the report's base entry."""
-    if base.get("repo_id"):
-        return base["repo_id"], _link(base)
-    named = base.get("config_names")
+    if base.repo_id:
+        return base.repo_id, _link(base)
+    named = base.config_names
     if named:
         return named, (f"{_link(base)}, whose config.json names [{named}]({hub_url()}/{named}) as its origin; "
                        f"that is this card's `base_model` (merge-bot did not compare the folder with that repo)")
     return None, f"{_link(base)} that names no Hub repo, so this card has no `base_model`"
 
 
-def _method_line(report: dict[str, Any]) -> str:
-    peft_type = report.get("peft_type", "?")
-    scales = report.get("scaling") or {}
+def _method_line(report: MergeReport) -> str:
+    scales = report.scaling
     scale_text = ", ".join(f"{k} ({n} tensors)" for k, n in scales.items()) if scales else "per PEFT's merge"
-    how = ("streamed tensor by tensor, float32 arithmetic rounded once" if report.get("method") == "streaming"
+    how = ("streamed tensor by tensor, float32 arithmetic rounded once" if report.streamed
            else "PEFT's merge_and_unload")
-    return f"{peft_type} folded into the base weights ({how}); scale: {scale_text}"
+    return f"{report.peft_type} folded into the base weights ({how}); scale: {scale_text}"
 
 
-def build_card(report: dict[str, Any], adapter_folder: Path | None, base_folder: Path | None, *,
+def build_card(report: MergeReport, adapter_folder: Path | None, base_folder: Path | None, *,
                has_tokenizer: bool = True) -> str:
     """README.md text for a merged model folder."""
     from huggingface_hub import ModelCardData
 
-    adapter, base = report.get("adapter", {}), report.get("base", {})
-    auto_class, pipeline = auto_class_and_pipeline(report.get("architecture"), report.get("task_type"))
-    peft_type = str(report.get("peft_type", "lora")).lower()
+    adapter, base = report.adapter, report.base
+    auto_class, pipeline = auto_class_and_pipeline(report.architecture, report.task_type)
+    peft_type = report.peft_type.lower()
     base_model, base_line = base_model_of(base)
     adapter_card, base_card = read_card_data(adapter_folder), read_card_data(base_folder)
     data = ModelCardData(
@@ -162,11 +167,11 @@ def build_card(report: dict[str, Any], adapter_folder: Path | None, base_folder:
         base_model=base_model,
         base_model_relation="finetune" if base_model else None,
         tags=sorted({"merge", "peft-merge", "merge-bot", peft_type}),
-        merge_bot={"fingerprint": report.get("fingerprint"), "adapter": adapter.get("repo_id"),
-                   "adapter_revision": adapter.get("revision"), "base_revision": base.get("revision")},
+        merge_bot={"fingerprint": report.fingerprint, "adapter": adapter.repo_id,
+                   "adapter_revision": adapter.revision, "base_revision": base.revision},
         **inherited_metadata(adapter_card, base_card),
     )
-    title = f"{adapter['repo_id'].split('/')[-1]} (merged)" if adapter.get("repo_id") else "Merged model"
+    title = f"{adapter.repo_id.split('/')[-1]} (merged)" if adapter.repo_id else "Merged model"
     lines = [
         "---", data.to_yaml(), "---", "",
         f"# {title}", "",
@@ -176,21 +181,21 @@ def build_card(report: dict[str, Any], adapter_folder: Path | None, base_folder:
         f"- **Adapter:** {_link(adapter)}",
         f"- **Base model:** {base_line}",
     ]
-    if report.get("base_note"):
-        lines.append(f"- **Base note:** {report['base_note']}")
-    if report.get("requested_by"):
-        author = (adapter.get("repo_id") or "").split("/")[0]
+    if report.base_note:
+        lines.append(f"- **Base note:** {report.base_note}")
+    if report.requested_by:
+        author = (adapter.repo_id or "").split("/")[0]
         credit = f"; the adapter is the work of [@{author}]({hub_url()}/{author})" if author else ""
-        lines.append(f"- **Requested by:** [@{report['requested_by']}]({hub_url()}/{report['requested_by']}) "
+        lines.append(f"- **Requested by:** [@{report.requested_by}]({hub_url()}/{report.requested_by}) "
                      f"through merge-bot's self-service{credit}")
-    counts = {k: v for k, v in (report.get("module_counts") or {}).items() if k != "merged_modules"}
+    counts = report.adapted_counts
     lines += [
         f"- **Method:** {_method_line(report)}",
         f"- **Modules:** {', '.join(f'{n} {k}' for k, n in counts.items()) or 'see merge_report.json'}",
-        f"- **Output dtype:** {report.get('output_dtype') or 'as the base'}",
-        f"- **Provenance fingerprint:** `{report.get('fingerprint')}` (full record in `merge_report.json`)",
+        f"- **Output dtype:** {report.output_dtype or 'as the base'}",
+        f"- **Provenance fingerprint:** `{report.fingerprint}` (full record in `merge_report.json`)",
     ]
-    lines += verification_lines(report.get("verification"))
+    lines += verification_lines(report.verification)
     lines += ["", "## Usage", "", "```python",
               f"from transformers import {auto_class}" + (", AutoTokenizer" if has_tokenizer else ""), "",
               'repo = "REPO_ID"']
@@ -208,39 +213,41 @@ def with_repo_id(card: str, repo_id: str) -> str:
     return card.replace('repo = "REPO_ID"', f'repo = "{repo_id}"')
 
 
-def verification_lines(verification: dict | None) -> list[str]:
+def verification_lines(verification: Verification | None) -> list[str]:
     """The card's Verification section: how the merge was proved, the worst error against its threshold,
     and, when the end-to-end check ran, the logits, generation and latency it measured."""
+    from bot.report import GenerationCheck, Latency
+
     if not verification:
         return ["", "## Verification", "", "Not verified (the merge ran with `--no-verify`)."]
-    proof = verification.get("proof") or {}
-    if not proof:
-        lines = ["", "## Verification", "", f"- No per-module proof: {verification.get('proof_skipped')}."]
+    proof = verification.proof
+    if proof is None:
+        lines = ["", "## Verification", "", f"- No per-module proof: {verification.proof_skipped}."]
     else:
         lines = ["", "## Verification", "",
-                 f"- **Per-module proof** against PEFT {proof.get('peft_version')}'s own layers with the adapter attached "
-                 f"(unmerged): {proof.get('modules_proved', 0)} adapted modules, {proof.get('probes_per_module')} one-hot "
-                 f"and {proof.get('probes_per_module')} random probes each. Largest error "
-                 f"{proof.get('max_error_ulp', 0):.2f} ulp of the output dtype (threshold {proof.get('threshold_ulp', 1):g} "
-                 f"ulp; {proof.get('max_share_beyond_half_ulp', 0):.2%} of probed elements beyond half an ulp, threshold "
-                 f"{proof.get('threshold_share', 0):.0%}). {proof.get('saved_copies', 0)} `modules_to_save` tensors and "
-                 f"{proof.get('unchanged_tensors', 0)} untouched tensors compared exactly. **Passed.**"]
-    e2e = verification.get("end_to_end")
+                 f"- **Per-module proof** against PEFT {proof.peft_version}'s own layers with the adapter attached "
+                 f"(unmerged): {proof.modules_proved} adapted modules, {proof.probes_per_module} one-hot "
+                 f"and {proof.probes_per_module} random probes each. Largest error "
+                 f"{proof.max_error_ulp:.2f} ulp of the output dtype (threshold {proof.threshold_ulp:g} "
+                 f"ulp; {proof.max_share_beyond_half_ulp:.2%} of probed elements beyond half an ulp, threshold "
+                 f"{proof.threshold_share:.0%}). {proof.saved_copies} `modules_to_save` tensors and "
+                 f"{proof.unchanged_tensors} untouched tensors compared exactly. **Passed.**"]
+    e2e = verification.end_to_end
     if e2e:
-        lines.append(f"- **End to end** (float32, {e2e['input_tokens']} fixed tokens): max |delta logits| "
-                     f"{e2e['max_abs_logit_delta']:.3g} (largest logit {e2e['max_abs_logit']:.3g}).")
-        generation = e2e.get("generation")
-        if generation and "identical" in generation:
-            same = "the same tokens" if generation["identical"] else \
-                f"a different token at a near-tie (position {generation.get('first_difference')})"
-            lines.append(f"- **Greedy generation** of {generation['new_tokens']} tokens from {generation['prompt']}: "
+        lines.append(f"- **End to end** (float32, {e2e.input_tokens} fixed tokens): max |delta logits| "
+                     f"{e2e.max_abs_logit_delta:.3g} (largest logit {e2e.max_abs_logit:.3g}).")
+        generation = e2e.generation
+        if isinstance(generation, GenerationCheck):
+            same = "the same tokens" if generation.identical else \
+                f"a different token at a near-tie (position {generation.first_difference})"
+            lines.append(f"- **Greedy generation** of {generation.new_tokens} tokens from {generation.prompt}: "
                          f"{same} as PEFT with the adapter attached.")
-        latency = e2e.get("latency")
-        if latency and latency.get("speedup"):
-            lines.append(f"- **Latency** (batch {latency['batch']}, {latency['sequence_length']} tokens, "
-                         f"{latency['dtype']}, median of {latency['runs']} warm runs on {latency['hardware']}): "
-                         f"merged {latency['merged_ms']:.1f} ms, adapter attached {latency['adapter_ms']:.1f} ms "
-                         f"({latency['speedup']:.2f}x).")
-    elif verification.get("end_to_end_skipped"):
-        lines.append(f"- End-to-end comparison not run: {verification['end_to_end_skipped']}.")
+        latency = e2e.latency
+        if isinstance(latency, Latency) and latency.speedup:
+            lines.append(f"- **Latency** (batch {latency.batch}, {latency.sequence_length} tokens, "
+                         f"{latency.dtype}, median of {latency.runs} warm runs on {latency.hardware}): "
+                         f"merged {latency.merged_ms:.1f} ms, adapter attached {latency.adapter_ms:.1f} ms "
+                         f"({latency.speedup:.2f}x).")
+    elif verification.end_to_end_skipped:
+        lines.append(f"- End-to-end comparison not run: {verification.end_to_end_skipped}.")
     return lines

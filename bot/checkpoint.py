@@ -29,6 +29,13 @@ class BinTensorInfo:
 _BIN_CACHE: dict[Path, dict[str, torch.Tensor]] = {}
 
 
+def local_weight_bytes(folder: Path) -> int:
+    """The size of a local checkpoint's weight files: its safetensors, else its legacy .bin files."""
+    folder = Path(folder)
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) or \
+        sum(p.stat().st_size for p in folder.glob("*.bin"))
+
+
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     if path not in _BIN_CACHE:
         try:

@@ -14,6 +14,7 @@ from typing import Any
 
 from bot import __version__
 from bot.errors import MergeBotError, OutputError, UsageError, redact
+from bot.report import Verification
 from bot.spec import DEVICES, DTYPES, MergeSpec, parse_shard_size, parse_source_ref
 
 VERIFY_HELP = ("prove every merged tensor against PEFT's own layers (bounded memory), and compare the whole model "
@@ -240,7 +241,7 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def verification_lines(verification: dict | None) -> list[str]:
+def verification_lines(verification: Verification | None) -> list[str]:
     """The numbers ``--verify`` measured, as ``merge`` and ``run`` both print them."""
     if not verification:
         return []
@@ -298,7 +299,7 @@ def run_run(args: argparse.Namespace) -> int:
     job = _job_from_args(args)
     result = run_publish_job(job, token=hub_token(args), work_dir=args.work_dir, on_event=_events(args))
     print(result.describe())
-    for line in verification_lines((result.report or {}).get("verification")):
+    for line in verification_lines(result.report.verification if result.report else None):
         print(line)
     return 0
 

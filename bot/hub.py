@@ -21,15 +21,14 @@ from typing import Callable, Iterator
 from bot.card import CARD_NAME, with_repo_id
 from bot.errors import (AccessDeniedError, AuthenticationError, HubUnavailableError, MergeBotError, PublishError,
                         RepoConflictError, SourceNotFoundError, UsageError)
-from bot.jsonfile import read_json_object
 from bot.provenance import has_marker, marker_line
+from bot.report import REPORT_NAME, ReportStamp
 from bot.sources import (http_status as _status, hub_failure, is_network_error, is_transient, read_with_retries,
                          retry_wait)
 from bot.spec import parse_source_ref
 
 log = logging.getLogger(__name__)
 
-REPORT_NAME = "merge_report.json"
 RETRY_WAITS = (1.0, 2.0, 4.0, 8.0)  # seconds between attempts on transient errors
 _EMPTY_REPO_FILES = {".gitattributes"}
 TITLE_PREFIX = "Merge "  # every commit and PR title merge-bot writes starts with this
@@ -234,11 +233,11 @@ def _remote_report(api, repo_id: str, revision: str | None) -> dict:
     return report if isinstance(report, dict) else {}
 
 
-def main_report(api, repo_id: str, state: "RepoState | None") -> dict:
-    """The merge report on the target's main branch ({} when there is none)."""
+def main_report(api, repo_id: str, state: "RepoState | None") -> ReportStamp:
+    """The stamp of the merge report on the target's main branch (empty when there is none)."""
     if state is None or REPORT_NAME not in state.files:
-        return {}
-    return _remote_report(api, repo_id, state.sha)
+        return ReportStamp()
+    return ReportStamp.from_json(_remote_report(api, repo_id, state.sha))
 
 
 @dataclass(frozen=True)
@@ -302,8 +301,8 @@ def survey_target(api, target: PublishTarget, fps: tuple[str, ...], *, author: s
     """
     state = repo_state(api, target.repo_id)
     report = main_report(api, target.repo_id, state)
-    on_main = report.get("fingerprint") in fps
-    if on_main and (report.get("verification") or not verified):
+    on_main = report.fingerprint in fps
+    if on_main and (report.verified or not verified):
         return PublishResult(target.repo_id, "unchanged", f"{api.endpoint}/{target.repo_id}", state.sha), state
     if target.pr and state is not None:
         # Only our own account's PRs count: anyone can open a PR carrying the marker. A PR the owner
@@ -352,16 +351,6 @@ def _operations(folder: Path, repo_id: str, replaced: tuple[str, ...] = (), uplo
             ops.append(CommitOperationAdd(rel, str(path)))
     ops += [CommitOperationDelete(name) for name in sorted(replaced) if name not in names and _is_loadable(name)]
     return ops
-
-
-def read_folder_report(folder: Path) -> dict:
-    report = Path(folder) / REPORT_NAME
-    if not report.is_file():
-        raise UsageError(f"{folder} has no {REPORT_NAME}; publish a folder written by `python -m bot merge`")
-    data = read_json_object(report, error=UsageError, what=str(report), fix="re-run the merge")
-    if not isinstance(data.get("fingerprint"), str) or not data["fingerprint"]:
-        raise UsageError(f"{report} has no fingerprint; re-run the merge with this merge-bot version")
-    return data
 
 
 def upload_with_xet_only_if_offered(api, repo_id: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from bot.errors import MergeBotError, UsageError
 from bot.hub import (PublishResult, PublishTarget, check_can_publish, hub_write_errors, open_publication,
                      parse_repo_id, publish_folder, survey_target)
+from bot.report import MergeReport, ReportSource
 from bot.spec import DTYPES, MergeSpec, parse_shard_size, parse_source_ref
 
 EventFn = Callable[[str], None]
@@ -92,45 +93,42 @@ def job_from_mapping(entry: Any, where: str) -> PublishJob:
     return job
 
 
-def commit_text(report: dict[str, Any]) -> tuple[str, str]:
+def commit_text(report: MergeReport) -> tuple[str, str]:
     """(title, description) of the commit or pull request, from a merge report."""
-    def at(source: dict[str, Any]) -> str:
-        if source.get("repo_id"):
-            return f"{source['repo_id']}@{(source.get('revision') or '')[:12]}"
+    from bot.report import to_json
+
+    def at(source: ReportSource) -> str:
+        if source.repo_id:
+            return f"{source.repo_id}@{(source.revision or '')[:12]}"
         return "a local folder"  # never its path: the text is published
 
-    adapter, base = report.get("adapter", {}), report.get("base", {})
-    title = f"Merge {report.get('peft_type', 'adapter')} adapter {at(adapter)} into {at(base)}"
-    options = report.get("options", {})
+    adapter, base = report.adapter, report.base
+    title = f"Merge {report.peft_type} adapter {at(adapter)} into {at(base)}"
     lines = [
         "Merged by merge-bot.", "",
-        f"- adapter: {adapter.get('repo_id') or 'a local folder'} at `{adapter.get('revision')}`",
-        f"- base: {base.get('repo_id') or 'a local folder'} at `{base.get('revision')}`",
-        f"- method: {report.get('method')} ({report.get('peft_type')}), output dtype {report.get('output_dtype')}",
-        f"- options: {json.dumps(options, sort_keys=True)}",
-        f"- merge-bot {report.get('merge_bot_version')}",
+        f"- adapter: {adapter.repo_id or 'a local folder'} at `{adapter.revision}`",
+        f"- base: {base.repo_id or 'a local folder'} at `{base.revision}`",
+        f"- method: {report.method} ({report.peft_type}), output dtype {report.output_dtype}",
+        f"- options: {json.dumps(to_json(report.options), sort_keys=True)}",
+        f"- merge-bot {report.merge_bot_version}",
     ]
-    if report.get("base_note"):
-        lines.append(f"- note: {report['base_note']}")
-    if report.get("verification"):
+    if report.base_note:
+        lines.append(f"- note: {report.base_note}")
+    if report.verification:
         from bot.verify import describe
 
-        lines.append(f"- verification: {describe(report['verification'])}")
+        lines.append(f"- verification: {describe(report.verification)}")
     return title, "\n".join(lines)
-
-
-def read_report(folder: Path) -> dict[str, Any]:
-    from bot.hub import read_folder_report
-
-    return read_folder_report(folder)
 
 
 def publish_merged_folder(folder: Path, target: PublishTarget, *, token: str | None,
                           endpoint: str | None = None, aliases: tuple[str, ...] = ()) -> PublishResult:
+    from bot.report import read_report
+
     report = read_report(folder)
     title, description = commit_text(report)
-    return publish_folder(folder, target, title=title, description=description, fingerprint=report["fingerprint"],
-                          token=token, endpoint=endpoint, verified=bool(report.get("verification")), aliases=aliases)
+    return publish_folder(folder, target, title=title, description=description, fingerprint=report.fingerprint,
+                          token=token, endpoint=endpoint, verified=bool(report.verification), aliases=aliases)
 
 
 @dataclass
@@ -138,7 +136,7 @@ class JobResult:
     """What a job did: the publish outcome, and the merge report and card when a merge ran."""
 
     publish: PublishResult
-    report: dict[str, Any] | None = None
+    report: MergeReport | None = None
     card: str | None = None
 
     def describe(self) -> str:

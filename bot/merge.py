@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -31,13 +31,13 @@ from bot.errors import AdapterConfigError, OutputError, UsageError
 from bot.plan import MergePlan, TensorJob
 from bot.preflight import check_free_space
 from bot.provenance import LOCAL_FOLDER, Pinned, fingerprint, output_options, pin_source
+from bot.report import (REPORT_NAME, MergeReport, ReportOptions, ReportSource, ReportStamp, Verification, Versions,
+                        write_report)
 from bot.shards import DTYPE_FROM_CODE, ShardWriter, TensorInfo, index_json, layout_shards, read_into, shard_file_names
 from bot.sources import is_side_file, is_tokenizer_file
 from bot.tuners import apply_op, apply_op_tensors, row_slice_tensors, weight_delta
 
 log = logging.getLogger(__name__)
-
-REPORT_NAME = "merge_report.json"
 
 
 def _read_umask() -> int:
@@ -67,8 +67,8 @@ class MergeResult:
     seconds: float
     peak_rss_bytes: int
     fallback: bool = False
-    verification: dict[str, Any] | None = None
-    report: dict[str, Any] = field(default_factory=dict, repr=False)
+    verification: Verification | None = None
+    report: MergeReport | None = field(default=None, repr=False)
     warnings: list[str] = field(default_factory=list)  # found while writing (side files), besides the plan's
 
 
@@ -116,7 +116,7 @@ def holds_merge_output(folder: Path) -> bool:
         report = json.loads((folder / REPORT_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(report, dict) and isinstance(report.get("fingerprint"), str) and bool(report["fingerprint"])
+    return ReportStamp.from_json(report).fingerprint is not None
 
 
 def check_output_dir(out: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
@@ -355,7 +355,7 @@ def copy_side_files(plan: MergePlan, out: Path) -> tuple[list[str], list[str]]:
     return copied, check_tokenizer(out, plan.base.path, side)
 
 
-def build_report(plan: MergePlan, result: MergeResult) -> dict[str, Any]:
+def build_report(plan: MergePlan, result: MergeResult) -> MergeReport:
     from importlib.metadata import PackageNotFoundError, version
 
     def installed(package: str) -> str | None:
@@ -369,44 +369,45 @@ def build_report(plan: MergePlan, result: MergeResult) -> dict[str, Any]:
     adapter, base = pin_source(plan.adapter), pin_source(plan.base)
     base_entry = published_source(plan.base, base)
     if not base.hub and (named := hub_id_named_by(plan.base_config)):
-        base_entry["config_names"] = named
+        base_entry = replace(base_entry, config_names=named)
 
-    report = {
-        "merge_bot_version": __version__,
-        "fingerprint": fingerprint(adapter, base, options),
-        "adapter": published_source(plan.adapter, adapter),
-        "base": base_entry,
-        "base_note": plan.spec.base_note,
-        "requested_by": plan.spec.requested_by,
-        "architecture": (plan.config_updates.get("architectures") or plan.base_config.get("architectures") or [None])[0],
-        "peft_type": plan.adapter_config.peft_type,
-        "task_type": plan.adapter_config.task_type,
-        "options": {**options, "device": plan.spec.device},
-        "scaling": {str(k): n for k, n in sorted(scales.items())},
-        "method": "peft-merge_and_unload" if result.fallback else "streaming",
-        "output_dtype": plan.config_updates.get("dtype"),
-        "module_counts": result.module_counts,
-        "tensors_written": result.tensors_written,
-        "tensors_merged": result.tensors_merged,
-        "warnings": list(plan.warnings) + list(result.warnings),
-        "timing_seconds": round(result.seconds, 3),
-        "peak_rss_bytes": result.peak_rss_bytes,
-        "verification": result.verification,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
+    report = MergeReport(
+        merge_bot_version=__version__,
+        fingerprint=fingerprint(adapter, base, options),
+        adapter=published_source(plan.adapter, adapter),
+        base=base_entry,
+        base_note=plan.spec.base_note,
+        requested_by=plan.spec.requested_by,
+        architecture=(plan.config_updates.get("architectures") or plan.base_config.get("architectures") or [None])[0],
+        peft_type=plan.adapter_config.peft_type,
+        task_type=plan.adapter_config.task_type,
+        options=ReportOptions(**options, device=plan.spec.device),
+        scaling={str(k): n for k, n in sorted(scales.items())},
+        method="peft-merge_and_unload" if result.fallback else "streaming",
+        output_dtype=plan.config_updates.get("dtype"),
+        module_counts=result.module_counts,
+        tensors_written=result.tensors_written,
+        tensors_merged=result.tensors_merged,
+        warnings=tuple(plan.warnings) + tuple(result.warnings),
+        timing_seconds=round(result.seconds, 3),
+        peak_rss_bytes=result.peak_rss_bytes,
+        verification=result.verification,
+        versions=Versions(
+            python=platform.python_version(),
+            torch=torch.__version__,
             **{name: installed(name) for name in ("transformers", "peft", "safetensors", "huggingface_hub")},
-        },
-    }
-    return without_local_paths(report, local_paths(plan))
+        ),
+    )
+    # Warnings, notes and skip reasons come from many places: every string in the file is cleaned.
+    return MergeReport.from_json(without_local_paths(report.to_json(), local_paths(plan)))
 
 
-def published_source(source, pinned: Pinned) -> dict[str, Any]:
+def published_source(source, pinned: Pinned) -> ReportSource:
     """An input as the published report names it: a Hub id at its commit, or "a local folder" at its
     content digest (provenance.folder_digest); never a path of this machine."""
     if pinned.hub:
-        return {"ref": str(source.ref), "repo_id": pinned.name, "revision": pinned.revision}
-    return {"ref": LOCAL_FOLDER, "repo_id": None, "revision": pinned.revision}
+        return ReportSource(ref=str(source.ref), repo_id=pinned.name, revision=pinned.revision)
+    return ReportSource(ref=LOCAL_FOLDER, repo_id=None, revision=pinned.revision)
 
 
 def hub_id_named_by(config: dict[str, Any]) -> str | None:
@@ -449,10 +450,6 @@ def without_local_paths(value: Any, paths: list[tuple[str, str]]) -> Any:
     return value
 
 
-def write_report(result: MergeResult, folder: Path) -> None:
-    (folder / REPORT_NAME).write_text(json.dumps(result.report, indent=2, sort_keys=True) + "\n")
-
-
 def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None = None, base_pieces=None,
                  on_shard: Callable[[Path], None] | None = None,
                  check_tensor: Callable[[str, TensorInfo], None] | None = None) -> tuple[list[str], int]:
@@ -463,13 +460,7 @@ def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None =
     ``check_tensor(name, where)`` as each tensor is written, while its base piece is still at hand
     (the per-module proof, ``bot.proof``), so every shard is proved before it is uploaded.
     """
-    adapter = {}
-    needed = {j.replacement for j in plan.jobs if j.replacement} | {
-        key for j in plan.jobs for op, _ in j.ops for key in op.tensors.values()}
-    if needed:
-        from bot.adapter import read_adapter_weights
-
-        adapter = {k: v for k, v in read_adapter_weights(plan.adapter.path).items() if k in needed}
+    adapter = dict(plan.adapter_tensors)  # read once, by resolve_plan
     device = pick_device(plan.spec.device)
     outputs = [j.output for j in plan.jobs]
     shards = layout_shards(outputs, plan.shard_bytes)
@@ -570,7 +561,7 @@ def merge_into(plan: MergePlan, folder: Path, *, on_progress: ProgressFn | None 
 
         result.verification = verify_output(plan, folder if on_shard is None else None, proved, proof_skipped)
     result.report = build_report(plan, result)
-    write_report(result, folder)
+    write_report(result.report, folder)
     has_tokenizer = any(is_tokenizer_file(name) for name in result.files)
     card = build_card(result.report, plan.adapter.path, plan.base.path, has_tokenizer=has_tokenizer)
     (folder / CARD_NAME).write_text(without_local_paths(card, local_paths(plan)), encoding="utf-8")

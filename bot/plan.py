@@ -1,14 +1,15 @@
-"""resolve_plan(spec) -> MergePlan: everything decided and checked, no weights loaded.
+"""resolve_plan(spec) -> MergePlan: everything decided and checked, no base weights loaded.
 
 The plan names, for every output tensor, where its value comes from (a base tensor or
 a whole tensor saved in the adapter), which adapter ops apply to it, and its output
 dtype and shape. All adapter/base mismatches are found here, before anything is written.
+The adapter's tensors are read once, here, and the plan carries those its jobs use to the merge.
 """
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -18,7 +19,7 @@ from bot import peft_rules
 from bot.adapter import (PEFT_PREFIX, AdapterConfig, AdapterTensors, read_adapter_config, read_adapter_weights,
                          split_adapter_keys)
 from bot.architecture import (CONV1D_MODEL_TYPES, ModelLayout, checkpoint_layout, describe_model, load_config)
-from bot.checkpoint import BinTensorInfo, index_checkpoint, index_remote_checkpoint
+from bot.checkpoint import BinTensorInfo, index_checkpoint, index_remote_checkpoint, local_weight_bytes
 from bot.errors import AdapterConfigError, IncompatibleBaseError, UnsupportedAdapterError, UsageError
 from bot.jsonfile import read_json_object
 from bot.shards import CODE_FROM_DTYPE, OutputTensor, TensorInfo
@@ -69,6 +70,8 @@ class MergePlan:
     module_counts: dict[str, int] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     tokenizer_folder: Path | None = None
+    # The adapter tensors the jobs use, by saved key: read once for the plan and merged from, never again.
+    adapter_tensors: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def shard_bytes(self) -> int:
@@ -86,8 +89,7 @@ class MergePlan:
     def output_bytes(self) -> int:
         if self.jobs:
             return sum(j.output.nbytes for j in self.jobs)
-        return sum(p.stat().st_size for p in self.base.path.glob("*.safetensors")) or \
-            sum(p.stat().st_size for p in self.base.path.glob("*.bin"))
+        return local_weight_bytes(self.base.path)
 
 
 def suggest_unquantized(name: str) -> str | None:
@@ -169,11 +171,19 @@ def resolve_plan(spec: MergeSpec, *, stream_base: bool = False) -> MergePlan:
     if needs_model_layout(acfg, parts, list(weights), layout, base_config):
         layout = describe_model(load_config(base.path), task_type=acfg.task_type)
     try:
-        return _plan_streaming(common, acfg, weights, parts, checkpoint, layout)
+        plan = _plan_streaming(common, acfg, weights, parts, checkpoint, layout)
     except NeedsPeft as e:
         if base.remote:  # PEFT loads the whole base from a folder
             common["base"] = resolve_source(base_ref, what="base", token=spec.token)
         return MergePlan(**common, fallback_reason=str(e))
+    used = used_adapter_keys(plan.jobs)
+    return replace(plan, adapter_tensors={key: tensor for key, tensor in weights.items() if key in used})
+
+
+def used_adapter_keys(jobs: tuple[TensorJob, ...]) -> set[str]:
+    """The saved adapter keys the jobs read: whole-tensor replacements and every op's tensors."""
+    return {job.replacement for job in jobs if job.replacement} | {
+        key for job in jobs for op, _ in job.ops for key in op.tensors.values()}
 
 
 def unknown_field_notes(acfg: AdapterConfig) -> tuple[str, ...]:

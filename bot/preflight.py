@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.adapter import AdapterConfig, read_adapter_config
+from bot.checkpoint import local_weight_bytes
 from bot.errors import AdapterConfigError, IncompatibleBaseError, MergeBotError, OutputError
 from bot.jsonfile import MAX_JSON_BYTES, read_json_object
 from bot.plan import base_ref_for, check_not_quantized, check_peft_can_merge, suggest_unquantized
@@ -187,28 +188,46 @@ def check_free_space(path: Path, needed: int, *, what: str, hint: str) -> None:
                           f"{free / 1e9:.2f} GB free; free space or {hint}")
 
 
-def _resolve_adapter(api_factory, spec: MergeSpec) -> tuple[SourceRef, Pinned, AdapterConfig, int, _RepoFacts | None]:
+@dataclass(frozen=True)
+class _ResolvedAdapter:
+    ref: SourceRef  # pinned: a local folder, or the canonical repo id at a commit SHA
+    pin: Pinned
+    config: AdapterConfig
+    download_bytes: int | None  # 0 for a local folder; None: the Hub did not report every size
+    facts: _RepoFacts | None  # None for a local folder
+
+
+@dataclass(frozen=True)
+class _ResolvedBase:
+    ref: SourceRef  # pinned, and the 16-bit original when a quantized base was swapped
+    pin: Pinned
+    config: dict[str, Any]
+    weight_bytes: int | None  # None: the Hub did not report every weight file's size
+    download_bytes: int | None  # 0 for a local folder
+    note: str | None  # why the base is not the one named (a quantized base swapped)
+    facts: _RepoFacts | None  # None for a local folder
+
+
+def _resolve_adapter(api_factory, spec: MergeSpec) -> _ResolvedAdapter:
     if spec.adapter.local:
         folder = Path(spec.adapter.name)
-        return spec.adapter, pin_local(folder), read_adapter_config(folder), 0, None
+        return _ResolvedAdapter(spec.adapter, pin_local(folder), read_adapter_config(folder), 0, None)
     api = api_factory()
     facts = _repo_facts(api, spec.adapter, "adapter")
     acfg = read_adapter_config(_fetch(api, facts, "adapter_config.json", "adapter").parent)
     sizes = _known_sizes(api, facts, _download_files(api, facts, "adapter"))
     size = None if None in sizes.values() else sum(sizes.values())
-    return facts.ref, Pinned(facts.ref.name, facts.ref.revision, True), acfg, size, facts
+    return _ResolvedAdapter(facts.ref, Pinned(facts.ref.name, facts.ref.revision, True), acfg, size, facts)
 
 
-def _resolve_base(api_factory, ref: SourceRef, *, explicit: bool, named_by: str):
-    """(pinned ref, Pinned, config, weight bytes, download bytes, note, facts) with QLoRA bases swapped."""
+def _resolve_base(api_factory, ref: SourceRef, *, explicit: bool, named_by: str) -> _ResolvedBase:
+    """The base pinned, its config and sizes, with QLoRA bases swapped for their 16-bit original."""
     if ref.local:
         folder = Path(ref.name)
         config = _read_json(folder / "config.json", "base") if (folder / "config.json").is_file() else {}
         if not config:
             raise IncompatibleBaseError(f"base {folder} has no config.json; is it a transformers model?")
-        weights = sum(p.stat().st_size for p in folder.glob("*.safetensors")) or \
-            sum(p.stat().st_size for p in folder.glob("*.bin"))
-        return ref, pin_local(folder), config, weights, 0, None, None
+        return _ResolvedBase(ref, pin_local(folder), config, local_weight_bytes(folder), 0, None, None)
     api = api_factory()
     facts = _repo_facts(api, ref, "base")
     config = _read_json(_fetch(api, facts, "config.json", "base"), "base")
@@ -231,7 +250,8 @@ def _resolve_base(api_factory, ref: SourceRef, *, explicit: bool, named_by: str)
     weight_sizes = [size for f, size in sizes.items() if f.endswith((".safetensors", ".bin"))]
     download = None if None in sizes.values() else sum(sizes.values())
     weights = None if None in weight_sizes else sum(weight_sizes)
-    return facts.ref, Pinned(facts.ref.name, facts.ref.revision, True), config, weights, download, note, facts
+    return _ResolvedBase(facts.ref, Pinned(facts.ref.name, facts.ref.revision, True), config, weights, download, note,
+                         facts)
 
 
 def preflight(spec: MergeSpec, *, endpoint: str | None = None, check_disk: bool = True,
@@ -247,15 +267,15 @@ def preflight(spec: MergeSpec, *, endpoint: str | None = None, check_disk: bool 
             api_cache.append(_hub_api(spec.token, endpoint))
         return api_cache[0]
 
-    adapter_ref, adapter_pin, acfg, adapter_download, adapter_facts = _resolve_adapter(api_factory, spec)
+    adapter = _resolve_adapter(api_factory, spec)
+    acfg = adapter.config
     if not acfg.is_native:
         check_peft_can_merge(acfg)
     named_by = "--base" if spec.base is not None else "adapter_config.json"
-    base_ref, base_pin, base_config, weight_bytes, base_download, note, base_facts = _resolve_base(
-        api_factory, base_ref_for(spec, acfg), explicit=spec.base is not None, named_by=named_by)
-    sizes_known = None not in (adapter_download, base_download, weight_bytes)
-    output = estimate_output_bytes(weight_bytes or 0, base_config, spec.dtype)
-    download = (adapter_download or 0) + (base_download or 0)
+    base = _resolve_base(api_factory, base_ref_for(spec, acfg), explicit=spec.base is not None, named_by=named_by)
+    sizes_known = None not in (adapter.download_bytes, base.download_bytes, base.weight_bytes)
+    output = estimate_output_bytes(base.weight_bytes or 0, base.config, spec.dtype)
+    download = (adapter.download_bytes or 0) + (base.download_bytes or 0)
     if check_disk:
         from huggingface_hub import constants
 
@@ -269,18 +289,19 @@ def preflight(spec: MergeSpec, *, endpoint: str | None = None, check_disk: bool 
             check_free_space(Path(constants.HF_HUB_CACHE), download, what="the download", hint="set HF_HOME elsewhere")
             check_free_space(Path(spec.out).resolve().parent, output, what="the merged model",
                              hint="choose another --out")
-    facts = [f for f in (adapter_facts, base_facts) if f is not None]
+    facts = [f for f in (adapter.facts, base.facts) if f is not None]
     return Preflight(
-        adapter=adapter_ref, base=base_ref, adapter_pin=adapter_pin, base_pin=base_pin,
-        peft_type=acfg.peft_type, task_type=acfg.task_type, base_note=note,
+        adapter=adapter.ref, base=base.ref, adapter_pin=adapter.pin, base_pin=base.pin,
+        peft_type=acfg.peft_type, task_type=acfg.task_type, base_note=base.note,
         download_bytes=download, output_bytes=output,
         private=tuple(f.ref.name for f in facts if f.private), gated=tuple(f.ref.name for f in facts if f.gated),
         visibility_unknown=tuple(f.ref.name for f in facts if f.private is None or f.gated is None),
         sizes_known=sizes_known,
-        asked_names=_asked_names(adapter_pin, adapter_facts, base_pin, base_facts),
+        asked_names=_asked_names(adapter, base),
     )
 
 
-def _asked_names(adapter_pin: Pinned, adapter_facts, base_pin: Pinned, base_facts) -> tuple[str, str] | None:
-    names = (adapter_facts.asked if adapter_facts else adapter_pin.name, base_facts.asked if base_facts else base_pin.name)
-    return None if names == (adapter_pin.name, base_pin.name) else names
+def _asked_names(adapter: _ResolvedAdapter, base: _ResolvedBase) -> tuple[str, str] | None:
+    """(adapter, base) as typed, when the Hub spells either otherwise; None when both are as typed."""
+    names = tuple(side.facts.asked if side.facts else side.pin.name for side in (adapter, base))
+    return None if names == (adapter.pin.name, base.pin.name) else (names[0], names[1])

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from bot.errors import IncompatibleBaseError, VerificationError
+from bot.report import ProofSummary
 from bot.shards import DTYPE_FROM_CODE, TensorInfo, read_tensor
 
 log = logging.getLogger(__name__)
@@ -84,21 +85,21 @@ class ProofReport:
     worst_module: str | None = None
     failures: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
+    def summary(self) -> ProofSummary:
         import peft
 
-        return {
-            "method": "per-module proof: PEFT's own layers (unmerged) on one-hot and random probes, against the "
-                      "merged tensors; modules_to_save copies and all other tensors compared exactly",
-            "peft_version": peft.__version__,
-            "modules_proved": self.modules, "saved_copies": self.saved_copies, "unchanged_tensors": self.unchanged,
-            "probes_per_module": self.probes,
-            "max_error_ulp": self.max_ulp, "threshold_ulp": 1.0,
-            "max_share_beyond_half_ulp": self.max_half_ulp_share, "threshold_share": HALF_ULP_SLACK,
-            "max_dense_relative_delta": self.max_dense_relative,
-            "worst_module": self.worst_module,
-            "passed": not self.failures,
-        }
+        return ProofSummary(
+            method="per-module proof: PEFT's own layers (unmerged) on one-hot and random probes, against the "
+                   "merged tensors; modules_to_save copies and all other tensors compared exactly",
+            peft_version=peft.__version__,
+            modules_proved=self.modules, saved_copies=self.saved_copies, unchanged_tensors=self.unchanged,
+            probes_per_module=self.probes,
+            max_error_ulp=self.max_ulp, threshold_ulp=1.0,
+            max_share_beyond_half_ulp=self.max_half_ulp_share, threshold_share=HALF_ULP_SLACK,
+            max_dense_relative_delta=self.max_dense_relative,
+            worst_module=self.worst_module,
+            passed=not self.failures,
+        )
 
 
 BaseLookup = Callable[[str], Any]  # a base tensor's location (TensorInfo or BinTensorInfo) by name; None: not available
@@ -266,7 +267,7 @@ class ModuleProof:
                                      f"{HALF_ULP_SLACK:.0%}): wrong weight, scale, transpose or rounding")
 
     # -- the whole -----------------------------------------------------------------------------
-    def finish(self, *, tie_word_embeddings: bool | None = None) -> dict:
+    def finish(self, *, tie_word_embeddings: bool | None = None) -> ProofSummary:
         """Every wrapped module and saved copy was checked, and every tensor the merged checkpoint leaves to a
         tie is one PEFT leaves unchanged on both sides; raise ``VerificationError`` on any failure.
 
@@ -294,7 +295,7 @@ class ModuleProof:
                                                 f"checkpoint does not carry it")
         for module in self._pending_bias:
             self.report.failures.append(f"{module}: the bias was written but its weight never was")
-        summary = self.report.as_dict()
+        summary = self.report.summary()
         if self.report.failures:
             first = self.report.failures[0]
             more = f" (and {len(self.report.failures) - 1} more)" if len(self.report.failures) > 1 else ""
@@ -524,7 +525,7 @@ def _max_difference(merged: TensorInfo, base, dtype: torch.dtype) -> float:
     return worst
 
 
-def prove_folder(plan, folder) -> dict:
+def prove_folder(plan, folder) -> ProofSummary:
     """Run the proof over every tensor of a finished merged folder (local merges, PEFT's fallback)."""
     from pathlib import Path
 

@@ -15,12 +15,13 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from bot.errors import AdapterConfigError, IncompatibleBaseError, VerificationError
 from bot.plan import MergePlan
+from bot.report import EndToEnd, GenerationCheck, Latency, ProofSummary, Skipped, Verification
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ def end_to_end_bytes(plan: MergePlan) -> int:
     return 2 * 4 * elements
 
 
-def verify_output(plan: MergePlan, folder: Path | None, proof: dict | None,
-                  unavailable: str | None = None) -> dict[str, Any]:
+def verify_output(plan: MergePlan, folder: Path | None, proof: ProofSummary | None,
+                  unavailable: str | None = None) -> Verification:
     """The verification record: the proof's summary (run already, or now over ``folder``; ``unavailable``
     says why there is none) and, when ``folder`` holds the whole merge and it fits the budget, the
     end-to-end comparison."""
@@ -84,31 +85,29 @@ def verify_output(plan: MergePlan, folder: Path | None, proof: dict | None,
             proof = prove_folder(plan, folder)
         except ProofUnavailable as e:
             unavailable = str(e)
-    record: dict[str, Any] = {"proof": proof, "end_to_end": None}
-    if unavailable:
-        record["proof_skipped"] = unavailable
+    compared, skipped = None, None
     if folder is None:
-        record["end_to_end_skipped"] = "the merged model is streamed to the Hub shard by shard, never whole on disk"
+        skipped = "the merged model is streamed to the Hub shard by shard, never whole on disk"
     elif end_to_end_bytes(plan) > end_to_end_budget():
-        record["end_to_end_skipped"] = (f"both models need ~{end_to_end_bytes(plan) / 2**30:.1f} GiB in float32, over "
-                                        f"the budget (MERGEBOT_VERIFY_MEMORY_GB)")
+        skipped = (f"both models need ~{end_to_end_bytes(plan) / 2**30:.1f} GiB in float32, over "
+                   f"the budget (MERGEBOT_VERIFY_MEMORY_GB)")
     else:
         try:
-            record["end_to_end"] = end_to_end(plan, folder)
+            compared = end_to_end(plan, folder)
         except (AdapterConfigError, IncompatibleBaseError) as e:
             if proof is None:
                 raise
             # PEFT's whole-model loader cannot take this adapter the way its trainer attached it (a bare-model
             # adapter, a task the base has no class for); the per-module proof above did.
-            record["end_to_end_skipped"] = f"PEFT's whole-model reference could not be built ({e})"
-    if proof is None and record["end_to_end"] is None:
+            skipped = f"PEFT's whole-model reference could not be built ({e})"
+    if proof is None and compared is None:
         raise VerificationError(f"this merge cannot be verified here: {unavailable}, and "
-                                f"{record['end_to_end_skipped']}; raise MERGEBOT_VERIFY_MEMORY_GB or pass --no-verify")
-    record["passed"] = True
-    return record
+                                f"{skipped}; raise MERGEBOT_VERIFY_MEMORY_GB or pass --no-verify")
+    return Verification(proof=proof, end_to_end=compared, passed=True, proof_skipped=unavailable or None,
+                        end_to_end_skipped=skipped)
 
 
-def end_to_end(plan: MergePlan, merged_dir: Path) -> dict[str, Any]:
+def end_to_end(plan: MergePlan, merged_dir: Path) -> EndToEnd:
     import transformers
 
     from bot.fallback import load_peft_model, quiet_libraries
@@ -125,22 +124,20 @@ def end_to_end(plan: MergePlan, merged_dir: Path) -> dict[str, Any]:
         expected, actual = model_outputs(reference, inputs), model_outputs(merged, inputs)
         delta = (expected - actual).abs().max().item()
         scale = expected.abs().max().item()
-        record: dict[str, Any] = {
-            "max_abs_logit_delta": delta,
-            "max_abs_logit": scale,
-            "relative": delta / scale if scale else delta,
-            "input_tokens": FIXED_SEQUENCE_LENGTH,
-            "reference": "peft.PeftModel (unmerged), float32",
-        }
+        generation = None
         if layout.auto_class == "AutoModelForCausalLM":
-            record["generation"] = _unless_broken(lambda: compare_generation(reference, merged, merged_dir, vocab,
-                                                                             delta), "greedy generation")
-        record["latency"] = _unless_broken(lambda: measure_latency(reference, merged, vocab, seq2seq=seq2seq),
-                                           "latency")
-    return record
+            generation = _unless_broken(lambda: compare_generation(reference, merged, merged_dir, vocab, delta),
+                                        "greedy generation")
+        latency = _unless_broken(lambda: measure_latency(reference, merged, vocab, seq2seq=seq2seq), "latency")
+    return EndToEnd(max_abs_logit_delta=delta, max_abs_logit=scale, relative=delta / scale if scale else delta,
+                    input_tokens=FIXED_SEQUENCE_LENGTH, reference="peft.PeftModel (unmerged), float32",
+                    latency=latency, generation=generation)
 
 
-def _unless_broken(measure, what: str):
+T = TypeVar("T")
+
+
+def _unless_broken(measure: Callable[[], T], what: str) -> T | Skipped:
     """A measurement that could not run (a model whose generate() needs more than ids) is recorded as
     skipped, with the reason, rather than stopping a merge that the proof and logits already checked."""
     try:
@@ -149,7 +146,7 @@ def _unless_broken(measure, what: str):
         raise
     except Exception as e:  # noqa: BLE001 - reported in the record
         log.info("%s skipped: %s", what, e)
-        return {"skipped": f"{e.__class__.__name__}: {str(e).splitlines()[0][:160]}" if str(e) else e.__class__.__name__}
+        return Skipped(f"{e.__class__.__name__}: {str(e).splitlines()[0][:160]}" if str(e) else e.__class__.__name__)
 
 
 def chat_prompt(merged_dir: Path, vocab: int) -> tuple[torch.Tensor, str]:
@@ -168,7 +165,7 @@ def chat_prompt(merged_dir: Path, vocab: int) -> tuple[torch.Tensor, str]:
     return tokenizer(messages[0]["content"], return_tensors="pt")["input_ids"], "plain text (no chat template)"
 
 
-def compare_generation(reference, merged, merged_dir: Path, vocab: int, logit_delta: float) -> dict[str, Any]:
+def compare_generation(reference, merged, merged_dir: Path, vocab: int, logit_delta: float) -> GenerationCheck:
     """Greedy generation from both models: the same tokens, stopping at EOS at the same place. A first
     difference where the reference's top two logits are closer than twice the measured logit delta is a
     near-tie (reported); a difference beyond that fails."""
@@ -182,21 +179,21 @@ def compare_generation(reference, merged, merged_dir: Path, vocab: int, logit_de
     with torch.inference_mode():
         want = reference.generate(input_ids=ids, **settings)[0, ids.shape[1]:].tolist()
         got = merged.generate(input_ids=ids, **settings)[0, ids.shape[1]:].tolist()
-    record = {"prompt": prompt, "new_tokens": len(want), "identical": want == got}
-    if want != got:
-        first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
-        with torch.inference_mode():
-            context = torch.cat([ids, torch.tensor([want[:first]], dtype=ids.dtype)], dim=1)
-            top2 = reference(input_ids=context).logits[0, -1].float().topk(2).values
-        margin = float(top2[0] - top2[1])
-        record.update(first_difference=first, reference_margin=margin)
-        if margin > 2 * logit_delta:
-            raise VerificationError(f"greedy generation differs from PEFT's at new token {first} (reference margin "
-                                    f"{margin:.3g}, logit delta {logit_delta:.3g}); nothing was published")
-    return record
+    if want == got:
+        return GenerationCheck(prompt=prompt, new_tokens=len(want), identical=True)
+    first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+    with torch.inference_mode():
+        context = torch.cat([ids, torch.tensor([want[:first]], dtype=ids.dtype)], dim=1)
+        top2 = reference(input_ids=context).logits[0, -1].float().topk(2).values
+    margin = float(top2[0] - top2[1])
+    if margin > 2 * logit_delta:
+        raise VerificationError(f"greedy generation differs from PEFT's at new token {first} (reference margin "
+                                f"{margin:.3g}, logit delta {logit_delta:.3g}); nothing was published")
+    return GenerationCheck(prompt=prompt, new_tokens=len(want), identical=False, first_difference=first,
+                           reference_margin=margin)
 
 
-def measure_latency(reference, merged, vocab: int, *, seq2seq: bool) -> dict[str, Any]:
+def measure_latency(reference, merged, vocab: int, *, seq2seq: bool) -> Latency:
     """Median forward time of each model on the same input, warm, on this process's device."""
     inputs = fixed_inputs(vocab, seq2seq=seq2seq, length=LATENCY["sequence_length"])
     inputs = {k: v.repeat(LATENCY["batch"], 1) for k, v in inputs.items()}
@@ -212,32 +209,30 @@ def measure_latency(reference, merged, vocab: int, *, seq2seq: bool) -> dict[str
         return statistics.median(times)
 
     adapter_ms, merged_ms = median_ms(reference), median_ms(merged)
-    return {"merged_ms": merged_ms, "adapter_ms": adapter_ms, "speedup": adapter_ms / merged_ms if merged_ms else None,
-            **LATENCY, "dtype": "float32", "hardware": f"{platform.processor() or platform.machine()} CPU, "
-                                                         f"{torch.get_num_threads()} threads"}
+    return Latency(merged_ms=merged_ms, adapter_ms=adapter_ms, speedup=adapter_ms / merged_ms if merged_ms else None,
+                   **LATENCY, dtype="float32", hardware=f"{platform.processor() or platform.machine()} CPU, "
+                                                        f"{torch.get_num_threads()} threads")
 
 
-def describe(verification: dict[str, Any] | None) -> str:
+def describe(verification: Verification | None) -> str:
     """One line, in words, for the terminal, the commit and the Space."""
     if not verification:
         return "not verified"
-    proof = verification.get("proof") or {}
-    if not proof:
-        return f"passed end to end only (no per-module proof: {verification.get('proof_skipped')})" + (
-            f"; max |delta logits| {verification['end_to_end']['max_abs_logit_delta']:.3g}"
-            if verification.get("end_to_end") else "")
-    words = (f"passed: {proof.get('modules_proved', 0)} modules proved against PEFT {proof.get('peft_version')}'s "
-             f"unmerged layers ({proof.get('probes_per_module')} probes each), max error "
-             f"{proof.get('max_error_ulp', 0):.2f} ulp (threshold {proof.get('threshold_ulp', 1):g}); "
-             f"{proof.get('saved_copies', 0)} saved copies and {proof.get('unchanged_tensors', 0)} other tensors exact")
-    e2e = verification.get("end_to_end")
+    proof, e2e = verification.proof, verification.end_to_end
+    if proof is None:
+        return f"passed end to end only (no per-module proof: {verification.proof_skipped})" + (
+            f"; max |delta logits| {e2e.max_abs_logit_delta:.3g}" if e2e else "")
+    words = (f"passed: {proof.modules_proved} modules proved against PEFT {proof.peft_version}'s "
+             f"unmerged layers ({proof.probes_per_module} probes each), max error "
+             f"{proof.max_error_ulp:.2f} ulp (threshold {proof.threshold_ulp:g}); "
+             f"{proof.saved_copies} saved copies and {proof.unchanged_tensors} other tensors exact")
     if e2e:
-        words += f"; end to end max |delta logits| {e2e['max_abs_logit_delta']:.3g}"
-        generation = e2e.get("generation")
-        if generation and "identical" in generation:
-            words += f", greedy generation {'identical' if generation['identical'] else 'diverged at a near-tie'}"
-        latency = e2e.get("latency")
-        if latency and latency.get("speedup"):
-            words += (f"; merged {latency['merged_ms']:.1f} ms vs adapter attached {latency['adapter_ms']:.1f} ms "
-                      f"({latency['speedup']:.2f}x)")
+        words += f"; end to end max |delta logits| {e2e.max_abs_logit_delta:.3g}"
+        generation = e2e.generation
+        if isinstance(generation, GenerationCheck):
+            words += f", greedy generation {'identical' if generation.identical else 'diverged at a near-tie'}"
+        latency = e2e.latency
+        if isinstance(latency, Latency) and latency.speedup:
+            words += (f"; merged {latency.merged_ms:.1f} ms vs adapter attached {latency.adapter_ms:.1f} ms "
+                      f"({latency.speedup:.2f}x)")
     return words

@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 
 from bot.errors import MergeBotError, redact
+from bot.report import Verification
 from bot.spec import DTYPES
 
 MOCK_TOKEN_PREFIX = "mock-oauth-token"  # what gradio's local login mock hands out
@@ -302,14 +303,14 @@ def done_preflight(result: Any, summary: str) -> str:
     return "\n".join(lines)
 
 
-def verification_verdict(v: dict[str, Any]) -> str:
+def verification_verdict(v: Verification) -> str:
     """The verification in words, with its verdict against the stated thresholds."""
     from bot.verify import describe
 
-    proof = v.get("proof") or {}
-    verdict = "**Verification passed**" if v.get("passed", True) else "**Verification failed**"
-    threshold = (f" (threshold {proof.get('threshold_ulp', 1):g} ulp per element, at most "
-                 f"{proof.get('threshold_share', 0.01):.0%} beyond half an ulp)") if proof else ""
+    proof = v.proof
+    verdict = "**Verification passed**" if v.passed else "**Verification failed**"
+    threshold = (f" (threshold {proof.threshold_ulp:g} ulp per element, at most "
+                 f"{proof.threshold_share:.0%} beyond half an ulp)") if proof else ""
     return f"{verdict}{threshold}: {describe(v).removeprefix('passed: ')}."
 
 
@@ -325,13 +326,14 @@ def render_card(card: str) -> str:
 def result_markdown(result: Any) -> str:
     publish = result.publish
     lines = [f"### {publish.describe().split(':')[0]}", "", f"[{publish.url}]({publish.url})"]
-    report = result.report or {}
-    if report.get("verification"):
-        lines += ["", verification_verdict(report["verification"])]
-    if report.get("base_note"):
-        lines += ["", f"Note: {form_words(report['base_note'])}"]
-    if report:
-        counts = {k: n for k, n in report.get("module_counts", {}).items() if k != "merged_modules"}
-        lines += ["", f"Merged {', '.join(f'{n} {k}' for k, n in counts.items()) or 'the adapter'} in "
-                      f"{report.get('timing_seconds', 0):.1f} s; output dtype {report.get('output_dtype')}."]
+    report = result.report
+    if report is None:
+        return "\n".join(lines)
+    if report.verification:
+        lines += ["", verification_verdict(report.verification)]
+    if report.base_note:
+        lines += ["", f"Note: {form_words(report.base_note)}"]
+    counts = report.adapted_counts
+    lines += ["", f"Merged {', '.join(f'{n} {k}' for k, n in counts.items()) or 'the adapter'} in "
+                  f"{report.timing_seconds:.1f} s; output dtype {report.output_dtype}."]
     return "\n".join(lines)

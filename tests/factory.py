@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -136,3 +137,19 @@ def sample_inputs(*, seq2seq: bool = False, vocab: int = VOCAB) -> dict:
     if seq2seq:
         inputs["decoder_input_ids"] = torch.randint(0, vocab, (2, 7), generator=gen)
     return inputs
+
+
+def unverified_report(**changes):
+    """A plausible ``MergeReport`` of a --no-verify merge of local folders, for code that renders one."""
+    from bot.report import MergeReport, ReportOptions, ReportSource, Versions
+
+    local = ReportSource(ref="a local folder", repo_id=None, revision="local-0123456789abcdef")
+    report = MergeReport(
+        merge_bot_version="0.0.0", fingerprint="0" * 32, adapter=local, base=local, base_note=None,
+        requested_by=None, architecture="LlamaForCausalLM", peft_type="LORA", task_type="CAUSAL_LM",
+        options=ReportOptions(dtype="auto", max_shard_bytes="auto", device="cpu"), scaling={"2.0": 4},
+        method="streaming", output_dtype="float32", module_counts={"LORA": 4}, tensors_written=20,
+        tensors_merged=4, warnings=(), timing_seconds=0.1, peak_rss_bytes=1, verification=None,
+        versions=Versions(python="3", torch="2", transformers=None, peft=None, safetensors=None,
+                          huggingface_hub=None))
+    return replace(report, **changes)

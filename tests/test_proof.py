@@ -46,8 +46,8 @@ def test_a_correct_merge_is_proved(cache_dir, tmp_path):
     plan, out, _ = merged_folder(cache_dir, tmp_path, "ok", "llama_untied",
                                  LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     summary = prove_folder(plan, out)
-    assert summary["passed"] and summary["modules_proved"] == 6
-    assert summary["max_error_ulp"] <= 0.5 + 1e-3  # float32 output: the float64 merge rounded once
+    assert summary.passed and summary.modules_proved == 6
+    assert summary.max_error_ulp <= 0.5 + 1e-3  # float32 output: the float64 merge rounded once
 
 
 def test_a_module_mapped_to_the_wrong_weight_fails(cache_dir, tmp_path):
@@ -120,7 +120,7 @@ def test_bad_rounding_fails(cache_dir, tmp_path):
     plan, out, _ = merged_folder(cache_dir, tmp_path, "bf16", "llama",
                                  LoraConfig(r=4, target_modules=["up_proj"]), dtype=torch.bfloat16)
     summary = prove_folder(plan, out)
-    assert summary["max_error_ulp"] <= 1.0
+    assert summary.max_error_ulp <= 1.0
     name = "model.layers.0.mlp.up_proj.weight"
 
     def nudge(t):

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard, snapshot_download
 from bot import cli, hub as bot_hub
-from factory import assert_matches_peft
+from factory import assert_matches_peft, unverified_report
 from hub_fixtures import ALICE, BOB, CAROL, adapter_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,9 +283,10 @@ def test_push_of_a_local_merge_publishes_no_local_path(hub, models, capsys, tmp_
 
 def test_a_local_base_naming_no_hub_repo_has_no_base_model(models, tmp_path):
     from bot.card import build_card
+    from bot.report import ReportSource
 
-    report = {"adapter": {"ref": "a local folder", "repo_id": None, "revision": "local-0123"},
-              "base": {"ref": "a local folder", "repo_id": None, "revision": "local-4567"}, "peft_type": "LORA"}
+    report = unverified_report(adapter=ReportSource(ref="a local folder", repo_id=None, revision="local-0123"),
+                               base=ReportSource(ref="a local folder", repo_id=None, revision="local-4567"))
     card = build_card(report, None, None)
     assert "base_model:" not in card and "names no Hub repo, so this card has no `base_model`" in card
     assert "Neither the base model's card nor the adapter's declares a license" in card

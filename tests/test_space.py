@@ -121,10 +121,14 @@ def test_the_form_takes_pasted_addresses(hub, models, on_a_space, typed):
 
 
 def test_verdict_in_words():
-    proof = {"modules_proved": 4, "peft_version": "0.21.2", "probes_per_module": 8, "max_error_ulp": 0.5,
-             "threshold_ulp": 1.0, "threshold_share": 0.01, "saved_copies": 0, "unchanged_tensors": 17}
-    passed = handlers.verification_verdict({"proof": proof, "end_to_end": None, "passed": True})
-    failed = handlers.verification_verdict({"proof": proof, "end_to_end": None, "passed": False})
+    from bot.report import ProofSummary, Verification
+
+    proof = ProofSummary(method="per-module proof", peft_version="0.21.2", modules_proved=4, saved_copies=0,
+                         unchanged_tensors=17, probes_per_module=8, max_error_ulp=0.5, threshold_ulp=1.0,
+                         max_share_beyond_half_ulp=0.0, threshold_share=0.01, max_dense_relative_delta=0.0,
+                         worst_module=None, passed=True)
+    passed = handlers.verification_verdict(Verification(proof=proof, end_to_end=None, passed=True))
+    failed = handlers.verification_verdict(Verification(proof=proof, end_to_end=None, passed=False))
     assert passed.startswith("**Verification passed** (threshold 1 ulp per element") and "4 modules proved" in passed
     assert failed.startswith("**Verification failed**")
 

@@ -308,13 +308,14 @@ class Service:
         return target
 
     def _holds_other_adapter(self, target: str, adapter_repo: str) -> bool:
-        from bot.hub import REPORT_NAME, repo_state
+        from bot.hub import repo_state
+        from bot.report import REPORT_NAME, ReportStamp
 
         state = repo_state(self.api, target)
         if state is None or REPORT_NAME not in state.files:
             return False
         report = json.loads(Path(self.api.hf_hub_download(target, REPORT_NAME, revision=state.sha)).read_text())
-        return str((report.get("adapter") or {}).get("repo_id", "")).lower() != adapter_repo.lower()
+        return (ReportStamp.from_json(report).adapter_repo_id or "").lower() != adapter_repo.lower()
 
     # ---- work ------------------------------------------------------------------------------
     def work_once(self) -> bool:
