@@ -12,25 +12,23 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import time
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from bot.card import CARD_NAME, with_repo_id
 from bot.errors import (AccessDeniedError, AuthenticationError, HubUnavailableError, MergeBotError, PublishError,
                         RepoConflictError, SourceNotFoundError, UsageError)
 from bot.jsonfile import read_json_object
 from bot.provenance import has_marker, marker_line
-from bot.sources import (http_status as _status, hub_failure, is_network_error, is_transient, read_with_retries,
-                         retry_wait)
+from bot.transport import (http_status as _status, hub_failure, hub_write_errors, is_network_error, is_transient,
+                           read_with_retries, transfer_mode, write_with_retries)
 from bot.spec import parse_source_ref
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "merge_report.json"
-RETRY_WAITS = (1.0, 2.0, 4.0, 8.0)  # seconds between attempts on transient errors
 _EMPTY_REPO_FILES = {".gitattributes"}
 TITLE_PREFIX = "Merge "  # every commit and PR title merge-bot writes starts with this
 
@@ -78,75 +76,6 @@ def parse_repo_id(text: str) -> str:
     if ref.revision or "/" not in ref.name:
         raise problem
     return ref.name
-
-
-def _server_message(error: BaseException) -> str:
-    message = getattr(error, "server_message", None) or ""
-    return " ".join(str(message).split())[:300]
-
-
-def translate_write_error(error: BaseException, doing: str, repo_id: str) -> MergeBotError:
-    """A permanent Hub failure while writing, as a one-line error with its own exit code."""
-    status, said = _status(error), _server_message(error)
-    detail = f": {said}" if said else ""
-    if status == 401:
-        return AuthenticationError(f"the Hub rejected the token while {doing} (HTTP 401); pass --token, set HF_TOKEN "
-                                   f"or run `hf auth login` with a token that has write access")
-    if status == 403:
-        return AccessDeniedError(f"the token's account may not write to {repo_id} (HTTP 403){detail}; use a repo in "
-                                 f"your own namespace or an org where you have write access")
-    if status == 404:
-        return SourceNotFoundError(f"{repo_id} was not found while {doing} (HTTP 404){detail}")
-    if status in (409, 412):
-        return RepoConflictError(f"{repo_id} changed or already exists while {doing} (HTTP {status}){detail}")
-    if status is None and is_network_error(error):
-        return PublishError(f"could not reach the Hub while {doing} ({error.__class__.__name__}); nothing was "
-                            f"committed; check your connection and retry")
-    if status == 402:
-        return PublishError(f"the Hub refused the upload while {doing} (HTTP 402: payment or storage quota){detail}; "
-                            f"nothing was committed")
-    if status is not None and 400 <= status < 500 and status not in (408, 429):
-        return PublishError(f"the Hub refused the request while {doing} (HTTP {status}){detail}; nothing was "
-                            f"committed")
-    return PublishError(f"the Hub failed while {doing} (HTTP {status}){detail}; nothing was committed; retry later")
-
-
-@contextmanager
-def hub_write_errors(doing: str, repo_id: str) -> Iterator[None]:
-    try:
-        yield
-    except MergeBotError:
-        raise
-    except Exception as e:
-        cause = hub_failure(e)
-        if cause is None:
-            raise
-        raise translate_write_error(cause, doing, repo_id) from e
-
-
-def with_retries(attempt: Callable[[], PublishResult], *, doing: str, repo_id: str,
-                 waits: tuple[float, ...] | None = None) -> PublishResult:
-    """Run ``attempt`` until it succeeds, retrying transient failures; each attempt re-checks the target."""
-    waits = RETRY_WAITS if waits is None else waits
-    waited = 0.0
-    for wait in (*waits, None):
-        with hub_write_errors(doing, repo_id):
-            try:
-                return attempt()
-            except MergeBotError:
-                raise
-            except Exception as e:
-                cause = hub_failure(e)
-                if wait is None or cause is None or not (is_transient(cause) or _status(cause) == 412):
-                    raise
-                wait = retry_wait(cause, wait, waited)
-                if wait is None:  # rate-limited for longer than is worth waiting
-                    raise
-                waited += wait
-                log.warning("transient Hub error while %s (%s); retrying in %.1fs",
-                            doing, _status(cause) or cause.__class__.__name__, wait)
-        time.sleep(wait)
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -364,32 +293,6 @@ def read_folder_report(folder: Path) -> dict:
     return data
 
 
-def upload_with_xet_only_if_offered(api, repo_id: str) -> None:
-    """huggingface_hub uploads through Xet whenever ``hf_xet`` is installed, with no fallback, so
-    every upload to a Hub-compatible server without Xet would fail. Ask the server for a Xet write
-    token first; when it has no such route (or no answer), switch this process to the LFS upload
-    protocol, which the Hub also accepts. A 401/403 only means this caller gets no token for main
-    (a pull request on someone else's repo asks for its own), so Xet stays on."""
-    import importlib.util
-
-    from huggingface_hub import constants
-    from huggingface_hub.utils import build_hf_headers, get_session
-
-    if constants.HF_HUB_DISABLE_XET or importlib.util.find_spec("hf_xet") is None:
-        return
-    url = f"{api.endpoint}/api/models/{repo_id}/xet-write-token/main"
-    try:
-        response = get_session().get(url, headers=build_hf_headers(token=api.token),
-                                     timeout=constants.HF_HUB_ETAG_TIMEOUT)
-        offered = response.status_code in (401, 403) or (
-            response.status_code == 200 and constants.HUGGINGFACE_HEADER_X_XET_ENDPOINT in response.headers)
-    except Exception:  # noqa: BLE001 - any failure to offer Xet means: upload the other way
-        offered = False
-    if not offered:
-        log.info("%s offers no Xet upload for %s; uploading with LFS", api.endpoint, repo_id)
-        constants.HF_HUB_DISABLE_XET = True
-
-
 # Files pre-uploading at once: two keep the link busy while the other is hashed, announced and
 # verified (per-file steps the Hub does in sequence); each is a shard on disk until it is done.
 UPLOADS_AT_ONCE = 2
@@ -418,6 +321,8 @@ class Publication:
         self._slot = threading.Semaphore(UPLOADS_AT_ONCE)  # files handed over and not yet uploaded: bounded disk
         self._count = threading.Lock()
         self._error: BaseException | None = None
+        self._closing = ExitStack()  # the job's transfer mode holds until the publication is closed
+        self.transfer = self._closing.enter_context(transfer_mode(api, target.repo_id))  # "xet" or "lfs"
         self._threads = [threading.Thread(target=self._run, name=f"merge-bot-upload-{i}", daemon=True)
                          for i in range(UPLOADS_AT_ONCE)]
         for thread in self._threads:
@@ -433,7 +338,7 @@ class Publication:
             try:
                 if self._error is None:
                     op = CommitOperationAdd(path.name, str(path))
-                    with_retries(lambda: self.api.preupload_lfs_files(
+                    write_with_retries(lambda: self.api.preupload_lfs_files(
                         self.target.repo_id, additions=[op], create_pr=self.target.pr, free_memory=True),
                         doing=f"uploading {path.name} to {self.target.repo_id}", repo_id=self.target.repo_id)
                     if op._is_uploaded:  # an LFS/Xet blob now; a small regular file stays and is committed
@@ -471,6 +376,7 @@ class Publication:
             self._queue.put(None)
         for thread in self._threads:
             thread.join(timeout=30)
+        self._closing.close()
 
     def __enter__(self) -> "Publication":
         return self
@@ -502,7 +408,7 @@ class Publication:
             action = "created" if self.created else "committed"
             return PublishResult(target.repo_id, action, f"{api.endpoint}/{target.repo_id}", info.oid)
 
-        return with_retries(attempt, doing=f"publishing to {target.repo_id}", repo_id=target.repo_id)
+        return write_with_retries(attempt, doing=f"publishing to {target.repo_id}", repo_id=target.repo_id)
 
 
 def open_publication(api, target: PublishTarget, fps: tuple[str, ...], *, author: str, verified: bool = False,
@@ -522,24 +428,20 @@ def open_publication(api, target: PublishTarget, fps: tuple[str, ...], *, author
             created = True
         return None, created
 
-    existing, created = with_retries(attempt, doing=f"preparing {target.repo_id}", repo_id=target.repo_id)
+    existing, created = write_with_retries(attempt, doing=f"preparing {target.repo_id}", repo_id=target.repo_id)
     if existing is not None:
         return existing
-    upload_with_xet_only_if_offered(api, target.repo_id)
     return Publication(api, target, fps, author=author, verified=verified, created=created, on_uploaded=on_uploaded)
 
 
-def publish_folder(folder: Path, target: PublishTarget, *, title: str, description: str, fingerprint: str,
-                   token: str | None, endpoint: str | None = None, verified: bool = False,
-                   aliases: tuple[str, ...] = ()) -> PublishResult:
-    """Create ``target`` and commit ``folder`` to it, or open one PR; idempotent by ``fingerprint``.
+def publish_folder(folder: Path, target: PublishTarget, *, api, title: str, description: str, fingerprint: str,
+                   verified: bool = False, aliases: tuple[str, ...] = ()) -> PublishResult:
+    """Create ``target`` and commit ``folder`` to it through the job's client ``api``, or open one PR;
+    idempotent by ``fingerprint``.
 
     ``verified``: the folder's report carries verification numbers (see ``survey_target``);
     ``aliases``: older fingerprints of the same merge (see ``Preflight.fingerprints``).
     """
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=endpoint, token=token)
     account = check_can_publish(api, target)
     opened = open_publication(api, target, (fingerprint, *aliases), author=account.name, verified=verified)
     if isinstance(opened, PublishResult):

@@ -19,8 +19,9 @@ from bot.errors import AdapterConfigError, IncompatibleBaseError, MergeBotError,
 from bot.jsonfile import MAX_JSON_BYTES, read_json_object
 from bot.plan import base_ref_for, check_not_quantized, check_peft_can_merge, suggest_unquantized
 from bot.provenance import Pinned, fingerprint, output_options, pin_local
-from bot.sources import canonical_repo_id, files_to_download, hub_read_errors, is_bare_name, read_with_retries
+from bot.sources import canonical_repo_id, files_to_download
 from bot.spec import MergeSpec, SourceRef, auto_shard_bytes, parse_source_ref
+from bot.transport import hub_client, hub_read_errors, is_bare_name, read_with_retries
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,6 @@ class _RepoFacts:
     card_data: dict[str, Any]
     private: bool | None  # None: the server did not say
     gated: bool | None
-
-
-def _hub_api(token: str | None, endpoint: str | None):
-    from huggingface_hub import HfApi
-
-    return HfApi(endpoint=endpoint, token=token)
 
 
 def _repo_facts(api, ref: SourceRef, what: str) -> _RepoFacts:
@@ -234,17 +229,17 @@ def _resolve_base(api_factory, ref: SourceRef, *, explicit: bool, named_by: str)
     return facts.ref, Pinned(facts.ref.name, facts.ref.revision, True), config, weights, download, note, facts
 
 
-def preflight(spec: MergeSpec, *, endpoint: str | None = None, check_disk: bool = True,
-              streamed: bool = False) -> Preflight:
+def preflight(spec: MergeSpec, *, api=None, check_disk: bool = True, streamed: bool = False) -> Preflight:
     """Pin, check access, mergeability and quantization, and size the job; raises on any refusal.
 
+    ``api``: the job's Hub client (by default one for ``spec.token``, made only if a source is on the Hub).
     ``streamed``: the merge will stream Hub to Hub (``bot.pipeline``), so the disk it needs is a few
     pieces and shards of scratch, not the base plus the output."""
     api_cache: list[Any] = []
 
     def api_factory():
         if not api_cache:
-            api_cache.append(_hub_api(spec.token, endpoint))
+            api_cache.append(api or hub_client(token=spec.token))
         return api_cache[0]
 
     adapter_ref, adapter_pin, acfg, adapter_download, adapter_facts = _resolve_adapter(api_factory, spec)
