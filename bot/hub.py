@@ -117,7 +117,8 @@ def _fine_grained_account(name: str, fine: dict, own: frozenset[str]) -> Account
     """What a fine-grained token may do: ``repo.write`` globally (every namespace of the account) or
     scoped to a user/org or to single repos; ``discussion.write`` (or any write) to open pull requests."""
     granted = set(fine.get("global") or [])
-    namespaces, repos = (set(own) if "repo.write" in granted else set()), set()
+    namespaces: set[str] = set(own) if "repo.write" in granted else set()
+    repos: set[str] = set()
     for entry in fine.get("scoped") or []:
         entity = entry.get("entity") if isinstance(entry, dict) else None
         if not isinstance(entity, dict) or not isinstance(entity.get("name"), str):
