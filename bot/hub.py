@@ -15,7 +15,7 @@ import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from bot.card import CARD_NAME, with_repo_id
 from bot.errors import (AccessDeniedError, AuthenticationError, HubUnavailableError, MergeBotError, PublishError,
@@ -25,6 +25,9 @@ from bot.provenance import has_marker, marker_line
 from bot.transport import (http_status as _status, hub_failure, hub_write_errors, is_network_error, is_transient,
                            read_with_retries, transfer_mode, write_with_retries)
 from bot.spec import parse_source_ref
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,7 @@ class Account:
     can_open_prs: bool = True
 
 
-def account_of(api) -> Account:
+def account_of(api: HfApi) -> Account:
     """Who the API's token is, and where it may write; refuses missing, invalid or read-only tokens."""
     if not api.token:
         raise AuthenticationError("publishing needs a Hub token with write access: pass --token, set HF_TOKEN, "
@@ -132,7 +135,7 @@ def _fine_grained_account(name: str, fine: dict, own: frozenset[str]) -> Account
                                                                                               "discussion.write"}))
 
 
-def check_can_publish(api, target: PublishTarget) -> Account:
+def check_can_publish(api: HfApi, target: PublishTarget) -> Account:
     """The token works and may create or write ``target`` (with --pr: may open pull requests)."""
     account = account_of(api)
     owner = target.repo_id.split("/")[0]
@@ -149,7 +152,7 @@ def check_can_publish(api, target: PublishTarget) -> Account:
     return account
 
 
-def _remote_report(api, repo_id: str, revision: str | None) -> dict:
+def _remote_report(api: HfApi, repo_id: str, revision: str | None) -> dict:
     """The merge_report.json at ``revision``, or {} when there is none or it is not a JSON object."""
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -164,7 +167,7 @@ def _remote_report(api, repo_id: str, revision: str | None) -> dict:
     return report if isinstance(report, dict) else {}
 
 
-def main_report(api, repo_id: str, state: "RepoState | None") -> dict:
+def main_report(api: HfApi, repo_id: str, state: "RepoState | None") -> dict:
     """The merge report on the target's main branch ({} when there is none)."""
     if state is None or REPORT_NAME not in state.files:
         return {}
@@ -182,7 +185,7 @@ class RepoState:
         return not set(self.files) - _EMPTY_REPO_FILES
 
 
-def repo_state(api, repo_id: str) -> RepoState | None:
+def repo_state(api: HfApi, repo_id: str) -> RepoState | None:
     """Head of main, its files and visibility; None when the repo does not exist (or is hidden from us)."""
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -220,7 +223,7 @@ def check_target(target: PublishTarget, state: RepoState | None, *, holds_this_m
                                     f"so --private cannot be honoured; choose a new --repo")
 
 
-def survey_target(api, target: PublishTarget, fps: tuple[str, ...], *, author: str | None = None,
+def survey_target(api: HfApi, target: PublishTarget, fps: tuple[str, ...], *, author: str | None = None,
                   verified: bool = False, just_created: bool = False) -> tuple[PublishResult | None, RepoState | None]:
     """What ``target`` holds of this merge, read once: the result when it is already there (on main, or
     with --pr in a pull request opened by ``author``), else None and the repo's state, after the
@@ -230,6 +233,8 @@ def survey_target(api, target: PublishTarget, fps: tuple[str, ...], *, author: s
     ``verified``, a merge on main counts only if it was published with its verification numbers:
     a ``--verify`` run after a plain one adds them (over the same merge) instead of doing nothing.
     """
+    from huggingface_hub import DiscussionComment
+
     state = repo_state(api, target.repo_id)
     report = main_report(api, target.repo_id, state)
     on_main = report.get("fingerprint") in fps
@@ -244,8 +249,10 @@ def survey_target(api, target: PublishTarget, fps: tuple[str, ...], *, author: s
             if author is not None and str(discussion.author).lower() != author.lower():
                 continue  # a server that ignores the author filter must not make someone else's PR count
             details = api.get_discussion_details(target.repo_id, discussion.num)
-            opening = next((e for e in details.events if getattr(e, "content", None)), None)
-            if opening is not None and any(has_marker(opening.content, one) for one in fps):
+            # The opening post: the first comment with text (status changes, commits and renames have none).
+            opening = next((e.content for e in details.events if isinstance(e, DiscussionComment) and e.content),
+                           None)
+            if opening is not None and any(has_marker(opening, one) for one in fps):
                 return PublishResult(target.repo_id, "pr-closed" if discussion.status == "closed" else "pr-exists",
                                      details.url), state
     check_target(target, state, holds_this_merge=on_main, just_created=just_created)
@@ -412,7 +419,7 @@ class Publication:
         return write_with_retries(attempt, doing=f"publishing to {target.repo_id}", repo_id=target.repo_id)
 
 
-def open_publication(api, target: PublishTarget, fps: tuple[str, ...], *, author: str, verified: bool = False,
+def open_publication(api: HfApi, target: PublishTarget, fps: tuple[str, ...], *, author: str, verified: bool = False,
                      on_uploaded: Callable[[int], None] | None = None) -> PublishResult | Publication:
     """The result when ``target`` already has this merge; else a ``Publication`` on it (a new repo is
     created now: files can only be pre-uploaded into a repo that exists)."""
@@ -435,7 +442,7 @@ def open_publication(api, target: PublishTarget, fps: tuple[str, ...], *, author
     return Publication(api, target, fps, author=author, verified=verified, created=created, on_uploaded=on_uploaded)
 
 
-def publish_folder(folder: Path, target: PublishTarget, *, api, title: str, description: str, fingerprint: str,
+def publish_folder(folder: Path, target: PublishTarget, *, api: HfApi, title: str, description: str, fingerprint: str,
                    verified: bool = False, aliases: tuple[str, ...] = ()) -> PublishResult:
     """Create ``target`` and commit ``folder`` to it through the job's client ``api``, or open one PR;
     idempotent by ``fingerprint``.

@@ -12,13 +12,16 @@ import tempfile
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from bot.errors import MergeBotError, UsageError
 from bot.hub import (PublishResult, PublishTarget, check_can_publish, open_publication, parse_repo_id, publish_folder,
                      survey_target)
 from bot.spec import DTYPES, MergeSpec, parse_shard_size, parse_source_ref
 from bot.transport import hub_write_errors
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 EventFn = Callable[[str], None]
 MERGE_LOCK = threading.Lock()
@@ -127,7 +130,7 @@ def read_report(folder: Path) -> dict[str, Any]:
     return read_folder_report(folder)
 
 
-def publish_merged_folder(folder: Path, target: PublishTarget, *, api, aliases: tuple[str, ...] = ()) -> PublishResult:
+def publish_merged_folder(folder: Path, target: PublishTarget, *, api: HfApi, aliases: tuple[str, ...] = ()) -> PublishResult:
     """Publish a folder ``merge`` wrote, through the job's client ``api``."""
     report = read_report(folder)
     title, description = commit_text(report)
@@ -157,7 +160,7 @@ def run_merge_plan(plan, verify: bool, on_progress=None):
     return execute_plan(plan, on_progress=on_progress, verify=verify)
 
 
-def run_publish_job(job: PublishJob, *, api, work_dir: Path | None = None, on_event: EventFn = lambda _: None,
+def run_publish_job(job: PublishJob, *, api: HfApi, work_dir: Path | None = None, on_event: EventFn = lambda _: None,
                     on_progress=None, merge_runner: MergeRunner | None = None,
                     policy: Callable[[Any], None] | None = None) -> JobResult:
     """Pre-flight, skip if the target already has this merge, else merge and publish in one commit.
@@ -178,7 +181,8 @@ def run_publish_job(job: PublishJob, *, api, work_dir: Path | None = None, on_ev
     streamed = merge_runner is None
     work = Path(tempfile.mkdtemp(prefix="merge-bot-", dir=work_dir))
     try:
-        spec = job.merge_spec(work / "merged", api.token)
+        # The client's token for the merge's own reads: a str here (check_can_publish refuses a job without one).
+        spec = job.merge_spec(work / "merged", api.token if isinstance(api.token, str) else None)
         checked = preflight(spec, api=api, streamed=streamed)
         if policy is not None:
             policy(checked)

@@ -12,7 +12,7 @@ import logging
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.adapter import AdapterConfig, read_adapter_config
 from bot.errors import AdapterConfigError, IncompatibleBaseError, MergeBotError, OutputError
@@ -22,6 +22,9 @@ from bot.provenance import Pinned, fingerprint, output_options, pin_local
 from bot.sources import canonical_repo_id, files_to_download
 from bot.spec import MergeSpec, SourceRef, auto_shard_bytes, parse_source_ref
 from bot.transport import hub_client, hub_read_errors, is_bare_name, read_with_retries
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +232,7 @@ def _resolve_base(api_factory, ref: SourceRef, *, explicit: bool, named_by: str)
     return facts.ref, Pinned(facts.ref.name, facts.ref.revision, True), config, weights, download, note, facts
 
 
-def preflight(spec: MergeSpec, *, api=None, check_disk: bool = True, streamed: bool = False) -> Preflight:
+def preflight(spec: MergeSpec, *, api: HfApi | None = None, check_disk: bool = True, streamed: bool = False) -> Preflight:
     """Pin, check access, mergeability and quantization, and size the job; raises on any refusal.
 
     ``api``: the job's Hub client (by default one for ``spec.token``, made only if a source is on the Hub).
