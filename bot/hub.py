@@ -5,7 +5,8 @@ provenance fingerprint (in ``merge_report.json`` on the branch, or in an open pu
 request's description), so a retry after an ambiguous failure, or a second run of the
 same job, never makes a second commit or a duplicate PR. Transient Hub errors (5xx, 429,
 dropped connections) are retried with backoff; permanent ones become one-line errors
-with their own exit codes (see ``bot.errors``).
+with their own exit codes (see ``bot.errors``); both through ``bot.transport``, as is the
+one client (``api``) every function here is handed.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from bot.errors import (AccessDeniedError, AuthenticationError, HubUnavailableEr
                         RepoConflictError, SourceNotFoundError, UsageError)
 from bot.jsonfile import read_json_object
 from bot.provenance import has_marker, marker_line
+from bot.spec import parse_source_ref
 from bot.transport import (http_status as _status, hub_failure, hub_write_errors, is_network_error, is_transient,
                            read_with_retries, transfer_mode, write_with_retries)
-from bot.spec import parse_source_ref
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
