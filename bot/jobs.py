@@ -130,7 +130,8 @@ def read_report(folder: Path) -> dict[str, Any]:
     return read_folder_report(folder)
 
 
-def publish_merged_folder(folder: Path, target: PublishTarget, *, api: HfApi, aliases: tuple[str, ...] = ()) -> PublishResult:
+def publish_merged_folder(folder: Path, target: PublishTarget, *, api: HfApi,
+                          aliases: tuple[str, ...] = ()) -> PublishResult:
     """Publish a folder ``merge`` wrote, through the job's client ``api``."""
     report = read_report(folder)
     title, description = commit_text(report)

@@ -232,7 +232,8 @@ def _resolve_base(api_factory, ref: SourceRef, *, explicit: bool, named_by: str)
     return facts.ref, Pinned(facts.ref.name, facts.ref.revision, True), config, weights, download, note, facts
 
 
-def preflight(spec: MergeSpec, *, api: HfApi | None = None, check_disk: bool = True, streamed: bool = False) -> Preflight:
+def preflight(spec: MergeSpec, *, api: HfApi | None = None, check_disk: bool = True,
+              streamed: bool = False) -> Preflight:
     """Pin, check access, mergeability and quantization, and size the job; raises on any refusal.
 
     ``api``: the job's Hub client (by default one for ``spec.token``, made only if a source is on the Hub).

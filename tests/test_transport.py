@@ -117,8 +117,8 @@ def test_reads_use_the_read_waits(slept, monkeypatch):
 
 
 def test_only_the_transport_module_builds_a_hub_client():
-    builders = [path.relative_to(ROOT).as_posix() for folder in ("bot", "space") for path in (ROOT / folder).rglob("*.py")
-                if re.search(r"\bHfApi\(", path.read_text(encoding="utf-8"))]
+    sources = [path for folder in ("bot", "space") for path in sorted((ROOT / folder).rglob("*.py"))]
+    builders = [p.relative_to(ROOT).as_posix() for p in sources if re.search(r"\bHfApi\(", p.read_text(encoding="utf-8"))]
     assert builders == ["bot/transport.py"]
 
 
