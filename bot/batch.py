@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bot.errors import MergeBotError, OutputError, UsageError, redact
 from bot.jobs import EventFn, PublishJob, job_from_mapping, run_publish_job
+from bot.transport import hub_client
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ def run_batch_jobs(jobs: list[PublishJob], *, token: str | None, endpoint: str |
     for i, job in enumerate(jobs, 1):
         on_event(f"[{i}/{len(jobs)}] {job.adapter} -> {job.repo}{' (pull request)' if job.pr else ''}")
         try:
-            result = run_publish_job(job, token=token, endpoint=endpoint, work_dir=work_dir, on_event=on_event)
+            result = run_publish_job(job, api=hub_client(token=token, endpoint=endpoint), work_dir=work_dir,
+                                     on_event=on_event)
         except MergeBotError as e:
             on_event(f"[{i}/{len(jobs)}] failed: {e}")
             outcomes.append(JobOutcome(job, False, f"failed (exit {e.exit_code})", str(e)))
@@ -88,8 +90,6 @@ def run_batch_as_jobs(jobs: list[PublishJob], *, token: str | None, settings, en
     import time
     from dataclasses import replace
 
-    from huggingface_hub import HfApi
-
     from bot.errors import RemoteJobError
     from bot.executors import JobsExecutor, choose_flavor, outcome_text
     from bot.hub import check_can_publish, survey_target
@@ -97,7 +97,7 @@ def run_batch_as_jobs(jobs: list[PublishJob], *, token: str | None, settings, en
 
     if not token:
         raise UsageError("batch --executor jobs needs a token (--token or HF_TOKEN): the Jobs run with it")
-    api = HfApi(endpoint=endpoint, token=token)
+    api = hub_client(token=token, endpoint=endpoint)
     account = api.whoami()["name"]
     executor = JobsExecutor(api, settings, token=token, namespace=settings.namespace or account, endpoint=endpoint)
     outcomes: dict[int, JobOutcome] = {}
@@ -117,7 +117,7 @@ def run_batch_as_jobs(jobs: list[PublishJob], *, token: str | None, settings, en
                 if spec.adapter.local or (spec.base is not None and spec.base.local):
                     raise UsageError("a local folder cannot be merged in a Job; push it to the Hub first")
                 author = check_can_publish(api, job.target).name
-                checked = preflight(spec, endpoint=endpoint, check_disk=False)
+                checked = preflight(spec, api=api, check_disk=False)
                 pinned = replace(job, adapter=f"{checked.adapter_pin.name}@{checked.adapter_pin.revision}",
                                  base=f"{checked.base_pin.name}@{checked.base_pin.revision}")
                 fps = checked.fingerprints(spec)

@@ -118,29 +118,22 @@ def license_text(base: str | None, adapter: str | None) -> str:
             "none: check the base model's terms before use.")
 
 
-def hub_url() -> str:
-    """The Hub the links should point at (HF_ENDPOINT when set)."""
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT.rstrip("/")
-
-
-def _link(source: ReportSource) -> str:
+def _link(source: ReportSource, hub_url: str) -> str:
     if source.repo_id and source.revision:
         repo, sha = source.repo_id, source.revision
-        return f"[{repo}]({hub_url()}/{repo}/tree/{sha}) at `{sha[:12]}`"
+        return f"[{repo}]({hub_url}/{repo}/tree/{sha}) at `{sha[:12]}`"
     return f"a local folder (content digest `{source.revision or '?'}`)"
 
 
-def base_model_of(base: ReportSource) -> tuple[str | None, str]:
-    """(the card's ``base_model``, the body's Base model line) for the report's base entry."""
+def base_model_of(base: ReportSource, hub_url: str) -> tuple[str | None, str]:
+    """(the card's ``base_model``, the body's Base model line) for the report's base entry; links go to ``hub_url``."""
     if base.repo_id:
-        return base.repo_id, _link(base)
+        return base.repo_id, _link(base, hub_url)
     named = base.config_names
     if named:
-        return named, (f"{_link(base)}, whose config.json names [{named}]({hub_url()}/{named}) as its origin; "
+        return named, (f"{_link(base, hub_url)}, whose config.json names [{named}]({hub_url}/{named}) as its origin; "
                        f"that is this card's `base_model` (merge-bot did not compare the folder with that repo)")
-    return None, f"{_link(base)} that names no Hub repo, so this card has no `base_model`"
+    return None, f"{_link(base, hub_url)} that names no Hub repo, so this card has no `base_model`"
 
 
 def _method_line(report: MergeReport) -> str:
@@ -151,15 +144,16 @@ def _method_line(report: MergeReport) -> str:
     return f"{report.peft_type} folded into the base weights ({how}); scale: {scale_text}"
 
 
-def build_card(report: MergeReport, adapter_folder: Path | None, base_folder: Path | None, *,
+def build_card(report: MergeReport, adapter_folder: Path | None, base_folder: Path | None, *, hub_url: str,
                has_tokenizer: bool = True) -> str:
-    """README.md text for a merged model folder."""
+    """README.md text for a merged model folder; its links go to ``hub_url``, the Hub the job reads and
+    publishes through (the job's client's endpoint), not the process-wide default."""
     from huggingface_hub import ModelCardData
 
     adapter, base = report.adapter, report.base
     auto_class, pipeline = auto_class_and_pipeline(report.architecture, report.task_type)
     peft_type = report.peft_type.lower()
-    base_model, base_line = base_model_of(base)
+    base_model, base_line = base_model_of(base, hub_url)
     adapter_card, base_card = read_card_data(adapter_folder), read_card_data(base_folder)
     data = ModelCardData(
         library_name="transformers",
@@ -178,15 +172,15 @@ def build_card(report: MergeReport, adapter_folder: Path | None, base_folder: Pa
         "This is a standalone model: a PEFT adapter merged into its base model by merge-bot. "
         "It loads with `transformers` alone; PEFT is not needed.", "",
         "## What was merged", "",
-        f"- **Adapter:** {_link(adapter)}",
+        f"- **Adapter:** {_link(adapter, hub_url)}",
         f"- **Base model:** {base_line}",
     ]
     if report.base_note:
         lines.append(f"- **Base note:** {report.base_note}")
     if report.requested_by:
         author = (adapter.repo_id or "").split("/")[0]
-        credit = f"; the adapter is the work of [@{author}]({hub_url()}/{author})" if author else ""
-        lines.append(f"- **Requested by:** [@{report.requested_by}]({hub_url()}/{report.requested_by}) "
+        credit = f"; the adapter is the work of [@{author}]({hub_url}/{author})" if author else ""
+        lines.append(f"- **Requested by:** [@{report.requested_by}]({hub_url}/{report.requested_by}) "
                      f"through merge-bot's self-service{credit}")
     counts = report.adapted_counts
     lines += [

@@ -16,6 +16,7 @@ from bot import __version__
 from bot.errors import MergeBotError, OutputError, UsageError, redact
 from bot.report import Verification
 from bot.spec import DEVICES, DTYPES, MergeSpec, parse_shard_size, parse_source_ref
+from bot.transport import hub_client
 
 VERIFY_HELP = ("prove every merged tensor against PEFT's own layers (bounded memory), and compare the whole model "
                "end to end when it fits in memory (default: on; --no-verify skips it)")
@@ -219,10 +220,11 @@ def run_merge(args: argparse.Namespace) -> int:
     )
     local_inputs = [Path(ref.name) for ref in (spec.adapter, spec.base) if ref is not None and ref.local]
     check_output_dir(Path(spec.out), overwrite=spec.overwrite, inputs=local_inputs)  # fail before any download
-    checked = preflight(spec)
+    api = hub_client(token=spec.token)  # the merge's one Hub client, for pre-flight and the downloads
+    checked = preflight(spec, api=api)
     if checked.base_note:
         print(f"note: {checked.base_note}", file=sys.stderr)
-    plan = resolve_plan(checked.pinned_spec(spec))
+    plan = resolve_plan(checked.pinned_spec(spec), api=api)
     for notice in plan.notices:
         print(f"warning: {notice}", file=sys.stderr)
     progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
@@ -266,7 +268,7 @@ def run_push(args: argparse.Namespace) -> int:
     if not args.folder.is_dir():
         raise UsageError(f"{args.folder} is not a folder; give the output folder of `python -m bot merge`")
     target = PublishTarget(parse_repo_id(args.repo), pr=args.pr, private=args.private)
-    result = publish_merged_folder(args.folder, target, token=hub_token(args))
+    result = publish_merged_folder(args.folder, target, api=hub_client(token=hub_token(args)))
     print(result.describe())
     return 0
 
@@ -297,7 +299,8 @@ def run_run(args: argparse.Namespace) -> int:
     from bot.jobs import run_publish_job
 
     job = _job_from_args(args)
-    result = run_publish_job(job, token=hub_token(args), work_dir=args.work_dir, on_event=_events(args))
+    result = run_publish_job(job, api=hub_client(token=hub_token(args)), work_dir=args.work_dir,
+                             on_event=_events(args))
     print(result.describe())
     for line in verification_lines(result.report.verification if result.report else None):
         print(line)

@@ -5,31 +5,33 @@ provenance fingerprint (in ``merge_report.json`` on the branch, or in an open pu
 request's description), so a retry after an ambiguous failure, or a second run of the
 same job, never makes a second commit or a duplicate PR. Transient Hub errors (5xx, 429,
 dropped connections) are retried with backoff; permanent ones become one-line errors
-with their own exit codes (see ``bot.errors``).
+with their own exit codes (see ``bot.errors``); both through ``bot.transport``, as is the
+one client (``api``) every function here is handed.
 """
 from __future__ import annotations
 
 import fnmatch
 import json
 import logging
-import time
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable
 
 from bot.card import CARD_NAME, with_repo_id
 from bot.errors import (AccessDeniedError, AuthenticationError, HubUnavailableError, MergeBotError, PublishError,
                         RepoConflictError, SourceNotFoundError, UsageError)
 from bot.provenance import has_marker, marker_line
 from bot.report import REPORT_NAME, ReportStamp
-from bot.sources import (http_status as _status, hub_failure, is_network_error, is_transient, read_with_retries,
-                         retry_wait)
 from bot.spec import parse_source_ref
+from bot.transport import (http_status as _status, hub_failure, hub_write_errors, is_network_error, is_transient,
+                           read_with_retries, transfer_mode, write_with_retries)
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 log = logging.getLogger(__name__)
 
-RETRY_WAITS = (1.0, 2.0, 4.0, 8.0)  # seconds between attempts on transient errors
 _EMPTY_REPO_FILES = {".gitattributes"}
 TITLE_PREFIX = "Merge "  # every commit and PR title merge-bot writes starts with this
 
@@ -79,75 +81,6 @@ def parse_repo_id(text: str) -> str:
     return ref.name
 
 
-def _server_message(error: BaseException) -> str:
-    message = getattr(error, "server_message", None) or ""
-    return " ".join(str(message).split())[:300]
-
-
-def translate_write_error(error: BaseException, doing: str, repo_id: str) -> MergeBotError:
-    """A permanent Hub failure while writing, as a one-line error with its own exit code."""
-    status, said = _status(error), _server_message(error)
-    detail = f": {said}" if said else ""
-    if status == 401:
-        return AuthenticationError(f"the Hub rejected the token while {doing} (HTTP 401); pass --token, set HF_TOKEN "
-                                   f"or run `hf auth login` with a token that has write access")
-    if status == 403:
-        return AccessDeniedError(f"the token's account may not write to {repo_id} (HTTP 403){detail}; use a repo in "
-                                 f"your own namespace or an org where you have write access")
-    if status == 404:
-        return SourceNotFoundError(f"{repo_id} was not found while {doing} (HTTP 404){detail}")
-    if status in (409, 412):
-        return RepoConflictError(f"{repo_id} changed or already exists while {doing} (HTTP {status}){detail}")
-    if status is None and is_network_error(error):
-        return PublishError(f"could not reach the Hub while {doing} ({error.__class__.__name__}); nothing was "
-                            f"committed; check your connection and retry")
-    if status == 402:
-        return PublishError(f"the Hub refused the upload while {doing} (HTTP 402: payment or storage quota){detail}; "
-                            f"nothing was committed")
-    if status is not None and 400 <= status < 500 and status not in (408, 429):
-        return PublishError(f"the Hub refused the request while {doing} (HTTP {status}){detail}; nothing was "
-                            f"committed")
-    return PublishError(f"the Hub failed while {doing} (HTTP {status}){detail}; nothing was committed; retry later")
-
-
-@contextmanager
-def hub_write_errors(doing: str, repo_id: str) -> Iterator[None]:
-    try:
-        yield
-    except MergeBotError:
-        raise
-    except Exception as e:
-        cause = hub_failure(e)
-        if cause is None:
-            raise
-        raise translate_write_error(cause, doing, repo_id) from e
-
-
-def with_retries(attempt: Callable[[], PublishResult], *, doing: str, repo_id: str,
-                 waits: tuple[float, ...] | None = None) -> PublishResult:
-    """Run ``attempt`` until it succeeds, retrying transient failures; each attempt re-checks the target."""
-    waits = RETRY_WAITS if waits is None else waits
-    waited = 0.0
-    for wait in (*waits, None):
-        with hub_write_errors(doing, repo_id):
-            try:
-                return attempt()
-            except MergeBotError:
-                raise
-            except Exception as e:
-                cause = hub_failure(e)
-                if wait is None or cause is None or not (is_transient(cause) or _status(cause) == 412):
-                    raise
-                wait = retry_wait(cause, wait, waited)
-                if wait is None:  # rate-limited for longer than is worth waiting
-                    raise
-                waited += wait
-                log.warning("transient Hub error while %s (%s); retrying in %.1fs",
-                            doing, _status(cause) or cause.__class__.__name__, wait)
-        time.sleep(wait)
-    raise AssertionError("unreachable")
-
-
 @dataclass(frozen=True)
 class Account:
     name: str
@@ -156,7 +89,7 @@ class Account:
     can_open_prs: bool = True
 
 
-def account_of(api) -> Account:
+def account_of(api: HfApi) -> Account:
     """Who the API's token is, and where it may write; refuses missing, invalid or read-only tokens."""
     if not api.token:
         raise AuthenticationError("publishing needs a Hub token with write access: pass --token, set HF_TOKEN, "
@@ -187,7 +120,8 @@ def _fine_grained_account(name: str, fine: dict, own: frozenset[str]) -> Account
     """What a fine-grained token may do: ``repo.write`` globally (every namespace of the account) or
     scoped to a user/org or to single repos; ``discussion.write`` (or any write) to open pull requests."""
     granted = set(fine.get("global") or [])
-    namespaces, repos = (set(own) if "repo.write" in granted else set()), set()
+    namespaces: set[str] = set(own) if "repo.write" in granted else set()
+    repos: set[str] = set()
     for entry in fine.get("scoped") or []:
         entity = entry.get("entity") if isinstance(entry, dict) else None
         if not isinstance(entity, dict) or not isinstance(entity.get("name"), str):
@@ -201,7 +135,7 @@ def _fine_grained_account(name: str, fine: dict, own: frozenset[str]) -> Account
                                                                                               "discussion.write"}))
 
 
-def check_can_publish(api, target: PublishTarget) -> Account:
+def check_can_publish(api: HfApi, target: PublishTarget) -> Account:
     """The token works and may create or write ``target`` (with --pr: may open pull requests)."""
     account = account_of(api)
     owner = target.repo_id.split("/")[0]
@@ -218,7 +152,7 @@ def check_can_publish(api, target: PublishTarget) -> Account:
     return account
 
 
-def _remote_report(api, repo_id: str, revision: str | None) -> dict:
+def _remote_report(api: HfApi, repo_id: str, revision: str | None) -> dict:
     """The merge_report.json at ``revision``, or {} when there is none or it is not a JSON object."""
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -233,7 +167,7 @@ def _remote_report(api, repo_id: str, revision: str | None) -> dict:
     return report if isinstance(report, dict) else {}
 
 
-def main_report(api, repo_id: str, state: "RepoState | None") -> ReportStamp:
+def main_report(api: HfApi, repo_id: str, state: "RepoState | None") -> ReportStamp:
     """The stamp of the merge report on the target's main branch (empty when there is none)."""
     if state is None or REPORT_NAME not in state.files:
         return ReportStamp()
@@ -251,7 +185,7 @@ class RepoState:
         return not set(self.files) - _EMPTY_REPO_FILES
 
 
-def repo_state(api, repo_id: str) -> RepoState | None:
+def repo_state(api: HfApi, repo_id: str) -> RepoState | None:
     """Head of main, its files and visibility; None when the repo does not exist (or is hidden from us)."""
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -289,7 +223,7 @@ def check_target(target: PublishTarget, state: RepoState | None, *, holds_this_m
                                     f"so --private cannot be honoured; choose a new --repo")
 
 
-def survey_target(api, target: PublishTarget, fps: tuple[str, ...], *, author: str | None = None,
+def survey_target(api: HfApi, target: PublishTarget, fps: tuple[str, ...], *, author: str | None = None,
                   verified: bool = False, just_created: bool = False) -> tuple[PublishResult | None, RepoState | None]:
     """What ``target`` holds of this merge, read once: the result when it is already there (on main, or
     with --pr in a pull request opened by ``author``), else None and the repo's state, after the
@@ -299,6 +233,8 @@ def survey_target(api, target: PublishTarget, fps: tuple[str, ...], *, author: s
     ``verified``, a merge on main counts only if it was published with its verification numbers:
     a ``--verify`` run after a plain one adds them (over the same merge) instead of doing nothing.
     """
+    from huggingface_hub import DiscussionComment
+
     state = repo_state(api, target.repo_id)
     report = main_report(api, target.repo_id, state)
     on_main = report.fingerprint in fps
@@ -313,8 +249,10 @@ def survey_target(api, target: PublishTarget, fps: tuple[str, ...], *, author: s
             if author is not None and str(discussion.author).lower() != author.lower():
                 continue  # a server that ignores the author filter must not make someone else's PR count
             details = api.get_discussion_details(target.repo_id, discussion.num)
-            opening = next((e for e in details.events if getattr(e, "content", None)), None)
-            if opening is not None and any(has_marker(opening.content, one) for one in fps):
+            # The opening post: the first comment with text (status changes, commits and renames have none).
+            opening = next((e.content for e in details.events if isinstance(e, DiscussionComment) and e.content),
+                           None)
+            if opening is not None and any(has_marker(opening, one) for one in fps):
                 return PublishResult(target.repo_id, "pr-closed" if discussion.status == "closed" else "pr-exists",
                                      details.url), state
     check_target(target, state, holds_this_merge=on_main, just_created=just_created)
@@ -353,32 +291,6 @@ def _operations(folder: Path, repo_id: str, replaced: tuple[str, ...] = (), uplo
     return ops
 
 
-def upload_with_xet_only_if_offered(api, repo_id: str) -> None:
-    """huggingface_hub uploads through Xet whenever ``hf_xet`` is installed, with no fallback, so
-    every upload to a Hub-compatible server without Xet would fail. Ask the server for a Xet write
-    token first; when it has no such route (or no answer), switch this process to the LFS upload
-    protocol, which the Hub also accepts. A 401/403 only means this caller gets no token for main
-    (a pull request on someone else's repo asks for its own), so Xet stays on."""
-    import importlib.util
-
-    from huggingface_hub import constants
-    from huggingface_hub.utils import build_hf_headers, get_session
-
-    if constants.HF_HUB_DISABLE_XET or importlib.util.find_spec("hf_xet") is None:
-        return
-    url = f"{api.endpoint}/api/models/{repo_id}/xet-write-token/main"
-    try:
-        response = get_session().get(url, headers=build_hf_headers(token=api.token),
-                                     timeout=constants.HF_HUB_ETAG_TIMEOUT)
-        offered = response.status_code in (401, 403) or (
-            response.status_code == 200 and constants.HUGGINGFACE_HEADER_X_XET_ENDPOINT in response.headers)
-    except Exception:  # noqa: BLE001 - any failure to offer Xet means: upload the other way
-        offered = False
-    if not offered:
-        log.info("%s offers no Xet upload for %s; uploading with LFS", api.endpoint, repo_id)
-        constants.HF_HUB_DISABLE_XET = True
-
-
 # Files pre-uploading at once. One upload stream rarely fills a link (each file is hashed, announced,
 # sent and verified in sequence), so several run, as create_commit's own workers do; each is a
 # shard on disk until it is done, so with auto shards (a 16th of the model) this is a quarter of it.
@@ -409,6 +321,8 @@ class Publication:
         self._slot = threading.Semaphore(UPLOADS_AT_ONCE)  # files handed over and not yet uploaded: bounded disk
         self._count = threading.Lock()
         self._error: BaseException | None = None
+        self._closing = ExitStack()  # the job's transfer mode holds until the publication is closed
+        self.transfer = self._closing.enter_context(transfer_mode(api, target.repo_id))  # "xet" or "lfs"
         self._threads = [threading.Thread(target=self._run, name=f"merge-bot-upload-{i}", daemon=True)
                          for i in range(UPLOADS_AT_ONCE)]
         for thread in self._threads:
@@ -424,7 +338,7 @@ class Publication:
             try:
                 if self._error is None:
                     op = CommitOperationAdd(path.name, str(path))
-                    with_retries(lambda: self.api.preupload_lfs_files(
+                    write_with_retries(lambda: self.api.preupload_lfs_files(
                         self.target.repo_id, additions=[op], create_pr=self.target.pr, free_memory=True),
                         doing=f"uploading {path.name} to {self.target.repo_id}", repo_id=self.target.repo_id)
                     if op._is_uploaded:  # an LFS/Xet blob now; a small regular file stays and is committed
@@ -462,6 +376,7 @@ class Publication:
             self._queue.put(None)
         for thread in self._threads:
             thread.join(timeout=30)
+        self._closing.close()
 
     def __enter__(self) -> "Publication":
         return self
@@ -493,10 +408,10 @@ class Publication:
             action = "created" if self.created else "committed"
             return PublishResult(target.repo_id, action, f"{api.endpoint}/{target.repo_id}", info.oid)
 
-        return with_retries(attempt, doing=f"publishing to {target.repo_id}", repo_id=target.repo_id)
+        return write_with_retries(attempt, doing=f"publishing to {target.repo_id}", repo_id=target.repo_id)
 
 
-def open_publication(api, target: PublishTarget, fps: tuple[str, ...], *, author: str, verified: bool = False,
+def open_publication(api: HfApi, target: PublishTarget, fps: tuple[str, ...], *, author: str, verified: bool = False,
                      on_uploaded: Callable[[int], None] | None = None) -> PublishResult | Publication:
     """The result when ``target`` already has this merge; else a ``Publication`` on it (a new repo is
     created now: files can only be pre-uploaded into a repo that exists)."""
@@ -513,24 +428,20 @@ def open_publication(api, target: PublishTarget, fps: tuple[str, ...], *, author
             created = True
         return None, created
 
-    existing, created = with_retries(attempt, doing=f"preparing {target.repo_id}", repo_id=target.repo_id)
+    existing, created = write_with_retries(attempt, doing=f"preparing {target.repo_id}", repo_id=target.repo_id)
     if existing is not None:
         return existing
-    upload_with_xet_only_if_offered(api, target.repo_id)
     return Publication(api, target, fps, author=author, verified=verified, created=created, on_uploaded=on_uploaded)
 
 
-def publish_folder(folder: Path, target: PublishTarget, *, title: str, description: str, fingerprint: str,
-                   token: str | None, endpoint: str | None = None, verified: bool = False,
-                   aliases: tuple[str, ...] = ()) -> PublishResult:
-    """Create ``target`` and commit ``folder`` to it, or open one PR; idempotent by ``fingerprint``.
+def publish_folder(folder: Path, target: PublishTarget, *, api: HfApi, title: str, description: str, fingerprint: str,
+                   verified: bool = False, aliases: tuple[str, ...] = ()) -> PublishResult:
+    """Create ``target`` and commit ``folder`` to it through the job's client ``api``, or open one PR;
+    idempotent by ``fingerprint``.
 
     ``verified``: the folder's report carries verification numbers (see ``survey_target``);
     ``aliases``: older fingerprints of the same merge (see ``Preflight.fingerprints``).
     """
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=endpoint, token=token)
     account = check_can_publish(api, target)
     opened = open_publication(api, target, (fingerprint, *aliases), author=account.name, verified=verified)
     if isinstance(opened, PublishResult):

@@ -11,13 +11,17 @@ import shutil
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from bot.errors import MergeBotError, UsageError
-from bot.hub import (PublishResult, PublishTarget, check_can_publish, hub_write_errors, open_publication,
-                     parse_repo_id, publish_folder, survey_target)
+from bot.hub import (PublishResult, PublishTarget, check_can_publish, open_publication, parse_repo_id, publish_folder,
+                     survey_target)
 from bot.report import MergeReport, ReportSource
 from bot.spec import DTYPES, MergeSpec, parse_shard_size, parse_source_ref
+from bot.transport import hub_write_errors
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 EventFn = Callable[[str], None]
 MERGE_LOCK = threading.Lock()
@@ -121,14 +125,15 @@ def commit_text(report: MergeReport) -> tuple[str, str]:
     return title, "\n".join(lines)
 
 
-def publish_merged_folder(folder: Path, target: PublishTarget, *, token: str | None,
-                          endpoint: str | None = None, aliases: tuple[str, ...] = ()) -> PublishResult:
+def publish_merged_folder(folder: Path, target: PublishTarget, *, api: HfApi,
+                          aliases: tuple[str, ...] = ()) -> PublishResult:
+    """Publish a folder ``merge`` wrote, through the job's client ``api``."""
     from bot.report import read_report
 
     report = read_report(folder)
     title, description = commit_text(report)
-    return publish_folder(folder, target, title=title, description=description, fingerprint=report.fingerprint,
-                          token=token, endpoint=endpoint, verified=bool(report.verification), aliases=aliases)
+    return publish_folder(folder, target, api=api, title=title, description=description,
+                          fingerprint=report.fingerprint, verified=bool(report.verification), aliases=aliases)
 
 
 @dataclass
@@ -153,8 +158,7 @@ def run_merge_plan(plan, verify: bool, on_progress=None):
     return execute_plan(plan, on_progress=on_progress, verify=verify)
 
 
-def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None = None,
-                    work_dir: Path | None = None, on_event: EventFn = lambda _: None,
+def run_publish_job(job: PublishJob, *, api: HfApi, work_dir: Path | None = None, on_event: EventFn = lambda _: None,
                     on_progress=None, merge_runner: MergeRunner | None = None,
                     policy: Callable[[Any], None] | None = None) -> JobResult:
     """Pre-flight, skip if the target already has this merge, else merge and publish in one commit.
@@ -164,22 +168,21 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
     enough to hold whole (``_end_to_end_fits``), or one with a custom ``merge_runner``, builds the merged
     folder in ``work_dir`` first, so the end-to-end check runs too. ``merge_runner(plan, verify)``
     replaces the merge step (the Space runs it on a GPU worker); ``policy(preflight)`` may raise to
-    refuse a job after pre-flight (the self-service bot's rules).
+    refuse a job after pre-flight (the self-service bot's rules). ``api``: the job's one Hub client
+    (``bot.transport.hub_client``); every read and write of the job goes through it.
     """
-    from huggingface_hub import HfApi
-
     from bot.pipeline import claim_scratch, release_scratch
     from bot.plan import resolve_plan
     from bot.preflight import preflight
 
     target = job.target
-    api = HfApi(endpoint=endpoint, token=token)
     account = check_can_publish(api, target)  # a bad token or foreign namespace is known before any download
     streamed = merge_runner is None
     work, work_lock = claim_scratch(work_dir)  # and removes what a killed run left there
     try:
-        spec = job.merge_spec(work / "merged", token)
-        checked = preflight(spec, endpoint=endpoint, streamed=streamed)
+        # The client's token for the merge's own reads: a str here (check_can_publish refuses a job without one).
+        spec = job.merge_spec(work / "merged", api.token if isinstance(api.token, str) else None)
+        checked = preflight(spec, api=api, streamed=streamed)
         if policy is not None:
             policy(checked)
         on_event(f"pre-flight: {checked.summary()}")
@@ -193,7 +196,7 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
             if existing is not None:
                 return JobResult(existing)
         on_event("reading the adapter and the base's headers" if streamed else "downloading the adapter and base")
-        plan = resolve_plan(checked.pinned_spec(spec), stream_base=streamed)
+        plan = resolve_plan(checked.pinned_spec(spec), stream_base=streamed, api=api)
         for notice in plan.notices:
             on_event(f"warning: {notice}")
         with MERGE_LOCK:  # one merge at a time per process (the Space's form and its bot share the disk)
@@ -206,7 +209,7 @@ def run_publish_job(job: PublishJob, *, token: str | None, endpoint: str | None 
             else:
                 result = merge_runner(plan, job.verify)
         on_event(f"merged {result.tensors_merged} tensors in {result.seconds:.1f}s; publishing to {target.repo_id}")
-        published = publish_merged_folder(result.out_dir, target, token=token, endpoint=endpoint, aliases=fps[1:])
+        published = publish_merged_folder(result.out_dir, target, api=api, aliases=fps[1:])
         return JobResult(published, result.report, _card_of(result.out_dir, target.repo_id))
     finally:
         release_scratch(work, work_lock)

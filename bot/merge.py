@@ -563,7 +563,8 @@ def merge_into(plan: MergePlan, folder: Path, *, on_progress: ProgressFn | None 
     result.report = build_report(plan, result)
     write_report(result.report, folder)
     has_tokenizer = any(is_tokenizer_file(name) for name in result.files)
-    card = build_card(result.report, plan.adapter.path, plan.base.path, has_tokenizer=has_tokenizer)
+    card = build_card(result.report, plan.adapter.path, plan.base.path, hub_url=plan.hub_url,
+                      has_tokenizer=has_tokenizer)
     (folder / CARD_NAME).write_text(without_local_paths(card, local_paths(plan)), encoding="utf-8")
     result.files = sorted(set(result.files) | {REPORT_NAME, CARD_NAME})
     return result

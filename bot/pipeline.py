@@ -118,7 +118,7 @@ class PieceFetcher:
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.pieces = plan_pieces(jobs, piece_bytes)
         self.total_bytes = sum(p.nbytes for p in self.pieces)
-        self._piece_of = {}
+        self._piece_of: dict[str, Piece] = {}
         for piece in self.pieces:
             for name in piece.names:
                 self._piece_of.setdefault(name, piece)
@@ -200,6 +200,7 @@ class PieceFetcher:
         if self._error is not None:
             raise self._error
         source = job.source
+        assert isinstance(source, TensorInfo)  # plan_pieces gives pieces to safetensors tensors only
         local = replace(source, file=piece.path, begin=source.begin - piece.start, end=source.end - piece.start)
         return replace(job, source=local)
 

@@ -11,7 +11,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 
@@ -25,7 +25,11 @@ from bot.jsonfile import read_json_object
 from bot.shards import CODE_FROM_DTYPE, OutputTensor, TensorInfo
 from bot.sources import ResolvedSource, is_tokenizer_file, resolve_source
 from bot.spec import MergeSpec, SourceRef, auto_shard_bytes, parse_source_ref
+from bot.transport import hub_client
 from bot.tuners import ModuleOp, NeedsPeft, OpRequest, get_tuner, is_streamed, tuners
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,7 @@ class MergePlan:
     tokenizer_folder: Path | None = None
     # The adapter tensors the jobs use, by saved key: read once for the plan and merged from, never again.
     adapter_tensors: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    hub_url: str = ""  # the Hub the sources were read from (the job's client's endpoint): the card links there
 
     @property
     def shard_bytes(self) -> int:
@@ -141,16 +146,18 @@ def check_peft_can_merge(acfg: AdapterConfig) -> None:
     build_peft_config(acfg)  # what PEFT's config class refuses, with PEFT's reason, before any download
 
 
-def resolve_plan(spec: MergeSpec, *, stream_base: bool = False) -> MergePlan:
+def resolve_plan(spec: MergeSpec, *, stream_base: bool = False, api: HfApi | None = None) -> MergePlan:
     """Resolve the sources and decide every output tensor. ``stream_base``: a Hub base's safetensors
     weights are not downloaded; the plan reads their headers remotely and its tensors are fetched
-    piece by piece while merging (``bot.pipeline``). PEFT's own merge needs them whole: downloaded then."""
-    adapter = resolve_source(spec.adapter, what="adapter", token=spec.token)
+    piece by piece while merging (``bot.pipeline``). PEFT's own merge needs them whole: downloaded then.
+    ``api``: the job's Hub client (by default one for ``spec.token``)."""
+    api = api or hub_client(token=spec.token)
+    adapter = resolve_source(spec.adapter, what="adapter", api=api)
     acfg = read_adapter_config(adapter.path)
     if not acfg.is_native:
         check_peft_can_merge(acfg)
     base_ref = base_ref_for(spec, acfg)
-    base = resolve_source(base_ref, what="base", token=spec.token, stream_weights=stream_base and acfg.is_native)
+    base = resolve_source(base_ref, what="base", api=api, stream_weights=stream_base and acfg.is_native)
     config_path = base.path / "config.json"
     if not config_path.is_file():
         raise IncompatibleBaseError(f"base {base.label} has no config.json; is it a transformers model?")
@@ -159,7 +166,7 @@ def resolve_plan(spec: MergeSpec, *, stream_base: bool = False) -> MergePlan:
     check_not_quantized(base_config, base)
     tokenizer_folder = adapter.path if any(is_tokenizer_file(p.name) for p in adapter.path.iterdir()) else base.path
     common: dict[str, Any] = dict(spec=spec, adapter=adapter, base=base, adapter_config=acfg, base_config=base_config,
-                  tokenizer_folder=tokenizer_folder)
+                  tokenizer_folder=tokenizer_folder, hub_url=api.endpoint.rstrip("/"))
     if not acfg.is_native:
         what = f"{acfg.peft_type} with {acfg.peft_only_field}" if is_streamed(acfg.peft_type) else acfg.peft_type
         return MergePlan(**common, fallback_reason=f"{what} is merged by PEFT itself",
@@ -174,7 +181,7 @@ def resolve_plan(spec: MergeSpec, *, stream_base: bool = False) -> MergePlan:
         plan = _plan_streaming(common, acfg, weights, parts, checkpoint, layout)
     except NeedsPeft as e:
         if base.remote:  # PEFT loads the whole base from a folder
-            common["base"] = resolve_source(base_ref, what="base", token=spec.token)
+            common["base"] = resolve_source(base_ref, what="base", api=api)
         return MergePlan(**common, fallback_reason=str(e))
     used = used_adapter_keys(plan.jobs)
     return replace(plan, adapter_tensors={key: tensor for key, tensor in weights.items() if key in used})

@@ -12,7 +12,7 @@ import logging
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.adapter import AdapterConfig, read_adapter_config
 from bot.checkpoint import local_weight_bytes
@@ -20,8 +20,12 @@ from bot.errors import AdapterConfigError, IncompatibleBaseError, MergeBotError,
 from bot.jsonfile import MAX_JSON_BYTES, read_json_object
 from bot.plan import base_ref_for, check_not_quantized, check_peft_can_merge, suggest_unquantized
 from bot.provenance import Pinned, fingerprint, output_options, pin_local
-from bot.sources import canonical_repo_id, files_to_download, hub_read_errors, is_bare_name, read_with_retries
+from bot.sources import canonical_repo_id, files_to_download
 from bot.spec import MergeSpec, SourceRef, auto_shard_bytes, parse_source_ref
+from bot.transport import hub_client, hub_read_errors, is_bare_name, read_with_retries
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +87,6 @@ class _RepoFacts:
     card_data: dict[str, Any]
     private: bool | None  # None: the server did not say
     gated: bool | None
-
-
-def _hub_api(token: str | None, endpoint: str | None):
-    from huggingface_hub import HfApi
-
-    return HfApi(endpoint=endpoint, token=token)
 
 
 def _repo_facts(api, ref: SourceRef, what: str) -> _RepoFacts:
@@ -254,17 +252,18 @@ def _resolve_base(api_factory, ref: SourceRef, *, explicit: bool, named_by: str)
                          facts)
 
 
-def preflight(spec: MergeSpec, *, endpoint: str | None = None, check_disk: bool = True,
+def preflight(spec: MergeSpec, *, api: HfApi | None = None, check_disk: bool = True,
               streamed: bool = False) -> Preflight:
     """Pin, check access, mergeability and quantization, and size the job; raises on any refusal.
 
+    ``api``: the job's Hub client (by default one for ``spec.token``, made only if a source is on the Hub).
     ``streamed``: the merge will stream Hub to Hub (``bot.pipeline``), so the disk it needs is a few
     pieces and shards of scratch, not the base plus the output."""
     api_cache: list[Any] = []
 
     def api_factory():
         if not api_cache:
-            api_cache.append(_hub_api(spec.token, endpoint))
+            api_cache.append(api or hub_client(token=spec.token))
         return api_cache[0]
 
     adapter = _resolve_adapter(api_factory, spec)

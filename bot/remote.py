@@ -19,7 +19,7 @@ from typing import Callable
 
 from bot.errors import IncompatibleBaseError
 from bot.shards import TensorInfo, header_length, parse_header
-from bot.sources import read_with_retries
+from bot.transport import read_with_retries
 
 _FIRST_READ = 256 * 1024  # most headers fit (a 70B shard's is ~30 KB); a longer one costs one more request
 _TIMEOUT = 60.0
@@ -34,12 +34,12 @@ class RemoteWeights:
     sha: str
     endpoint: str
     files: tuple[str, ...]  # safetensors file names, in index order
-    token: str | None = field(default=None, repr=False)
+    token: str | bool | None = field(default=None, repr=False)  # False: anonymous, as huggingface_hub reads it
 
     def reading(self):
         """Hub failures while reading these weights, as merge-bot's one-line errors (``hub_read_errors``)."""
-        from bot.sources import hub_read_errors
         from bot.spec import SourceRef
+        from bot.transport import hub_read_errors
 
         return hub_read_errors("base", SourceRef(name=self.repo_id, revision=self.sha))
 

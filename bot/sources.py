@@ -10,19 +10,20 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from bot.errors import (AccessDeniedError, AuthenticationError, HubUnavailableError, IncompatibleBaseError,
-                        SourceNotFoundError, UsageError)
+from bot.errors import IncompatibleBaseError, UsageError
 from bot.jsonfile import read_json_object
 from bot.spec import SourceRef
+from bot.transport import hub_read_errors, read_with_retries
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -96,183 +97,6 @@ def pick_base_weight_files(files: list[str], index: dict | None, index_name: str
     return []
 
 
-def hub_page(repo_id: str) -> str:
-    from huggingface_hub import constants
-
-    return f"{constants.ENDPOINT.rstrip('/')}/{repo_id}"
-
-
-def _hub_errors():
-    from huggingface_hub import errors
-
-    return errors
-
-
-# hf_xet: the Hub's default upload/download transport; its failures are transport failures too.
-_NETWORK_MODULES = frozenset({"httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3", "hf_xet"})
-
-
-def is_network_error(error: BaseException) -> bool:
-    """Connection-level failures, whichever HTTP client huggingface_hub is built on."""
-    return isinstance(error, (ConnectionError, TimeoutError)) or any(
-        cls.__module__.split(".")[0] in _NETWORK_MODULES for cls in type(error).__mro__)
-
-
-def http_status(error: BaseException) -> int | None:
-    return getattr(getattr(error, "response", None), "status_code", None)
-
-
-def is_transient(error: BaseException) -> bool:
-    """A failure worth retrying: 5xx, 408, 429, or the connection itself."""
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    if isinstance(error, OfflineModeIsEnabled):  # a setting, not a passing failure
-        return False
-    status = http_status(error)
-    return (status is not None and (status >= 500 or status in (408, 429))) or (status is None and is_network_error(error))
-
-
-def hub_failure(error: BaseException) -> BaseException | None:
-    """The Hub HTTP or connection error behind ``error`` (huggingface_hub wraps LFS failures), if any."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    seen = 0
-    while error is not None and seen < 8:
-        if isinstance(error, HfHubHTTPError) or is_network_error(error):
-            return error
-        error, seen = error.__cause__ or error.__context__, seen + 1
-    return None
-
-
-READ_RETRY_WAITS = (1.0, 2.0, 4.0)  # seconds between attempts of a read that failed transiently
-RATE_LIMIT_MAX_WAIT = 300.0  # the Hub's rate-limit windows are 5 minutes; a longer ask is given up on
-
-
-def requested_wait(error: BaseException) -> float | None:
-    """Seconds a rate-limited (429) client is asked to wait: the ``RateLimit`` header's ``t``
-    (what the Hub sends), else ``Retry-After`` in seconds; None when the answer says nothing."""
-    response = getattr(error, "response", None)
-    if http_status(error) != 429 or response is None:
-        return None
-    headers = {str(k).lower(): str(v) for k, v in dict(response.headers).items()}
-    try:
-        from huggingface_hub.utils import parse_ratelimit_headers
-    except ImportError:  # older huggingface_hub: Retry-After only
-        parse_ratelimit_headers = None
-    info = parse_ratelimit_headers(headers) if parse_ratelimit_headers else None
-    if info is not None and info.remaining == 0:  # as huggingface_hub reads it: t counts only when r=0
-        return float(info.reset_in_seconds)
-    try:
-        return max(0.0, float(headers.get("retry-after", "")))
-    except ValueError:
-        return None
-
-
-def retry_wait(cause: BaseException, scheduled: float, waited: float = 0.0) -> float | None:
-    """How long to wait before retrying after ``cause``: our backoff, or longer if the Hub asks;
-    None to give up now: one operation waits ``RATE_LIMIT_MAX_WAIT`` at most in all (``waited``
-    so far), the length of the Hub's rate-limit window."""
-    asked = requested_wait(cause)
-    wait = scheduled if asked is None else max(scheduled, asked)
-    return None if waited + wait > RATE_LIMIT_MAX_WAIT else wait
-
-
-def read_with_retries(call: Callable[[], T], waits: tuple[float, ...] | None = None) -> T:
-    """Run a Hub read, retrying transient failures (the Hub's 5xx/429, dropped connections) with backoff."""
-    import time
-
-    waited = 0.0
-    for scheduled in (*(READ_RETRY_WAITS if waits is None else waits), None):
-        try:
-            return call()
-        except Exception as e:
-            cause = hub_failure(e)
-            if scheduled is None or cause is None or not is_transient(cause):
-                raise
-            wait = retry_wait(cause, scheduled, waited)
-            if wait is None:
-                raise
-            log.warning("transient Hub error on a read (%s); retrying in %.0fs",
-                        http_status(cause) or cause.__class__.__name__, wait)
-            time.sleep(wait)
-            waited += wait
-    raise AssertionError("unreachable")
-
-
-def is_bare_name(ref: SourceRef) -> bool:
-    """A slashless name typed where a folder would do ("demo-adapter"): most likely a mistyped
-    folder, so an unreachable Hub is neither retried nor blamed (see ``hub_read_errors``)."""
-    return ref.folder_candidate and "/" not in ref.name
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _no_folder_nor_repo(ref: SourceRef) -> SourceNotFoundError:
-    return SourceNotFoundError(f"no folder ./{ref.name} and no Hub repo {ref.name} (or it is private and your token "
-                               f"cannot see it); check the spelling")
-
-
-@contextmanager
-def hub_read_errors(what: str, ref: SourceRef, *, gated: bool | None = None) -> Iterator[None]:
-    """Turn huggingface_hub's read failures into one-line merge-bot errors naming the repo.
-
-    ``gated``: what the repo's listing said, for servers that refuse a gated file with a bare
-    401/403 rather than the ``GatedRepo`` error code."""
-    errors = _hub_errors()
-    gated_message = (f"{what} repo {ref.name} is gated and your token's account has no access; "
-                     f"request access at {hub_page(ref.name)}, then retry with that account's token")
-    try:
-        yield
-    except errors.GatedRepoError as e:
-        raise AccessDeniedError(gated_message) from e
-    except errors.RevisionNotFoundError as e:
-        raise SourceNotFoundError(f"{what} revision {ref.revision!r} does not exist in {ref.name}") from e
-    except errors.RepositoryNotFoundError as e:
-        if is_bare_name(ref):  # typed where a folder would do: say both places were looked at
-            raise _no_folder_nor_repo(ref) from e
-        raise SourceNotFoundError(
-            f"{what} repo {ref.name} not found on the Hub (or it is private and your token cannot see it)"
-        ) from e
-    except errors.LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: the download failed, offline
-        raise HubUnavailableError(
-            f"could not reach the Hub to download {what} {ref.name}; check your connection (or HF_HUB_OFFLINE)"
-        ) from e
-    except errors.EntryNotFoundError as e:
-        raise SourceNotFoundError(f"{what} repo {ref.name} lacks a file it needs: {e.__class__.__name__}") from e
-    except errors.HfHubHTTPError as e:
-        status = http_status(e)
-        if gated and status in (401, 403):
-            raise AccessDeniedError(gated_message) from e
-        if status == 401:
-            raise AuthenticationError(f"the Hub rejected the token while reading {what} repo {ref.name} (HTTP 401); "
-                                      f"pass a valid --token, set HF_TOKEN, or run `hf auth login`") from e
-        if status == 403:
-            raise AccessDeniedError(f"the Hub refused to read {what} repo {ref.name} (HTTP 403); check your token") from e
-        if status == 404 and is_bare_name(ref):
-            raise _no_folder_nor_repo(ref) from e
-        if status == 404:
-            raise SourceNotFoundError(f"{what} repo {ref.name} or a file in it was not found on the Hub (HTTP 404)") from e
-        if is_transient(e):
-            busy = "rate-limited the reads" if status == 429 else "kept failing"
-            raise HubUnavailableError(f"the Hub {busy} while reading {what} repo {ref.name} (HTTP {status}); "
-                                      f"retry later") from e
-        raise SourceNotFoundError(f"could not download {what} {ref.name} from the Hub (HTTP {status})") from e
-    except Exception as e:
-        if is_bare_name(ref) and (isinstance(e, errors.LocalEntryNotFoundError) or is_network_error(e)):
-            why = "HF_HUB_OFFLINE is set" if _offline() else "the Hub could not be reached"
-            raise SourceNotFoundError(f"no folder ./{ref.name}, and no Hub repo {ref.name} was looked up ({why}); "
-                                      f"check the folder's path") from e
-        if isinstance(e, errors.LocalEntryNotFoundError) or is_network_error(e):
-            raise HubUnavailableError(
-                f"could not reach the Hub to download {what} {ref.name}; check your connection (or HF_HUB_OFFLINE)"
-            ) from e
-        raise
-
-
 def files_to_download(files: list[str], what: str, read_index: Callable[[str], dict]) -> list[str]:
     """The repo files a merge needs; ``read_index(name)`` fetches a weight index when there is one."""
     if what == "adapter":
@@ -329,9 +153,8 @@ def canonical_repo_id(info, asked: str) -> str:
     return canonical
 
 
-def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpoint: str | None = None,
-                   stream_weights: bool = False) -> ResolvedSource:
-    """Local folder as is; Hub repo pinned to a SHA and the needed files downloaded.
+def resolve_source(ref: SourceRef, *, what: str, api: HfApi, stream_weights: bool = False) -> ResolvedSource:
+    """Local folder as is; Hub repo pinned to a SHA and the needed files downloaded, through ``api``.
 
     ``stream_weights``: leave a base's safetensors weights on the Hub (``ResolvedSource.remote``)
     unless they are all in the local cache already; only the small files are downloaded.
@@ -339,9 +162,8 @@ def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpo
     if ref.local:
         check_links_stay_inside(Path(ref.name), what)
         return ResolvedSource(ref=ref, path=Path(ref.name))
-    from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
-    api = HfApi(endpoint=endpoint, token=token)
     with hub_read_errors(what, ref):
         info = read_with_retries(lambda: api.model_info(ref.name, revision=ref.revision, files_metadata=False))
         sha = info.sha
@@ -360,8 +182,7 @@ def resolve_source(ref: SourceRef, *, what: str, token: str | None = None, endpo
             from bot.remote import RemoteWeights
 
             remote = RemoteWeights(repo_id=ref.name, sha=sha, endpoint=api.endpoint, files=tuple(weights),
-                                   token=token)
+                                   token=api.token)
             wanted = [f for f in wanted if f not in weights]
-        path = read_with_retries(lambda: snapshot_download(ref.name, revision=sha, allow_patterns=wanted, token=token,
-                                                           endpoint=endpoint))
+        path = read_with_retries(lambda: api.snapshot_download(ref.name, revision=sha, allow_patterns=wanted))
     return ResolvedSource(ref=ref, path=Path(path), repo_id=repo_id, sha=sha, remote=remote)

@@ -20,6 +20,7 @@ import gradio as gr
 from bot.errors import MergeBotError, redact
 from bot.report import Verification
 from bot.spec import DTYPES
+from bot.transport import hub_client
 
 MOCK_TOKEN_PREFIX = "mock-oauth-token"  # what gradio's local login mock hands out
 log = logging.getLogger(__name__)
@@ -53,15 +54,15 @@ def read_token(oauth_token: gr.OAuthToken | None) -> str | bool | None:
     return user_token(oauth_token) or (False if on_space() else None)
 
 
-def user_name(profile: gr.OAuthProfile | None, token: str | None) -> str | None:
+def user_name(profile: gr.OAuthProfile | None, api) -> str | None:
+    """The signed-in user's name: from the OAuth profile, else asked of the Hub with ``api`` (the
+    handler's one client) when it holds a token."""
     if profile is not None and getattr(profile, "username", None):
         return profile.username
-    if not token:
+    if api is None or not api.token:
         return None
-    from huggingface_hub import HfApi
-
     try:
-        return HfApi(token=token).whoami()["name"]
+        return api.whoami()["name"]
     except Exception:  # an invalid token shows up later as a clear error on the action itself
         return None
 
@@ -149,14 +150,15 @@ def preflight_view(adapter: str, base: str, dtype: str, repo: str, follows: bool
     if not adapter:
         return EMPTY_PREFLIGHT, repo
     token = read_token(oauth_token)
-    suggestion = (default_target(user_name(profile, token or None), adapter) or repo) \
+    api = hub_client(token=token)
+    suggestion = (default_target(user_name(profile, api), adapter) or repo) \
         if follows_adapter(repo, follows) else repo
     try:
         spec = MergeSpec(adapter=parse_source_ref(adapter, what="adapter", allow_local=False),
                          base=parse_source_ref(base.strip(), what="base", allow_local=False)
                          if base and base.strip() else None,
                          out=Path(tempfile.gettempdir()) / "merge-bot-preflight", dtype=dtype or "auto", token=token)
-        checked = preflight(spec)
+        checked = preflight(spec, api=api)
     except MergeBotError as e:
         return f"**Will be refused:** {_one_line(e, token or None)}", suggestion
     except Exception:
@@ -266,8 +268,9 @@ def merge_and_publish(adapter: str, base: str, repo: str, private: bool, pr_mode
     if not token:
         raise gr.Error("Sign in with Hugging Face first: the merge is published under your account.", duration=None)
     adapter, repo = (adapter or "").strip(), (repo or "").strip()
+    api = hub_client(token=token)  # the job's one client: every read and write below goes through it
     if follows_adapter(repo, follows):
-        repo = default_target(user_name(profile, token), adapter) or repo
+        repo = default_target(user_name(profile, api), adapter) or repo
     if dtype not in DTYPES:
         raise gr.Error(f"Output dtype must be one of {', '.join(DTYPES)}", duration=None)
     report = ProgressReport(progress)
@@ -277,7 +280,7 @@ def merge_and_publish(adapter: str, base: str, repo: str, private: bool, pr_mode
                          base=(base or "").strip() or None, dtype=dtype, verify=bool(verify), allow_local=False)
         progress(None, desc="pre-flight: pinning the adapter and base, checking access")
         with tempfile.TemporaryDirectory(prefix="merge-bot-space-") as work:
-            result = run_publish_job(job, token=token, work_dir=Path(work), on_event=report.event,
+            result = run_publish_job(job, api=api, work_dir=Path(work), on_event=report.event,
                                      on_progress=None if gpu else report.tensor,
                                      merge_runner=merge_on_gpu if gpu else None)
     except MergeBotError as e:

@@ -234,11 +234,11 @@ def test_rate_limit_on_the_token_check_is_waited_out(hub, seeded, capsys, fresh_
 
 
 def test_rate_limit_on_reads_is_waited_out_as_the_hub_asks(hub, seeded, capsys, monkeypatch, tmp_path, fresh_cache):
-    import bot.sources
+    import bot.transport
 
     # merge-bot's own schedule, scaled 1/10 (real: 1+2+4 s); the Hub asks for 2 s (scaled: 20 s; real windows
     # are 5 minutes, so t can be up to 300 s).
-    monkeypatch.setattr(bot.sources, "READ_RETRY_WAITS", (0.1, 0.2, 0.4))
+    monkeypatch.setattr(bot.transport, "READ_RETRY_WAITS", (0.1, 0.2, 0.4))
     hub.rate_limit(2, r"^/api/models/")
     code, _, err = run_cli(capsys, "merge", "alice/tiny-lora", "--out", str(tmp_path / "m"), "--quiet")
     hub.reset_faults()
@@ -428,9 +428,9 @@ def test_a_merge_published_under_the_typed_spelling_is_still_found(hub, seeded, 
 
 @pytest.mark.parametrize("outage", ["rate-limited for an hour", "no connection"])
 def test_an_outage_at_the_token_check_is_hub_unavailable(hub, seeded, capsys, monkeypatch, outage):
-    import bot.sources
+    import bot.transport
 
-    monkeypatch.setattr(bot.sources, "READ_RETRY_WAITS", (0.01,))
+    monkeypatch.setattr(bot.transport, "READ_RETRY_WAITS", (0.01,))
     if outage == "no connection":
         from huggingface_hub import constants
 
@@ -446,14 +446,18 @@ def test_an_outage_at_the_token_check_is_hub_unavailable(hub, seeded, capsys, mo
 
 def test_upload_falls_back_to_lfs_on_a_server_without_xet(hub, seeded, capsys, monkeypatch):
     """huggingface_hub uploads through Xet whenever hf_xet is installed (no fallback of its own); this
-    server, like many Hub-compatible ones, offers no Xet write token, so merge-bot must upload with LFS."""
+    server, like many Hub-compatible ones, offers no Xet write token, so merge-bot must upload with LFS;
+    only while the job uploads: huggingface_hub's switch is global, and it is given back afterwards."""
     import importlib.util
 
     if importlib.util.find_spec("hf_xet") is None:  # huggingface_hub installs it on every platform CI uses
         pytest.fail("hf_xet is not installed, so this test cannot show the fallback")
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # what a user's machine has by default
+    before = len(hub.requests_log)
     code, _, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/v-no-xet")
     assert code == 0, err
     assert len(our_commits(hub, "alice/v-no-xet")) == 1
-    assert constants.HF_HUB_DISABLE_XET is True
-    assert any(path.endswith("/xet-write-token/main") for _, path in hub.requests_log)
+    log = hub.requests_log[before:]
+    assert any(path.endswith("/xet-write-token/main") for _, path in log)
+    assert any(path.endswith(".git/info/lfs/objects/batch") for _, path in log)  # the shards went by LFS
+    assert constants.HF_HUB_DISABLE_XET is False  # the job's transfer mode ended with the job

@@ -199,9 +199,9 @@ def test_streamed_run_over_xet_and_a_killed_run_dedupes_on_restart(xet_hub, shar
 
 def test_a_base_the_hub_stops_serving_is_one_line_and_commits_nothing(hub, sharded, capsys, tmp_path, monkeypatch):
     """Range reads of the base that keep failing (here while reading its headers): exit 13, no commit."""
-    import bot.sources
+    import bot.transport
 
-    monkeypatch.setattr(bot.sources, "READ_RETRY_WAITS", (0.01, 0.01))
+    monkeypatch.setattr(bot.transport, "READ_RETRY_WAITS", (0.01, 0.01))
     monkeypatch.setenv("MERGEBOT_VERIFY_MEMORY_GB", "0")
     hub.fail_next("GET", r"/bob/sharded-llama/resolve/.*\.safetensors", status=503, times=100)
     try:

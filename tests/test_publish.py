@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from huggingface_hub import ModelCard, snapshot_download
-from bot import cli, hub as bot_hub
+from bot import cli, transport as bot_transport
 from factory import assert_matches_peft, unverified_report
 from hub_fixtures import ALICE, BOB, CAROL, adapter_files
 
@@ -164,7 +164,7 @@ def test_server_403_on_commit_is_one_line(hub, models, capsys, monkeypatch):
 
 
 def test_500_on_first_commit_is_retried(hub, models, capsys, monkeypatch, caplog):
-    monkeypatch.setattr(bot_hub, "RETRY_WAITS", (0.01, 0.01, 0.01))
+    monkeypatch.setattr(bot_transport, "WRITE_RETRY_WAITS", (0.01, 0.01, 0.01))
     hub.fail_next("POST", r"/api/models/alice/retried/commit/", status=500, times=1)
     code, out, err = run_cli(capsys, "run", "alice/tiny-lora", "--repo", "alice/retried")
     assert code == 0, err
@@ -173,7 +173,7 @@ def test_500_on_first_commit_is_retried(hub, models, capsys, monkeypatch, caplog
 
 
 def test_failing_upload_leaves_no_commit_and_a_rerun_finishes(hub, models, capsys, monkeypatch):
-    monkeypatch.setattr(bot_hub, "RETRY_WAITS", (0.01,))
+    monkeypatch.setattr(bot_transport, "WRITE_RETRY_WAITS", (0.01,))
     import huggingface_hub.utils._http as hf_http
 
     monkeypatch.setattr(hf_http.time, "sleep", lambda seconds: None)  # the client's own LFS retries
@@ -287,7 +287,7 @@ def test_a_local_base_naming_no_hub_repo_has_no_base_model(models, tmp_path):
 
     report = unverified_report(adapter=ReportSource(ref="a local folder", repo_id=None, revision="local-0123"),
                                base=ReportSource(ref="a local folder", repo_id=None, revision="local-4567"))
-    card = build_card(report, None, None)
+    card = build_card(report, None, None, hub_url="http://hub.test")
     assert "base_model:" not in card and "names no Hub repo, so this card has no `base_model`" in card
     assert "Neither the base model's card nor the adapter's declares a license" in card
 
@@ -496,9 +496,9 @@ def test_rejected_token_on_a_read_is_exit_11(hub, models, capsys, tmp_path):
 
 
 def test_transient_errors_on_reads_are_retried(hub, models, capsys, monkeypatch, caplog, tmp_path):
-    import bot.sources
+    import bot.transport
 
-    monkeypatch.setattr(bot.sources, "READ_RETRY_WAITS", (0.01, 0.01))
+    monkeypatch.setattr(bot.transport, "READ_RETRY_WAITS", (0.01, 0.01))
     hub.fail_next("GET", r"^/api/models/alice/tiny-lora(/revision/.*)?$", status=503, times=2)
     code, _, err = run_cli(capsys, "merge", "alice/tiny-lora", "--out", str(tmp_path / "m"), "--quiet")
     assert code == 0, err

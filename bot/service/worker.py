@@ -48,11 +48,11 @@ def quote(text: str, limit: int = 300) -> str:
 
 class Service:
     def __init__(self, config: ServiceConfig, queue: JobQueue | None = None):
-        from huggingface_hub import HfApi
+        from bot.transport import hub_client
 
         self.config = config
         self.queue = queue or JobQueue(config.db_path)
-        self.api = HfApi(endpoint=config.endpoint, token=config.token)
+        self.api = hub_client(token=config.token, endpoint=config.endpoint)  # every job of the service uses it
         me = self.api.whoami()
         self.bot_name: str = me["name"]
         self.bot_id: str = me.get("id", "")
@@ -203,7 +203,7 @@ class Service:
                                  base=parse_source_ref(request.base, what="base", allow_local=False)
                                  if request.base else None,
                                  out=self.config.db_path.parent / "unused", dtype=request.dtype, token=self.config.token)
-                checked = preflight(spec, endpoint=self.config.endpoint, check_disk=False)
+                checked = preflight(spec, api=self.api, check_disk=False)
                 self.policy(checked)
                 target = self._target(request, requester, checked.adapter_pin.name)
                 state = repo_state(self.api, target)
@@ -274,7 +274,7 @@ class Service:
 
     @staticmethod
     def _is_transient(error: BaseException) -> bool:
-        from bot.hub import hub_failure, is_transient
+        from bot.transport import hub_failure, is_transient
 
         cause = hub_failure(error)
         return cause is not None and is_transient(cause)
@@ -340,7 +340,7 @@ class Service:
                 pr = state is not None and not state.is_empty
             publish = PublishJob(adapter=job.pinned_adapter, repo=job.target, pr=pr, base=request.base,
                                  dtype=request.dtype, requested_by=job.requester, allow_local=False)
-            result = run_publish_job(publish, token=self.config.token, endpoint=self.config.endpoint,
+            result = run_publish_job(publish, api=self.api,
                                      on_event=lambda m: log.info("job %d: %s", job.id, m), policy=self.policy)
         except (MergeBotError, RefusedError) as e:
             if isinstance(e, MergeBotError) and self._is_transient(e) and job.attempts < MAX_ATTEMPTS:
@@ -406,7 +406,7 @@ class Service:
         spec = MergeSpec(adapter=parse_source_ref(job.pinned_adapter, allow_local=False),
                          base=parse_source_ref(request.base, what="base", allow_local=False) if request.base else None,
                          out=self.config.db_path.parent / "unused", dtype=request.dtype, token=self.config.token)
-        checked = preflight(spec, endpoint=self.config.endpoint, check_disk=False)
+        checked = preflight(spec, api=self.api, check_disk=False)
         self.policy(checked)
         adapter, base = checked.adapter_pin, checked.base_pin
         publish = PublishJob(adapter=f"{adapter.name}@{adapter.revision}", base=f"{base.name}@{base.revision}",
@@ -556,7 +556,7 @@ class RefusedError(Exception):
 
 def service_from_env() -> Service:
     """The bot as configured by the environment; bad settings or a rejected token are one-line errors."""
-    from bot.hub import hub_write_errors
+    from bot.transport import hub_write_errors
 
     config = ServiceConfig.from_env()
     with hub_write_errors("checking the bot's token", "the bot account"):
