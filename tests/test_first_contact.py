@@ -57,7 +57,7 @@ def test_help_states_each_default(helps, command):
     flat = " ".join(helps[command].split())
     assert "--dtype DTYPE output dtype: auto, bfloat16, float16, float32; default: auto" in flat
     assert "where the arithmetic runs: auto, cpu, cuda; default: auto" in flat
-    assert "default: auto, an eighth of the model between 128 MiB and 2 GiB" in flat
+    assert "default: auto, a sixteenth of the model between 128 MiB and 2 GiB" in flat
 
 
 def test_serve_help_lists_its_environment(helps):
