@@ -77,14 +77,16 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-class PhaseLines:
-    """A sink that turns phases into status lines, at most one per ``every`` seconds plus the first
-    and last of each phase (a job's whole story in a few dozen lines, whatever its size)."""
+class PhaseSummary:
+    """A sink that keeps one line per phase and hands ``show`` all of them as one text (``download 100%
+    ...; merge 45% ... ETA 38s; upload 30% ...``), at most once per ``every`` seconds, and when a phase
+    starts or ends: a status that stays current without an update per chunk."""
 
-    def __init__(self, show: Callable[[str], None], *, every: float = 30.0, clock=time.monotonic):
+    def __init__(self, show: Callable[[str], None], *, every: float = 15.0, clock=time.monotonic):
         self.show, self.every, self.clock = show, every, clock
+        self.lines: dict[str, str] = {}
         self._started: dict[str, float] = {}
-        self._shown_at: float | None = None
+        self._shown_at = float("-inf")
         self._lock = threading.Lock()
 
     def phase(self, name: str, done: int, total: int) -> None:
@@ -92,11 +94,12 @@ class PhaseLines:
             now = self.clock()
             first = name not in self._started
             started = self._started.setdefault(name, now)
-            if not (first or done >= total or self._shown_at is None or now - self._shown_at >= self.every):
+            self.lines[name] = phase_line(name, done, total, now - started)
+            if not (first or done >= total or now - self._shown_at >= self.every):
                 return
             self._shown_at = now
-            line = phase_line(name, done, total, now - started)
-        self.show(line)
+            text = "; ".join(self.lines[n] for n in PHASES if n in self.lines)
+            self.show(text)  # under the lock: texts arrive in the order they were made
 
 
 class NoProgress:
