@@ -251,7 +251,8 @@ class TensorBatch:
 
 # (batch) -> each job's merged tensor, in order, on the CPU: where the arithmetic of a batch runs.
 Compute = Callable[[TensorBatch], list[torch.Tensor]]
-COMPUTE_BATCH_BYTES = 512 * 1024 * 1024  # output bytes per compute call: a few seconds of work on a GPU
+COMPUTE_BATCH_BYTES = 256 * 1024 * 1024  # output bytes per compute call: seconds on a GPU; inputs and results
+# of a batch are in memory at once (with ZeroGPU's copies across processes), so this keeps RSS near 1 GiB
 
 
 def merge_batch(batch: TensorBatch, device: torch.device) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ quota moves the rest of the job to the CPU with the same tensors.
 from __future__ import annotations
 
 import importlib
+import pickle
 import re
 import sys
 import threading
@@ -172,8 +173,9 @@ def test_the_queue_table_shows_a_running_jobs_phases(tmp_path):
 
 
 class FakeSpaces(types.ModuleType):
-    """``spaces`` as far as merge-bot uses it: ``GPU(duration=...)``. Calls run here, on the CPU, and are
-    recorded (requested seconds, thread, time window); after ``quota_calls`` calls it refuses as spaces does."""
+    """``spaces`` as far as merge-bot uses it: ``GPU(duration=...)``. Calls run here, on the CPU, with their
+    arguments and results pickled as ZeroGPU's worker process needs, and are recorded (requested seconds,
+    thread, time window); after ``quota_calls`` calls it refuses as spaces does."""
 
     def __init__(self, quota_calls: int | None = None):
         super().__init__("spaces")
@@ -195,8 +197,9 @@ class FakeSpaces(types.ModuleType):
                 seconds = duration(*args, **kwargs) if callable(duration) else duration
                 record = {"seconds": seconds, "thread": threading.get_ident(), "start": time.monotonic()}
                 self._inside.active = True
-                try:
-                    return func(*args, **kwargs)
+                try:  # ZeroGPU runs the call in another process: arguments and results cross by pickle
+                    args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
+                    return pickle.loads(pickle.dumps(func(*args, **kwargs)))
                 finally:
                     self._inside.active = False
                     record["end"] = time.monotonic()
