@@ -193,23 +193,20 @@ class ProgressReport:
     EVERY = 0.25  # seconds between page updates from phases: they come per chunk, from three threads
 
     def __init__(self, progress, clock=time.monotonic):
-        import threading
+        from bot.progress import PhaseSummary
 
-        self.progress, self.clock = progress, clock
+        self.progress = progress
         self.steps: list[str] = []
         self.summary = ""  # the pre-flight line, shown again after the publish
-        self.lines: dict[str, str] = {}  # phase -> "merge 45% (1.2 MiB/2.7 MiB) at 2.0 MiB/s, ETA 1s"
-        self.started: dict[str, float] = {}
-        self.share = 0.0  # of the merge phase
-        self._shown = float("-inf")
-        self._lock = threading.Lock()
+        self.share = 0.0  # of the merge phase: the bar
+        self.phases = PhaseSummary(lambda text: self.progress(self.share, desc=text), every=self.EVERY, clock=clock)
 
     def event(self, message: str) -> None:
         self.steps.append(message)
         if message.startswith("pre-flight: "):
             self.summary = message[len("pre-flight: "):]
             self.progress(None, desc="pre-flight done; " + message.split("; ")[-1][:100])
-        elif message.startswith("uploaded ") and self.lines:
+        elif message.startswith("uploaded ") and self.phases.lines:
             return  # the upload phase says it, with the others
         elif message.endswith(zerogpu.FALLBACK_NOTE):
             self.progress(None, desc=message)
@@ -217,20 +214,11 @@ class ProgressReport:
             self.progress(None, desc=message.split(";")[0][:100])
 
     def phase(self, name: str, done: int, total: int) -> None:
-        from bot.progress import MERGE, PHASES, phase_line
+        from bot.progress import MERGE
 
-        now = self.clock()
-        with self._lock:
-            started = self.started.setdefault(name, now)
-            self.lines[name] = phase_line(name, done, total, now - started)
-            if name == MERGE and total > 0:
-                self.share = done / total
-            if now - self._shown < self.EVERY and done < total:
-                return
-            self._shown = now
-            desc = "; ".join(self.lines[n] for n in PHASES if n in self.lines)
-            share = self.share
-        self.progress(share, desc=desc)
+        if name == MERGE and total > 0:
+            self.share = done / total
+        self.phases.phase(name, done, total)
 
 
 def merge_and_publish(adapter: str, base: str, repo: str, private: bool, pr_mode: bool, dtype: str, verify: bool,
