@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bot.errors import MergeBotError, OutputError, UsageError, redact
 from bot.jobs import EventFn, PublishJob, job_from_mapping, run_publish_job
+from bot.progress import ProgressSink
 from bot.transport import hub_client
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,14 @@ def load_batch(path: Path) -> list[PublishJob]:
 
 
 def run_batch_jobs(jobs: list[PublishJob], *, token: str | None, endpoint: str | None = None,
-                   work_dir: Path | None = None, on_event: EventFn = lambda _: None) -> list[JobOutcome]:
+                   work_dir: Path | None = None, on_event: EventFn = lambda _: None,
+                   progress: ProgressSink | None = None) -> list[JobOutcome]:
     outcomes = []
     for i, job in enumerate(jobs, 1):
         on_event(f"[{i}/{len(jobs)}] {job.adapter} -> {job.repo}{' (pull request)' if job.pr else ''}")
         try:
             result = run_publish_job(job, api=hub_client(token=token, endpoint=endpoint), work_dir=work_dir,
-                                     on_event=on_event)
+                                     on_event=on_event, progress=progress)
         except MergeBotError as e:
             on_event(f"[{i}/{len(jobs)}] failed: {e}")
             outcomes.append(JobOutcome(job, False, f"failed (exit {e.exit_code})", str(e)))

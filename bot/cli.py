@@ -201,6 +201,59 @@ class _Progress:
             self.bar.close()
 
 
+class _PhaseBars:
+    """``run``/``batch`` on a terminal: a tqdm bar per phase (download, merge, upload), each in bytes with
+    its speed and ETA, fed by the job's progress sink (``bot.progress``). Event lines are written above
+    the bars; the per-shard "uploaded ..." lines are left out, since the upload bar says it."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.bars: dict[str, Any] = {}
+        self._lock = threading.Lock()  # phases arrive from the fetch, merge and upload threads
+
+    def phase(self, name: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        from bot.progress import PHASES
+
+        with self._lock:
+            bar = self.bars.get(name)
+            if bar is not None and done < bar.n:  # the next job of a batch starts: fresh bars
+                self._close()
+                bar = None
+            if bar is None:
+                bar = tqdm(total=total, desc=f"{name:<8}", unit="B", unit_scale=True, unit_divisor=1024,
+                           file=sys.stderr, position=PHASES.index(name), leave=False, dynamic_ncols=True)
+                self.bars[name] = bar
+            if bar.total != total:
+                bar.total = total
+            bar.update(done - bar.n)
+
+    def event(self, message: str) -> None:
+        if message.startswith("uploaded "):
+            return
+        from tqdm import tqdm
+
+        with self._lock:
+            tqdm.write(message, file=sys.stderr)
+
+    def _close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars = {}
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+
+def _phase_bars(args: argparse.Namespace) -> _PhaseBars | None:
+    """Bars for a person at a terminal; none with --quiet or when stderr is a file or pipe (logs keep their
+    one line per event)."""
+    return None if getattr(args, "quiet", False) or not sys.stderr.isatty() else _PhaseBars()
+
+
 def run_merge(args: argparse.Namespace) -> int:
     from bot.jobs import run_merge_plan
     from bot.merge import check_output_dir
@@ -299,8 +352,13 @@ def run_run(args: argparse.Namespace) -> int:
     from bot.jobs import run_publish_job
 
     job = _job_from_args(args)
-    result = run_publish_job(job, api=hub_client(token=hub_token(args)), work_dir=args.work_dir,
-                             on_event=_events(args))
+    bars = _phase_bars(args)
+    try:
+        result = run_publish_job(job, api=hub_client(token=hub_token(args)), work_dir=args.work_dir,
+                                 on_event=bars.event if bars else _events(args), progress=bars)
+    finally:
+        if bars is not None:
+            bars.close()
     print(result.describe())
     for line in verification_lines(result.report.verification if result.report else None):
         print(line)
@@ -321,7 +379,13 @@ def run_batch(args: argparse.Namespace) -> int:
         outcomes = run_batch_as_jobs(jobs, token=hub_token(args), settings=JobsSettings.from_env(dict(os.environ)),
                                      endpoint=os.environ.get("HF_ENDPOINT") or None, on_event=_events(args))
     else:
-        outcomes = run_batch_jobs(jobs, token=hub_token(args), work_dir=args.work_dir, on_event=_events(args))
+        bars = _phase_bars(args)
+        try:
+            outcomes = run_batch_jobs(jobs, token=hub_token(args), work_dir=args.work_dir,
+                                      on_event=bars.event if bars else _events(args), progress=bars)
+        finally:
+            if bars is not None:
+                bars.close()
     print(format_outcomes(outcomes))
     failed = sum(not o.ok for o in outcomes)
     if failed:

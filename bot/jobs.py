@@ -23,6 +23,10 @@ from bot.transport import hub_write_errors
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
+if TYPE_CHECKING:
+    from bot.merge import Compute
+    from bot.progress import ProgressSink
+
 EventFn = Callable[[str], None]
 MERGE_LOCK = threading.Lock()
 
@@ -151,25 +155,46 @@ class JobResult:
 MergeRunner = Callable[..., Any]  # (plan, verify: bool) -> MergeResult
 
 
-def run_merge_plan(plan, verify: bool, on_progress=None):
+def run_merge_plan(plan, verify: bool, on_progress=None, compute=None):
     """The default merge step: stream the plan into its output folder, proving it against PEFT when asked."""
     from bot.merge import execute_plan
 
-    return execute_plan(plan, on_progress=on_progress, verify=verify)
+    return execute_plan(plan, on_progress=on_progress, verify=verify, compute=compute)
+
+
+def tensor_callback(plan, progress: ProgressSink | None, on_progress=None):
+    """The merge's per-tensor callback: ``on_progress`` as given, and output bytes as ``progress``'s merge phase."""
+    if progress is None:
+        return on_progress
+    from bot.progress import MERGE, merge_progress
+
+    progress.phase(MERGE, 0, plan.output_bytes)
+    to_sink = merge_progress(progress, ((j.name, j.output.nbytes) for j in plan.jobs))
+    if on_progress is None:
+        return to_sink
+
+    def both(done: int, total: int, name: str) -> None:
+        on_progress(done, total, name)
+        to_sink(done, total, name)
+
+    return both
 
 
 def run_publish_job(job: PublishJob, *, api: HfApi, work_dir: Path | None = None, on_event: EventFn = lambda _: None,
                     on_progress=None, merge_runner: MergeRunner | None = None,
-                    policy: Callable[[Any], None] | None = None) -> JobResult:
+                    policy: Callable[[Any], None] | None = None, progress: ProgressSink | None = None,
+                    compute: Compute | None = None) -> JobResult:
     """Pre-flight, skip if the target already has this merge, else merge and publish in one commit.
 
     The merge streams Hub to Hub (``stream_publish``): scratch disk stays at a few shards whatever the
     model's size, and each shard is proved against PEFT before it is uploaded. A verified job small
     enough to hold whole (``_end_to_end_fits``), or one with a custom ``merge_runner``, builds the merged
     folder in ``work_dir`` first, so the end-to-end check runs too. ``merge_runner(plan, verify)``
-    replaces the merge step (the Space runs it on a GPU worker); ``policy(preflight)`` may raise to
-    refuse a job after pre-flight (the self-service bot's rules). ``api``: the job's one Hub client
-    (``bot.transport.hub_client``); every read and write of the job goes through it.
+    replaces the merge step; ``policy(preflight)`` may raise to refuse a job after pre-flight (the
+    self-service bot's rules). ``api``: the job's one Hub client (``bot.transport.hub_client``); every
+    read and write of the job goes through it. ``progress`` hears each phase's bytes (``bot.progress``);
+    ``compute`` runs the merge's arithmetic a batch at a time (the Space's ZeroGPU calls,
+    ``bot.merge.stream_merge``).
     """
     from bot.pipeline import claim_scratch, release_scratch
     from bot.plan import resolve_plan
@@ -202,14 +227,18 @@ def run_publish_job(job: PublishJob, *, api: HfApi, work_dir: Path | None = None
         with MERGE_LOCK:  # one merge at a time per process (the Space's form and its bot share the disk)
             if streamed:
                 return stream_publish(plan, api, target, fps, author=account.name, work=work, on_event=on_event,
-                                      on_progress=on_progress)
+                                      on_progress=on_progress, progress=progress, compute=compute)
             on_event("merging")
             if merge_runner is None:
-                result = run_merge_plan(plan, job.verify, on_progress)
+                result = run_merge_plan(plan, job.verify, tensor_callback(plan, progress, on_progress), compute)
             else:
                 result = merge_runner(plan, job.verify)
         on_event(f"merged {result.tensors_merged} tensors in {result.seconds:.1f}s; publishing to {target.repo_id}")
         published = publish_merged_folder(result.out_dir, target, api=api, aliases=fps[1:])
+        if progress is not None:  # one commit uploads the whole folder: done when it is
+            from bot.progress import UPLOAD
+
+            progress.phase(UPLOAD, plan.output_bytes, plan.output_bytes)
         return JobResult(published, result.report, _card_of(result.out_dir, target.repo_id))
     finally:
         release_scratch(work, work_lock)
@@ -230,11 +259,15 @@ def _card_of(folder: Path, repo_id: str) -> str:
 
 
 def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, author: str, work: Path,
-                   on_event: EventFn = lambda _: None, on_progress=None) -> JobResult:
+                   on_event: EventFn = lambda _: None, on_progress=None, progress: ProgressSink | None = None,
+                   compute: Compute | None = None) -> JobResult:
     """Merge ``plan`` Hub to Hub: base pieces fetched ahead, each output shard pre-uploaded as it closes
-    and deleted, then one commit (see ``bot.pipeline``). Scratch lives in ``work``."""
+    and deleted, then one commit (see ``bot.pipeline``). Scratch lives in ``work``. ``progress`` hears
+    the download, merge and upload phases; ``compute``: see ``run_publish_job``."""
     from bot.merge import merge_into
-    from bot.pipeline import PieceFetcher, Rate, check_scratch_space, merge_threads_beside_transfers, scratch_bytes
+    from bot.pipeline import (PieceFetcher, Rate, check_scratch_space, merge_threads_beside_transfers, plan_pieces,
+                              scratch_bytes)
+    from bot.progress import DOWNLOAD, UPLOAD, NoProgress, PhaseCounter
     from bot.shards import TensorInfo
 
     largest = max((j.output.nbytes for j in plan.jobs), default=0)
@@ -242,16 +275,28 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
                         else plan.output_bytes)
     down = Rate(sum(j.source.nbytes for j in plan.jobs if plan.base.remote and isinstance(j.source, TensorInfo)))
     up = Rate(plan.output_bytes)
+    sink = progress or NoProgress()
+    down_phase, up_phase = PhaseCounter(sink, DOWNLOAD, down.total), PhaseCounter(sink, UPLOAD, up.total)
+
+    def downloaded(n: int) -> None:
+        down.add(n)
+        down_phase.add(n)
 
     def uploaded(n: int) -> None:
         up.add(n)
+        up_phase.add(n)
         on_event(f"uploaded {up.describe()}")
 
     with hub_write_errors(f"preparing {target.repo_id}", target.repo_id):
         opened = open_publication(api, target, fps, author=author, verified=plan.spec.verify, on_uploaded=uploaded)
     if isinstance(opened, PublishResult):
         return JobResult(opened)
-    fetcher = PieceFetcher(plan.base.remote, list(plan.jobs), work / "pieces", on_bytes=down.add) \
+    sink.phase(UPLOAD, 0, up.total)
+    on_tensor = tensor_callback(plan, progress, on_progress)
+    if plan.base.remote:  # what is fetched: pieces of the base (a tensor read twice comes once)
+        down_phase.total = sum(piece.nbytes for piece in plan_pieces(list(plan.jobs)))
+        sink.phase(DOWNLOAD, 0, down_phase.total)
+    fetcher = PieceFetcher(plan.base.remote, list(plan.jobs), work / "pieces", on_bytes=downloaded) \
         if plan.base.remote else None
     folder = work / "out"
     folder.mkdir()
@@ -261,15 +306,17 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
             on_event(f"merging {tensors} tensors; each shard is uploaded as soon as it is written")
             with merge_threads_beside_transfers():
                 result = merge_into(plan, folder, base_pieces=fetcher, on_shard=opened.upload,
-                                    on_progress=on_progress, verify=plan.spec.verify)
+                                    on_progress=on_tensor, verify=plan.spec.verify, compute=compute)
             if fetcher is not None:
                 on_event(f"downloaded {down.describe()}")
+                down_phase.finish()
             for warning in result.warnings:
                 on_event(f"warning: {warning}")
             title, description = commit_text(result.report)
             on_event(f"merged {result.tensors_merged} tensors in {result.seconds:.1f}s; committing to "
                      f"{target.repo_id}")
             published = opened.commit(folder, title=title, description=description)
+            up_phase.finish()
     finally:
         if fetcher is not None:
             fetcher.close()

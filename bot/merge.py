@@ -215,7 +215,17 @@ def tensor_blocks(job: TensorJob, adapter: dict[str, torch.Tensor], device: torc
 
 def merge_tensor(job: TensorJob, adapter: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """Produce one output tensor: start value, adapter ops in ``compute_dtype``, one rounding at the end."""
-    value = adapter[job.replacement] if job.replacement is not None else read_base_tensor(job.source)
+    return merge_value(job, start_value(job, adapter), adapter, device)
+
+
+def start_value(job: TensorJob, adapter: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What ``job``'s ops start from: the adapter's replacement tensor, or the base tensor read from disk."""
+    return adapter[job.replacement] if job.replacement is not None else read_base_tensor(job.source)
+
+
+def merge_value(job: TensorJob, value: torch.Tensor, adapter: dict[str, torch.Tensor],
+                device: torch.device) -> torch.Tensor:
+    """``job``'s ops applied to its start ``value`` on ``device``, rounded once; the result is on the CPU."""
     out_dtype = DTYPE_FROM_CODE[job.dtype]
     if job.ops:
         value = value.to(device=device, dtype=compute_dtype(out_dtype))
@@ -223,6 +233,38 @@ def merge_tensor(job: TensorJob, adapter: dict[str, torch.Tensor], device: torch
             value = apply_op(value, op, adapter, is_bias=is_bias)
     check_merged(job, value)
     return value.to(out_dtype).cpu()
+
+
+@dataclass(frozen=True)
+class TensorBatch:
+    """Tensors merged in one go by a ``compute`` hook (on ZeroGPU: one GPU call), with all they read
+    already in memory, so the arithmetic never waits on a disk or the network."""
+
+    jobs: tuple[TensorJob, ...]
+    starts: tuple[torch.Tensor, ...]  # each job's start value (``start_value``), on the CPU
+    adapter: dict[str, torch.Tensor]  # the adapter tensors the jobs' ops read, on the CPU
+
+    @property
+    def nbytes(self) -> int:
+        return sum(job.output.nbytes for job in self.jobs)
+
+
+# (batch) -> each job's merged tensor, in order, on the CPU: where the arithmetic of a batch runs.
+Compute = Callable[[TensorBatch], list[torch.Tensor]]
+COMPUTE_BATCH_BYTES = 256 * 1024 * 1024  # output bytes per compute call: seconds on a GPU; inputs and results
+# of a batch are in memory at once (with ZeroGPU's copies across processes), so this keeps RSS near 1 GiB
+
+
+def merge_batch(batch: TensorBatch, device: torch.device) -> list[torch.Tensor]:
+    """Every job of ``batch`` merged on ``device`` (``merge_value``, as ``merge_tensor`` does), back on the CPU."""
+    return [merge_value(job, start, batch.adapter, device) for job, start in zip(batch.jobs, batch.starts)]
+
+
+def batch_of(jobs: list[TensorJob], adapter: dict[str, torch.Tensor]) -> TensorBatch:
+    """``jobs`` with their start values read now and the adapter tensors they need."""
+    keys = {key for job in jobs for op, _ in job.ops for key in op.tensors.values()}
+    return TensorBatch(tuple(jobs), tuple(start_value(job, adapter) for job in jobs),
+                       {key: adapter[key] for key in sorted(keys)})
 
 
 # Where rounding to the output dtype overflows to inf: its largest value plus half its last step.
@@ -452,13 +494,16 @@ def without_local_paths(value: Any, paths: list[tuple[str, str]]) -> Any:
 
 def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None = None, base_pieces=None,
                  on_shard: Callable[[Path], None] | None = None,
-                 check_tensor: Callable[[str, TensorInfo], None] | None = None) -> tuple[list[str], int]:
+                 check_tensor: Callable[[str, TensorInfo], None] | None = None,
+                 compute: Compute | None = None) -> tuple[list[str], int]:
     """Write every planned tensor into ``out``; return the weight file names and how many were merged.
 
     ``base_pieces`` (a ``bot.pipeline.PieceFetcher``) supplies base tensors that are still on the Hub;
     ``on_shard(path)`` runs as each shard is complete (the pipeline uploads it, then deletes it);
     ``check_tensor(name, where)`` as each tensor is written, while its base piece is still at hand
     (the per-module proof, ``bot.proof``), so every shard is proved before it is uploaded.
+    ``compute``: where the arithmetic runs, a batch of tensors at a time (``compute_batches``; ZeroGPU's
+    GPU calls); without it, each tensor is merged here, row blocks at a time on the CPU.
     """
     adapter = dict(plan.adapter_tensors)  # read once, by resolve_plan
     device = pick_device(plan.spec.device)
@@ -470,22 +515,32 @@ def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None =
     for shard, file_name in zip(shards, names):
         writer = ShardWriter(out / file_name, shard)
         try:
-            for spec in shard:
-                job = by_name[spec.name]
-                if base_pieces is not None:
-                    job = base_pieces.localize(job)
-                if job.is_passthrough and isinstance(job.source, TensorInfo):
-                    writer.copy_raw(job.name, job.source)
-                else:
-                    writer.write_blocks(job.name, tensor_blocks(job, adapter, device))
-                    merged += bool(job.ops or job.replacement)
-                if check_tensor is not None:
-                    check_tensor(job.name, writer.written(job.name))
-                if base_pieces is not None:
-                    base_pieces.release(job)
-                done += 1
-                if on_progress:
-                    on_progress(done, total, job.name)
+            if compute is None:
+                batches: Iterable[list[TensorJob]] = ([by_name[spec.name]] for spec in shard)
+            else:
+                batches = compute_batches([by_name[spec.name] for spec in shard], base_pieces)
+            for batch in batches:
+                values: dict[str, torch.Tensor] = {}
+                if compute is not None:
+                    arithmetic = [job for job in batch if not _is_raw_copy(job)]
+                    if arithmetic:
+                        values = dict(zip((job.name for job in arithmetic), compute(batch_of(arithmetic, adapter))))
+                for job in batch:
+                    if base_pieces is not None and compute is None:
+                        job = base_pieces.localize(job)
+                    if job.is_passthrough and isinstance(job.source, TensorInfo):
+                        writer.copy_raw(job.name, job.source)
+                    else:
+                        blocks = [values.pop(job.name)] if compute is not None else tensor_blocks(job, adapter, device)
+                        writer.write_blocks(job.name, blocks)
+                        merged += bool(job.ops or job.replacement)
+                    if check_tensor is not None:
+                        check_tensor(job.name, writer.written(job.name))
+                    if base_pieces is not None:
+                        base_pieces.release(job)
+                    done += 1
+                    if on_progress:
+                        on_progress(done, total, job.name)
         except BaseException:  # Ctrl-C or a failure keeps its own meaning; the shard is discarded with the stage
             writer.abort()
             raise
@@ -498,26 +553,54 @@ def stream_merge(plan: MergePlan, out: Path, *, on_progress: ProgressFn | None =
     return names, merged
 
 
-def execute_plan(plan: MergePlan, *, on_progress: ProgressFn | None = None, verify: bool = False) -> MergeResult:
+def _is_raw_copy(job: TensorJob) -> bool:
+    return job.is_passthrough and isinstance(job.source, TensorInfo)
+
+
+def compute_batches(jobs: list[TensorJob], base_pieces=None,
+                    limit: int = COMPUTE_BATCH_BYTES) -> Iterator[list[TensorJob]]:
+    """``jobs`` (one shard's, in order) in consecutive batches of at most ``limit`` output bytes (a larger
+    tensor alone), each job reading from a fetched base piece.
+
+    A batch also ends before a job whose piece is still downloading: the pieces a batch holds are
+    released only once it is written, so waiting for more than the fetcher keeps ahead would never end.
+    The caller must write each batch before asking for the next.
+    """
+    batch: list[TensorJob] = []
+    size = 0
+    for job in jobs:
+        if batch and (size + job.output.nbytes > limit or (base_pieces is not None and not base_pieces.ready(job))):
+            yield batch
+            batch, size = [], 0
+        batch.append(base_pieces.localize(job) if base_pieces is not None else job)
+        size += job.output.nbytes
+    if batch:
+        yield batch
+
+
+def execute_plan(plan: MergePlan, *, on_progress: ProgressFn | None = None, verify: bool = False,
+                 compute: Compute | None = None) -> MergeResult:
     """Run a plan into ``plan.spec.out`` atomically; ``verify``: prove it against PEFT before the rename."""
     out = Path(plan.spec.out)
     inputs = (plan.adapter.path, plan.base.path)
     check_output_dir(out, overwrite=plan.spec.overwrite, inputs=inputs)
     check_disk_space(out, plan.output_bytes)
     with staged_output(out, overwrite=plan.spec.overwrite, inputs=inputs) as tmp:
-        result = merge_into(plan, tmp, on_progress=on_progress, verify=verify)
+        result = merge_into(plan, tmp, on_progress=on_progress, verify=verify, compute=compute)
     result.out_dir = out
     return result
 
 
 def merge_into(plan: MergePlan, folder: Path, *, on_progress: ProgressFn | None = None, verify: bool = False,
-               base_pieces=None, on_shard: Callable[[Path], None] | None = None) -> MergeResult:
+               base_pieces=None, on_shard: Callable[[Path], None] | None = None,
+               compute: Compute | None = None) -> MergeResult:
     """Write the whole output (weights, config, side files, report, card) into the empty ``folder``.
 
     ``verify``: every tensor is proved against PEFT's own layers as it is written (``bot.proof``), and
     the whole model end to end when it stays on disk and fits the memory budget (``bot.verify``);
     a failure raises ``VerificationError`` before anything is published.
-    ``base_pieces`` and ``on_shard``: see ``stream_merge`` (the Hub-to-Hub pipeline).
+    ``base_pieces`` and ``on_shard``: see ``stream_merge`` (the Hub-to-Hub pipeline); ``compute``: where
+    the arithmetic runs (``stream_merge``).
     """
     start = time.perf_counter()
     proof, proved, proof_skipped = None, None, None
@@ -544,7 +627,8 @@ def merge_into(plan: MergePlan, folder: Path, *, on_progress: ProgressFn | None 
 
             proof = ModuleProof(plan, base_lookup(plan, base_pieces.localize_info if base_pieces else None))
         files, merged = stream_merge(plan, folder, on_progress=on_progress, base_pieces=base_pieces,
-                                     on_shard=on_shard, check_tensor=proof.check if proof else None)
+                                     on_shard=on_shard, check_tensor=proof.check if proof else None,
+                                     compute=compute)
         write_config(plan, folder)
         counts, written = dict(plan.module_counts), len(plan.jobs)
         if proof is not None:

@@ -204,6 +204,11 @@ class PieceFetcher:
         local = replace(source, file=piece.path, begin=source.begin - piece.start, end=source.end - piece.start)
         return replace(job, source=local)
 
+    def ready(self, job: TensorJob) -> bool:
+        """Whether ``localize(job)`` would return at once (its piece is fetched, or it needs none)."""
+        piece = self._piece_of.get(job.name)
+        return piece is None or piece.ready.is_set()
+
     def localize_info(self, info: TensorInfo) -> TensorInfo | None:
         """``info`` (a tensor of a Hub file) read from a fetched piece that holds it now; None if none does."""
         for piece in self.pieces:

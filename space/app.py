@@ -35,7 +35,8 @@ def login_available() -> bool:
     return get_token() is not None
 
 
-QUEUE_COLUMNS = ["job", "state", "adapter", "target", "requested by", "created (UTC)", "finished (UTC)", "link"]
+QUEUE_COLUMNS = ["job", "state", "adapter", "target", "requested by", "created (UTC)", "finished (UTC)", "link",
+                 "progress"]
 
 
 def build_app(service=None) -> gr.Blocks:

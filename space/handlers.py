@@ -21,6 +21,7 @@ from bot.errors import MergeBotError, redact
 from bot.report import Verification
 from bot.spec import DTYPES
 from bot.transport import hub_client
+from space import zerogpu
 
 MOCK_TOKEN_PREFIX = "mock-oauth-token"  # what gradio's local login mock hands out
 log = logging.getLogger(__name__)
@@ -185,74 +186,42 @@ def preflight_view(adapter: str, base: str, dtype: str, repo: str, follows: bool
     return "\n".join(lines), suggestion
 
 
-def gpu_seconds(plan, verify: bool) -> int:
-    """ZeroGPU time to ask for: a minute plus ~20 s per GB of output, more with verification."""
-    gb = plan.output_bytes / 1e9
-    return int(min(600, 60 + 20 * gb + (30 + 10 * gb if verify else 0)))
-
-
-def _gpu(fn):
-    """``spaces.GPU`` when running on ZeroGPU, else the function itself (importing spaces is optional)."""
-    try:
-        import spaces  # type: ignore
-    except ImportError:
-        return fn
-    return spaces.GPU(duration=gpu_seconds)(fn)
-
-
-@_gpu
-def merge_on_gpu(plan, verify: bool):
-    from bot.jobs import run_merge_plan
-
-    return run_merge_plan(plan, verify)
-
-
-def _on_zerogpu() -> bool:
-    try:
-        import spaces  # noqa: F401  # type: ignore
-    except ImportError:
-        return False
-    return True
-
-
 class ProgressReport:
-    """The job's events and per-tensor callbacks as gradio progress: a phase, real sizes, speed and ETA.
+    """The job's events and phases (``bot.progress``) as gradio progress: the bar follows the merge, the
+    text gives each phase's bytes, speed and ETA.
 
     huggingface_hub's own bars are not tracked (``track_tqdm=False``): their totals are unknown
     while a download starts ("0/0 B") and they say nothing about the merge."""
 
-    def __init__(self, progress):
+    EVERY = 0.25  # seconds between page updates from phases: they come per chunk, from three threads
+
+    def __init__(self, progress, clock=time.monotonic):
+        from bot.progress import PhaseSummary
+
         self.progress = progress
         self.steps: list[str] = []
         self.summary = ""  # the pre-flight line, shown again after the publish
-        self.upload = ""  # "uploaded 1.2 MiB/3.4 MiB at 2.0 MiB/s, ETA 1s"
-        self.output = ""  # the merged weights' size, from the pre-flight
-        self.started: float | None = None
+        self.share = 0.0  # of the merge phase: the bar
+        self.phases = PhaseSummary(lambda text: self.progress(self.share, desc=text), every=self.EVERY, clock=clock)
 
     def event(self, message: str) -> None:
         self.steps.append(message)
         if message.startswith("pre-flight: "):
             self.summary = message[len("pre-flight: "):]
-            found = re.search(r"output ~([\d.]+ \w+)", message)
-            self.output = found.group(1) if found else ""
             self.progress(None, desc="pre-flight done; " + message.split("; ")[-1][:100])
-        elif message.startswith("uploaded "):
-            self.upload = message
+        elif message.startswith("uploaded ") and self.phases.lines:
+            return  # the upload phase says it, with the others
+        elif message.endswith(zerogpu.FALLBACK_NOTE):
             self.progress(None, desc=message)
         elif not message.startswith(("warning:", "note:")):
             self.progress(None, desc=message.split(";")[0][:100])
 
-    def tensor(self, done: int, total: int, what: str) -> None:
-        now = time.monotonic()
-        if self.started is None:
-            self.started = now
-        elapsed = max(now - self.started, 1e-6)
-        rate = done / elapsed
-        eta = (total - done) / rate if rate > 0 else 0.0
-        desc = f"merging {self.output or 'the weights'}: {rate:.1f} tensors/s, ETA {eta:.0f}s"
-        if self.upload:
-            desc += f"; {self.upload}"
-        self.progress((done, total), desc=desc, unit="tensors")
+    def phase(self, name: str, done: int, total: int) -> None:
+        from bot.progress import MERGE
+
+        if name == MERGE and total > 0:
+            self.share = done / total
+        self.phases.phase(name, done, total)
 
 
 def merge_and_publish(adapter: str, base: str, repo: str, private: bool, pr_mode: bool, dtype: str, verify: bool,
@@ -274,15 +243,15 @@ def merge_and_publish(adapter: str, base: str, repo: str, private: bool, pr_mode
     if dtype not in DTYPES:
         raise gr.Error(f"Output dtype must be one of {', '.join(DTYPES)}", duration=None)
     report = ProgressReport(progress)
-    gpu = _on_zerogpu()  # ZeroGPU: the merge runs on a GPU worker; elsewhere it streams Hub to Hub here
+    # ZeroGPU: the job streams Hub to Hub here too; only the arithmetic goes to the GPU, batch by batch.
+    compute = zerogpu.ZeroGpuCompute(report.event) if zerogpu.on_zerogpu() else None
     try:
         job = PublishJob(adapter=adapter, repo=repo, pr=bool(pr_mode), private=bool(private) and not pr_mode,
                          base=(base or "").strip() or None, dtype=dtype, verify=bool(verify), allow_local=False)
         progress(None, desc="pre-flight: pinning the adapter and base, checking access")
         with tempfile.TemporaryDirectory(prefix="merge-bot-space-") as work:
-            result = run_publish_job(job, api=api, work_dir=Path(work), on_event=report.event,
-                                     on_progress=None if gpu else report.tensor,
-                                     merge_runner=merge_on_gpu if gpu else None)
+            result = run_publish_job(job, api=api, work_dir=Path(work), on_event=report.event, progress=report,
+                                     compute=compute)
     except MergeBotError as e:
         raise gr.Error(_one_line(e, token), duration=None) from None
     except OSError as e:
@@ -294,7 +263,10 @@ def merge_and_publish(adapter: str, base: str, repo: str, private: bool, pr_mode
         raise gr.Error("The merge failed with an internal error; nothing was published. The details are in the "
                        "Space's logs.", duration=None) from None
     card = result.card or ""
-    return result_markdown(result), done_preflight(result, report.summary), render_card(card), card
+    markdown = result_markdown(result)
+    if compute is not None and compute.fallback:
+        markdown += f"\n\nNote: {compute.fallback}; the rest of the merge ran on the CPU."
+    return markdown, done_preflight(result, report.summary), render_card(card), card
 
 
 def done_preflight(result: Any, summary: str) -> str:

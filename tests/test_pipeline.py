@@ -256,11 +256,11 @@ def test_pieces_come_in_parallel_parts_and_a_dropped_part_alone_is_fetched_again
     """Each piece is split into range requests run at once; a connection dropped mid-part retries that
     part only, and what is published is still what a local merge writes."""
     import bot.remote
-    import bot.sources
+    import bot.transport
 
     monkeypatch.setattr(pipeline, "PIECE_BYTES", PIECE)
     monkeypatch.setattr(bot.remote, "RANGE_PART_MIN", PIECE // 4)
-    monkeypatch.setattr(bot.sources, "READ_RETRY_WAITS", (0.01, 0.01))
+    monkeypatch.setattr(bot.transport, "READ_RETRY_WAITS", (0.01, 0.01))
     monkeypatch.setenv("MERGEBOT_VERIFY_MEMORY_GB", "0")
     calls: list[tuple[int, int]] = []
     dropped: list[tuple[int, int]] = []

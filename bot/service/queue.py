@@ -142,6 +142,9 @@ class JobQueue:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        # Running job -> its phases now (bot.progress.PhaseSummary): in memory, since only this process runs
+        # it and a restart re-runs it anyway; never written per update.
+        self._progress: dict[int, str] = {}
         self._db().executescript(SCHEMA)  # executescript manages its own transaction
         with self._tx() as db:
             columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
@@ -274,8 +277,13 @@ class JobQueue:
         row = db.execute("SELECT * FROM subscribers WHERE job_id = ? ORDER BY rowid LIMIT 1", (job_id,)).fetchone()
         return Where(row["repo_type"], row["repo_id"], row["discussion"])
 
+    def set_progress(self, job_id: int, text: str) -> None:
+        """What the running job ``job_id`` is doing now, for the status table."""
+        self._progress[job_id] = text
+
     def requeue(self, job_id: int) -> None:
         """A run that hit a transient Hub failure goes back to the queue (attempts stay counted)."""
+        self._progress.pop(job_id, None)
         with self._tx() as db:
             db.execute("UPDATE jobs SET state = 'queued', remote = NULL WHERE id = ? AND state = 'running'", (job_id,))
 
@@ -315,6 +323,7 @@ class JobQueue:
                reply: str | None, reply_kind: str) -> None:
         """Set the outcome and write the reply (if any) to every subscriber, in one transaction."""
         assert state in ("done", "failed")
+        self._progress.pop(job_id, None)
         with self._tx() as db:
             db.execute("UPDATE jobs SET state = ?, finished = ?, result_url = ?, error = ? WHERE id = ?",
                        (state, time.time(), url, error, job_id))
@@ -361,8 +370,9 @@ class JobQueue:
         for job in self.jobs(limit):
             target = "(private repo)" if job.target_private else (job.target or "")
             link = "" if job.target_private else (job.result_url or "")
+            progress = self._progress.get(job.id, "") if job.state == "running" else ""
             rows.append([str(job.id), job.state, job.adapter, target, job.requester or "", when(job.created),
-                         when(job.finished), link])
+                         when(job.finished), link, progress])
         return rows
 
     def job(self, job_id: int) -> Job | None:

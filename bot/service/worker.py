@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 REPLY_MARKER = "merge-bot-reply:"  # hidden in every reply: the bot never answers itself, never posts twice
 MAX_ATTEMPTS = 3  # a job interrupted this many times (crash, restart) is failed instead of retried forever
+PROGRESS_EVERY = 10.0  # seconds between updates of a running job's phases in the queue table
 
 
 @dataclass(frozen=True)
@@ -341,7 +342,8 @@ class Service:
             publish = PublishJob(adapter=job.pinned_adapter, repo=job.target, pr=pr, base=request.base,
                                  dtype=request.dtype, requested_by=job.requester, allow_local=False)
             result = run_publish_job(publish, api=self.api,
-                                     on_event=lambda m: log.info("job %d: %s", job.id, m), policy=self.policy)
+                                     on_event=lambda m: log.info("job %d: %s", job.id, m), policy=self.policy,
+                                     progress=self.progress_of(job.id))
         except (MergeBotError, RefusedError) as e:
             if isinstance(e, MergeBotError) and self._is_transient(e) and job.attempts < MAX_ATTEMPTS:
                 log.warning("job %d hit a transient Hub error; back in the queue", job.id)
@@ -360,6 +362,13 @@ class Service:
         self.queue.finish(job.id, state="done", url=url, reply_kind="done",
                           reply=f"Done: {url}\n\n({result.publish.describe().split(':')[0]}.)")
         return True
+
+    def progress_of(self, job_id: int):
+        """The job's phases for the queue table, refreshed every ``PROGRESS_EVERY`` seconds (in memory; no
+        Hub comment: the discussion hears once, when the job is done)."""
+        from bot.progress import PhaseSummary
+
+        return PhaseSummary(lambda text: self.queue.set_progress(job_id, text), every=PROGRESS_EVERY)
 
     # ---- work as Hugging Face Jobs -------------------------------------------------------------
     def _work_remote_once(self) -> bool:
