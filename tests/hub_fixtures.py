@@ -84,3 +84,38 @@ def push_payload(hub, repo: str, head: str, ref: str = "refs/heads/main", old: s
                  "updatedRefs": [{"ref": ref, "oldSha": old, "newSha": head}]})
     body["repo"]["headSha"] = head
     return body
+
+
+def publish_sharded_llama(hub, cache_dir: Path, name: str, *, seed: int, layers: int, targets: list[str]) -> dict:
+    """A small untied Llama saved in several ~200 KB shards as ``bob/{name}-llama`` and a LoRA on
+    ``targets`` as ``alice/{name}-lora``: the streamed pipeline's many pieces and shards in miniature."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from factory import VOCAB
+
+    base = cache_dir / f"base-{name}-llama"
+    if not (base / "config.json").exists():
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                             architectures=["LlamaForCausalLM"])
+        LlamaForCausalLM(config).save_pretrained(base, max_shard_size="200KB")
+    adapter = build_adapter(cache_dir, f"{name}-lora", base, "llama_untied", LoraConfig(r=4, target_modules=targets))
+    hub.create_repo(f"bob/{name}-llama", owner_token=BOB, files=folder_files(base))
+    hub.create_repo(f"alice/{name}-lora", owner_token=ALICE, files=adapter_files(adapter, f"bob/{name}-llama"))
+    return {"base": base, "adapter": adapter,
+            "weights": sum(p.stat().st_size for p in base.glob("*.safetensors"))}
+
+
+def tensor_bytes(folder: Path) -> dict[str, bytes]:
+    """Every tensor of a folder's safetensors files, by name, as its raw bytes (bit-for-bit comparisons)."""
+    import torch
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key).contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes()
+    return out

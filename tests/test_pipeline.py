@@ -16,16 +16,12 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import snapshot_download
-from peft import LoraConfig
-from safetensors import safe_open
 
 from bot import cli, pipeline
 from bot.hub import UPLOADS_AT_ONCE
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from factory import VOCAB, assert_matches_peft, build_adapter
-from hub_fixtures import ALICE, BOB, adapter_files, folder_files
+from factory import assert_matches_peft
+from hub_fixtures import ALICE, publish_sharded_llama, tensor_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = "64KB"  # output shards: many per model
@@ -63,30 +59,11 @@ class DiskWatch:
 @pytest.fixture(scope="module")
 def sharded(hub, models, cache_dir):
     """A base in several shards on the test Hub, and a LoRA on every linear layer of it."""
-    base = cache_dir / "base-pipeline-llama"
-    if not (base / "config.json").exists():
-        torch.manual_seed(99)
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                             architectures=["LlamaForCausalLM"])
-        LlamaForCausalLM(config).save_pretrained(base, max_shard_size="200KB")
-    adapter = build_adapter(cache_dir, "pipeline-lora", base, "llama_untied",
-                            LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                            "up_proj", "down_proj"]))
-    hub.create_repo("bob/sharded-llama", owner_token=BOB, files=folder_files(base))
-    hub.create_repo("alice/sharded-lora", owner_token=ALICE, files=adapter_files(adapter, "bob/sharded-llama"))
-    weights = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-    assert len(list(base.glob("*.safetensors"))) >= 3
-    return {"base": base, "adapter": adapter, "weights": weights}
-
-
-def _tensors(folder: Path) -> dict[str, bytes]:
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for name in f.keys():
-                out[name] = f.get_tensor(name).contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes()
-    return out
+    published = publish_sharded_llama(hub, cache_dir, "sharded", seed=99, layers=6,
+                                      targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"])
+    assert len(list(published["base"].glob("*.safetensors"))) >= 3
+    return published
 
 
 def test_streamed_run_keeps_disk_to_a_few_pieces_and_publishes_what_a_local_merge_writes(
@@ -123,7 +100,7 @@ def test_streamed_run_keeps_disk_to_a_few_pieces_and_publishes_what_a_local_merg
     assert cli.main(["merge", str(sharded["adapter"]), "--base", str(sharded["base"]), "--out", str(local),
                      "--max-shard-size", SHARD]) == 0
     capsys.readouterr()
-    assert _tensors(published) == _tensors(local)
+    assert tensor_bytes(published) == tensor_bytes(local)
     assert sorted(p.name for p in published.glob("*.safetensors")) == sorted(p.name for p in local.glob("*.safetensors"))
     assert_matches_peft(published, sharded["base"], sharded["adapter"])
 
@@ -291,7 +268,7 @@ def test_pieces_come_in_parallel_parts_and_a_dropped_part_alone_is_fetched_again
     assert cli.main(["merge", str(sharded["adapter"]), "--base", str(sharded["base"]), "--out", str(local),
                      "--max-shard-size", SHARD]) == 0
     capsys.readouterr()
-    assert _tensors(published) == _tensors(local)
+    assert tensor_bytes(published) == tensor_bytes(local)
 
 
 def test_scratch_a_killed_run_left_is_removed_by_the_next_run_and_a_live_one_is_not(tmp_path):

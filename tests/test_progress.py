@@ -19,18 +19,13 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
-import torch
 from huggingface_hub import HfApi, snapshot_download
-from peft import LoraConfig
-from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from bot import cli, pipeline
 from bot.jobs import PublishJob, run_publish_job
 from bot.transport import hub_client
 from bot.progress import DOWNLOAD, MERGE, PHASES, UPLOAD, PhaseSummary, phase_line
-from factory import VOCAB, build_adapter
-from hub_fixtures import ALICE, BOB, adapter_files, folder_files
+from hub_fixtures import ALICE, publish_sharded_llama, tensor_bytes
 from space import zerogpu
 
 SHARD = "64KB"
@@ -53,18 +48,7 @@ class RecordingSink:
 @pytest.fixture(scope="module")
 def sharded(hub, models, cache_dir):
     """A base in several shards on the test Hub and a LoRA on its linear layers (names of this module's own)."""
-    base = cache_dir / "base-progress-llama"
-    if not (base / "config.json").exists():
-        torch.manual_seed(7)
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                             architectures=["LlamaForCausalLM"])
-        LlamaForCausalLM(config).save_pretrained(base, max_shard_size="200KB")
-    adapter = build_adapter(cache_dir, "progress-lora", base, "llama_untied",
-                            LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
-    hub.create_repo("bob/progress-llama", owner_token=BOB, files=folder_files(base))
-    hub.create_repo("alice/progress-lora", owner_token=ALICE, files=adapter_files(adapter, "bob/progress-llama"))
-    return {"base": base, "adapter": adapter}
+    return publish_sharded_llama(hub, cache_dir, "progress", seed=7, layers=4, targets=["q_proj", "v_proj", "down_proj"])
 
 
 @pytest.fixture
@@ -72,15 +56,6 @@ def streamed(monkeypatch):
     """Small pieces (many range requests) and no room to verify end to end: the Hub-to-Hub path."""
     monkeypatch.setattr(pipeline, "PIECE_BYTES", PIECE)
     monkeypatch.setenv("MERGEBOT_VERIFY_MEMORY_GB", "0")
-
-
-def _tensors(folder: Path) -> dict[str, bytes]:
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for name in f.keys():
-                out[name] = f.get_tensor(name).contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes()
-    return out
 
 
 def assert_phase_complete(sink: RecordingSink, name: str) -> None:
@@ -253,7 +228,7 @@ def local_merge(sharded, tmp_path: Path, capsys) -> dict[str, bytes]:
     assert cli.main(["merge", str(sharded["adapter"]), "--base", str(sharded["base"]), "--out", str(out),
                      "--max-shard-size", SHARD]) == 0
     capsys.readouterr()
-    return _tensors(out)
+    return tensor_bytes(out)
 
 
 @pytest.mark.parametrize("quota_calls", [None, 2])
@@ -284,7 +259,7 @@ def test_zerogpu_holds_the_gpu_only_for_the_arithmetic(hub, sharded, streamed, f
         assert fallback == ["ZeroGPU quota used up; merging the rest on the CPU"]
 
     published = Path(snapshot_download(repo, cache_dir=tmp_path / "dl"))
-    assert _tensors(published) == local_merge(sharded, tmp_path, capsys)
+    assert tensor_bytes(published) == local_merge(sharded, tmp_path, capsys)
 
 
 def test_zerogpu_durations_stay_within_the_limit():

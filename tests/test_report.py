@@ -62,12 +62,17 @@ def key_paths(value, prefix: str = "") -> set[str]:
     return paths
 
 
+def _base_and_adapter(cache_dir):
+    """The tiny seeded Llama and the LoRA (q_proj, v_proj) whose merges this module reads the reports of."""
+    base = build_base(cache_dir, "llama")
+    return base, build_adapter(cache_dir, "report-lora", base, "llama",
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
 @pytest.fixture(scope="module")
 def merged(cache_dir, tmp_path_factory):
     """A tiny seeded LoRA merge, verified: (plan, result, folder)."""
-    base = build_base(cache_dir, "llama")
-    adapter = build_adapter(cache_dir, "report-lora", base, "llama",
-                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    base, adapter = _base_and_adapter(cache_dir)
     out = tmp_path_factory.mktemp("report") / "merged"
     plan = resolve_plan(MergeSpec(adapter=parse_source_ref(str(adapter)), base=parse_source_ref(str(base)), out=out))
     return plan, execute_plan(plan, verify=True), out
@@ -118,9 +123,7 @@ def test_an_unverified_report_round_trips_with_null_verification(good_unverified
 
 @pytest.fixture(scope="module")
 def good_unverified(cache_dir, tmp_path_factory):
-    base = build_base(cache_dir, "llama")
-    adapter = build_adapter(cache_dir, "report-lora", base, "llama",
-                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    base, adapter = _base_and_adapter(cache_dir)
     out = tmp_path_factory.mktemp("report-plain") / "merged"
     assert main(["merge", str(adapter), "--base", str(base), "--out", str(out), "--no-verify", "--quiet"]) == 0
     return out
