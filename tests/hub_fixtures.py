@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from peft import LoraConfig
@@ -119,3 +120,30 @@ def tensor_bytes(folder: Path) -> dict[str, bytes]:
             for key in f.keys():
                 out[key] = f.get_tensor(key).contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes()
     return out
+
+
+_TEST_TOKEN = re.compile(r"hf_\w*TEST\w*")  # every token the tests hand out has TEST in it
+
+
+def run_cli(capsys, *argv: str, token: str | None = ALICE) -> tuple[int, str, str]:
+    """``python -m bot`` in process with ``token``: (exit code, stdout, stderr); no token and no
+    traceback may appear in either."""
+    from bot import cli
+
+    code = cli.main([*argv, *(["--token", token] if token else [])])
+    out, err = capsys.readouterr()
+    assert not _TEST_TOKEN.search(out) and not _TEST_TOKEN.search(err), "a token was printed"
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    """The one ``Error:`` line a failure prints, last (progress lines may precede it)."""
+    lines = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err
+    return lines[0]
+
+
+def our_commits(hub, repo_id: str, revision: str = "main") -> list[dict]:
+    """The commits merge-bot made on ``revision`` (their titles start with "Merge ")."""
+    return [c for c in hub.commits(repo_id, revision) if c["title"].startswith("Merge ")]

@@ -18,9 +18,9 @@ import pytest
 from fastapi.testclient import TestClient
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 
-from bot import cli
 from factory import assert_matches_peft, build_base
-from hub_fixtures import ALICE, BOB, CAROL, adapter_files, folder_files, push_payload, webhook_payload
+from hub_fixtures import (ALICE, BOB, adapter_files, error_line, folder_files, our_commits, push_payload,
+                          run_cli, webhook_payload)
 
 BOT = "hf_variantbotTESTtoken0000000000000000006"
 FINN = "hf_finnTESTfinegrained000000000000000007"  # fine-grained, read only
@@ -40,25 +40,6 @@ MATRIX = {
     "hub_like": {"cdn_redirect", "resolve_cache_redirect", "lfs_upload_elsewhere", "paginate", "lowercase_headers",
                  "gzip_text", "weak_etag"},
 }
-
-
-def run_cli(capsys, *argv: str, token: str | None = ALICE) -> tuple[int, str, str]:
-    code = cli.main([*argv, *(["--token", token] if token else [])])
-    out, err = capsys.readouterr()
-    for secret in (ALICE, BOB, CAROL, BOT, FINN, WREN):
-        assert secret not in out and secret not in err, "a token was printed"
-    assert "Traceback" not in err
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("Error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def our_commits(hub, repo_id: str, revision: str = "main") -> list[dict]:
-    return [c for c in hub.commits(repo_id, revision) if c["title"].startswith("Merge ")]
 
 
 def our_prs(hub, repo_id: str) -> list[dict]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import CommitOperationAdd, HfApi, constants, hf_hub_download, snapshot_download
 
-from test_publish import run_cli
+from hub_fixtures import run_cli
 from factory import assert_matches_peft
 from hub_fixtures import ALICE, BOB
 from hub_server import HubServer

@@ -14,29 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 from huggingface_hub import ModelCard, snapshot_download
-from bot import cli, transport as bot_transport
+from bot import transport as bot_transport
 from factory import assert_matches_peft, unverified_report
-from hub_fixtures import ALICE, BOB, CAROL, adapter_files
+from hub_fixtures import ALICE, BOB, CAROL, adapter_files, error_line, our_commits, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-def run_cli(capsys, *argv: str, token: str | None = ALICE) -> tuple[int, str, str]:
-    code = cli.main([*argv, *(["--token", token] if token else [])])
-    out, err = capsys.readouterr()
-    for secret in (ALICE, BOB, CAROL):
-        assert secret not in out and secret not in err, "a token was printed"
-    assert "Traceback" not in err
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    """The one ``Error:`` line a failure prints (progress lines may precede it)."""
-    lines = [line for line in err.splitlines() if line.startswith("Error: ")]
-    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err
-    return lines[0]
-
-
-def our_commits(hub, repo_id: str, revision: str = "main") -> list[dict]:
-    return [c for c in hub.commits(repo_id, revision) if c["title"].startswith("Merge ")]
 
 
 def test_run_publishes_new_repo_in_one_commit_with_peft_equal_logits(hub, models, capsys, tmp_path):

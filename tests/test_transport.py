@@ -17,7 +17,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from bot import transport
 from bot.errors import PublishError, RepoConflictError
 from hub_fixtures import ALICE
-from test_publish import our_commits, run_cli
+from hub_fixtures import our_commits, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
