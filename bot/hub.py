@@ -321,6 +321,7 @@ class Publication:
         self._slot = threading.Semaphore(UPLOADS_AT_ONCE)  # files handed over and not yet uploaded: bounded disk
         self._count = threading.Lock()
         self._error: BaseException | None = None
+        self._abandoned = False  # the job failed: files still queued are not sent
         self._closing = ExitStack()  # the job's transfer mode holds until the publication is closed
         self.transfer = self._closing.enter_context(transfer_mode(api, target.repo_id))  # "xet" or "lfs"
         self._threads = [threading.Thread(target=self._run, name=f"merge-bot-upload-{i}", daemon=True)
@@ -336,7 +337,7 @@ class Publication:
             if path is None:
                 return
             try:
-                if self._error is None:
+                if self._error is None and not self._abandoned:
                     op = CommitOperationAdd(path.name, str(path))
                     write_with_retries(lambda: self.api.preupload_lfs_files(
                         self.target.repo_id, additions=[op], create_pr=self.target.pr, free_memory=True),
@@ -371,18 +372,25 @@ class Publication:
             self._slot.release()
         self._raise_error()
 
-    def close(self) -> None:
+    def close(self, *, abandon: bool = False) -> None:
+        """Stop the upload threads once the files handed over are sent (``abandon``: files not yet
+        started are dropped, as when the job failed); waits 30 s at most in all."""
+        import time
+
+        if abandon:
+            self._abandoned = True
         for _ in self._threads:
             self._queue.put(None)
+        deadline = time.monotonic() + 30
         for thread in self._threads:
-            thread.join(timeout=30)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._closing.close()
 
     def __enter__(self) -> "Publication":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(abandon=exc_type is not None)
 
     def commit(self, folder: Path, *, title: str, description: str) -> PublishResult:
         """One commit (or pull request) of the pre-uploaded files and every other file of ``folder``;

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -291,33 +292,29 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
         opened = open_publication(api, target, fps, author=author, verified=plan.spec.verify, on_uploaded=uploaded)
     if isinstance(opened, PublishResult):
         return JobResult(opened)
-    sink.phase(UPLOAD, 0, up.total)
-    on_tensor = tensor_callback(plan, progress, on_progress)
-    if plan.base.remote:  # what is fetched: pieces of the base (a tensor read twice comes once)
-        down_phase.total = sum(piece.nbytes for piece in plan_pieces(list(plan.jobs)))
-        sink.phase(DOWNLOAD, 0, down_phase.total)
-    fetcher = PieceFetcher(plan.base.remote, list(plan.jobs), work / "pieces", on_bytes=downloaded) \
-        if plan.base.remote else None
-    folder = work / "out"
-    folder.mkdir()
-    tensors = len(plan.jobs)
-    try:
-        with opened:
-            on_event(f"merging {tensors} tensors; each shard is uploaded as soon as it is written")
-            with merge_threads_beside_transfers():
-                result = merge_into(plan, folder, base_pieces=fetcher, on_shard=opened.upload,
-                                    on_progress=on_tensor, verify=plan.spec.verify, compute=compute)
-            if fetcher is not None:
-                on_event(f"downloaded {down.describe()}")
-                down_phase.finish()
-            for warning in result.warnings:
-                on_event(f"warning: {warning}")
-            title, description = commit_text(result.report)
-            on_event(f"merged {result.tensors_merged} tensors in {result.seconds:.1f}s; committing to "
-                     f"{target.repo_id}")
-            published = opened.commit(folder, title=title, description=description)
-            up_phase.finish()
-    finally:
+    with opened, ExitStack() as stack:  # the upload threads and the transfer mode end with this block
+        sink.phase(UPLOAD, 0, up.total)
+        on_tensor = tensor_callback(plan, progress, on_progress)
+        fetcher = None
+        if plan.base.remote:  # what is fetched: pieces of the base (a tensor read twice comes once)
+            down_phase.total = sum(piece.nbytes for piece in plan_pieces(list(plan.jobs)))
+            sink.phase(DOWNLOAD, 0, down_phase.total)
+            fetcher = PieceFetcher(plan.base.remote, list(plan.jobs), work / "pieces", on_bytes=downloaded)
+            stack.callback(fetcher.close)
+        folder = work / "out"
+        folder.mkdir()
+        on_event(f"merging {len(plan.jobs)} tensors; each shard is uploaded as soon as it is written")
+        with merge_threads_beside_transfers():
+            result = merge_into(plan, folder, base_pieces=fetcher, on_shard=opened.upload,
+                                on_progress=on_tensor, verify=plan.spec.verify, compute=compute)
         if fetcher is not None:
-            fetcher.close()
+            on_event(f"downloaded {down.describe()}")
+            down_phase.finish()
+        for warning in result.warnings:
+            on_event(f"warning: {warning}")
+        title, description = commit_text(result.report)
+        on_event(f"merged {result.tensors_merged} tensors in {result.seconds:.1f}s; committing to "
+                 f"{target.repo_id}")
+        published = opened.commit(folder, title=title, description=description)
+        up_phase.finish()
     return JobResult(published, result.report, _card_of(folder, target.repo_id))

@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
 
 from bot.errors import OutputError
 from bot.plan import TensorJob
@@ -100,8 +100,18 @@ def plan_pieces(jobs: list[TensorJob], piece_bytes: int | None = None) -> list[P
 ByteCounter = Callable[[int], None]
 
 
-class _Stopped(Exception):
-    """Raised inside a part's download once the fetcher is stopped."""
+@dataclass
+class _PieceFetch:
+    """One piece being fetched: its open file and how many of its parts are still running or written."""
+
+    piece: Piece
+    path: Path
+    handle: IO[bytes]
+    left: int
+    written: int = 0
+
+    def __post_init__(self) -> None:
+        self.parts = self.left
 
 
 class PieceFetcher:
@@ -136,6 +146,7 @@ class PieceFetcher:
         from bot.remote import RANGE_STREAMS, split_range
 
         pool = ThreadPoolExecutor(RANGE_STREAMS, thread_name_prefix="merge-bot-range")
+        handles = []
         try:
             for i, piece in enumerate(self.pieces):
                 while not self._slots.acquire(timeout=0.2):
@@ -145,41 +156,40 @@ class PieceFetcher:
                     return
                 path = self.scratch / f"piece-{i:05d}"
                 handle = open(path, "wb")
+                handles.append(handle)
                 handle.truncate(piece.nbytes)
                 parts = split_range(piece.start, piece.end)
-                pending = [len(parts)]
+                fetch = _PieceFetch(piece, path, handle, left=len(parts))
                 for part in parts:
-                    pool.submit(self._fetch_part, piece, path, handle, part, pending)
+                    pool.submit(self._fetch_part, fetch, part)
         except BaseException as e:  # handed to the merge thread, which raises it
             self._fail(e)
         finally:
             pool.shutdown(wait=True, cancel_futures=self._stop.is_set())
+            for handle in handles:  # parts cancelled before they ran never closed theirs
+                handle.close()
 
-    def _fetch_part(self, piece: Piece, path: Path, handle, part: tuple[int, int], pending: list[int]) -> None:
-        from bot.remote import fetch_part
+    def _fetch_part(self, fetch: "_PieceFetch", part: tuple[int, int]) -> None:
+        from bot.remote import FetchStopped, fetch_part
 
-        def counted(n: int) -> None:
-            if self._stop.is_set():  # the job failed or ended: stop this part now, not after its last byte
-                raise _Stopped
-            if self._on_bytes:
-                self._on_bytes(n)
-
+        piece, written = fetch.piece, False
         try:
-            if not self._stop.is_set():
-                fetch_part(self.remote, piece.file, part[0], part[1], handle.fileno(), part[0] - piece.start,
-                           counted)
-        except _Stopped:
+            fetch_part(self.remote, piece.file, part[0], part[1], fetch.handle.fileno(), part[0] - piece.start,
+                       self._on_bytes, stopped=self._stop.is_set)
+            written = True
+        except FetchStopped:
             pass
         except BaseException as e:
             self._fail(e)
         finally:
             with self._lock:
-                pending[0] -= 1
-                done = pending[0] == 0
+                fetch.left -= 1
+                fetch.written += written
+                done = fetch.left == 0
             if done:
-                handle.close()
-                if self._error is None:
-                    piece.path = path
+                fetch.handle.close()
+                if fetch.written == fetch.parts and self._error is None:  # every byte is there
+                    piece.path = fetch.path
                     piece.ready.set()
 
     def _fail(self, error: BaseException) -> None:
@@ -259,6 +269,26 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def available_cores() -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota when one is set
+    (how containers and Spaces give a job 2 vCPUs of a large host, which ``os.cpu_count()`` and
+    torch's default thread count do not see)."""
+    import math
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),  # cgroup v2: "quota period"
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            text = Path(quota_file).read_text().split()
+            quota, period = (text[0], text[1]) if period_file is None else (text[0], Path(period_file).read_text())
+            if quota not in ("max", "-1"):
+                return max(1, min(cores, math.ceil(int(quota) / int(period))))
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(1, cores)
+
+
 @contextmanager
 def merge_threads_beside_transfers() -> Iterator[None]:
     """Torch's threads, while a merge shares the machine with its own downloads and uploads: half the
@@ -266,12 +296,10 @@ def merge_threads_beside_transfers() -> Iterator[None]:
     on every core the transfer threads starve: on 2 cores the 1.1B pipeline benchmark took 28 s
     with torch's default 2 threads and 23 s with 1, while the merge's arithmetic, overlapped with
     the transfers, never became the slowest part."""
-    import os
-
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 2) // 2)))
+    torch.set_num_threads(max(1, min(before, available_cores() // 2)))
     try:
         yield
     finally:

@@ -126,24 +126,44 @@ def split_range(start: int, end: int, streams: int | None = None, part_min: int 
     return [(at, min(at + step, end)) for at in range(start, end, step)] or [(start, end)]
 
 
-def fetch_part(remote: RemoteWeights, name: str, start: int, end: int, fd: int, offset: int,
-               on_bytes: Callable[[int], None] | None = None) -> None:
-    """Write bytes [start, end) of ``name`` into the open file ``fd`` at ``offset``; transient failures
-    restart this part alone."""
+class FetchStopped(Exception):
+    """Raised inside a part's download once its fetcher is stopped (the job failed or ended)."""
+
+
+def write_fully(fd: int, data, at: int) -> None:
+    """``os.pwrite`` until all of ``data`` is written at ``at``: a nearly full disk may take part of it."""
     import os
 
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, at)
+        if written <= 0:
+            raise OSError(28, "No space left on device")
+        view, at = view[written:], at + written
+
+
+def fetch_part(remote: RemoteWeights, name: str, start: int, end: int, fd: int, offset: int,
+               on_bytes: Callable[[int], None] | None = None, stopped: Callable[[], bool] | None = None) -> None:
+    """Write bytes [start, end) of ``name`` into the open file ``fd`` at ``offset``; transient failures
+    restart this part alone. ``stopped()`` true: raise ``FetchStopped`` at the next chunk or attempt."""
+    def check() -> None:
+        if stopped is not None and stopped():
+            raise FetchStopped
+
     def attempt() -> None:
+        check()
         at, pending = offset, bytearray()
 
         def flush() -> None:
             nonlocal at
-            os.pwrite(fd, pending, at)
+            write_fully(fd, pending, at)
             at += len(pending)
             if on_bytes:
                 on_bytes(len(pending))
             pending.clear()
 
         def write(chunk: bytes) -> None:
+            check()
             pending.extend(chunk)  # a paced link delivers a few KiB at a time: one write per MiB instead
             if len(pending) >= _WRITE_BYTES:
                 flush()

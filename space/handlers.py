@@ -249,9 +249,10 @@ def merge_and_publish(adapter: str, base: str, repo: str, private: bool, pr_mode
         job = PublishJob(adapter=adapter, repo=repo, pr=bool(pr_mode), private=bool(private) and not pr_mode,
                          base=(base or "").strip() or None, dtype=dtype, verify=bool(verify), allow_local=False)
         progress(None, desc="pre-flight: pinning the adapter and base, checking access")
-        with tempfile.TemporaryDirectory(prefix="merge-bot-space-") as work:
-            result = run_publish_job(job, api=api, work_dir=Path(work), on_event=report.event, progress=report,
-                                     compute=compute)
+        # Scratch in the system's temp folder, locked while the job runs: a later job removes what a
+        # killed Space process left there (bot.pipeline.claim_scratch).
+        result = run_publish_job(job, api=api, work_dir=None, on_event=report.event, progress=report,
+                                 compute=compute)
     except MergeBotError as e:
         raise gr.Error(_one_line(e, token), duration=None) from None
     except OSError as e:

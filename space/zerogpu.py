@@ -45,6 +45,10 @@ def _merge_batch_on_gpu(batch: Any) -> list:
 
     from bot.merge import merge_batch
 
+    # Full float32 matmuls: TF32 (10-bit mantissa), if anything in the process turned it on, would
+    # put the merged weights outside the proof's 1-ulp bound.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     return merge_batch(batch, torch.device(GPU_DEVICE))
 
 

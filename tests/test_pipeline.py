@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import snapshot_download
 
 from bot import cli, pipeline
@@ -295,3 +296,99 @@ def test_scratch_a_killed_run_left_is_removed_by_the_next_run_and_a_live_one_is_
     release_scratch(live, live_fd)
     os.close(other_fd)
     assert not new.exists() and not live.exists()
+
+
+def test_the_streamed_merge_uses_half_the_cores_a_container_grants_and_restores_torchs_setting(monkeypatch):
+    """A 2-vCPU quota on a 64-core host (a Space): one merge thread, not 32; torch's setting comes back
+    even when the merge fails."""
+    import pathlib
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    files = {"/sys/fs/cgroup/cpu.max": "200000 100000\n"}
+    real_read = pathlib.Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if str(self).startswith("/sys/fs/cgroup"):
+            if str(self) not in files:
+                raise FileNotFoundError(str(self))
+            return files[str(self)]
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+    assert pipeline.available_cores() == 2
+    files["/sys/fs/cgroup/cpu.max"] = "max 100000\n"
+    assert pipeline.available_cores() == 64
+    del files["/sys/fs/cgroup/cpu.max"]
+    files.update({"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "350000\n", "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"})
+    assert pipeline.available_cores() == 4
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        with pytest.raises(RuntimeError):
+            with pipeline.merge_threads_beside_transfers():
+                assert torch.get_num_threads() == 2  # half of the 4 cores the v1 quota grants
+                raise RuntimeError("the merge failed")
+        assert torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_short_disk_write_is_finished_not_left_as_zeros(tmp_path, monkeypatch):
+    from bot.remote import write_fully
+
+    real = os.pwrite
+    calls = []
+
+    def half_pwrite(fd, data, at):  # a nearly full disk takes part of a write
+        calls.append(len(data))
+        return real(fd, bytes(data)[: max(1, len(data) // 2)], at)
+
+    monkeypatch.setattr(os, "pwrite", half_pwrite)
+    path = tmp_path / "piece"
+    with open(path, "wb") as fh:
+        fh.truncate(1000)
+        write_fully(fh.fileno(), b"x" * 600, 100)
+    assert path.read_bytes() == b"\0" * 100 + b"x" * 600 + b"\0" * 300
+    assert len(calls) > 1
+
+
+def test_a_fetcher_closed_mid_download_stops_its_parts_marks_nothing_ready_and_closes_its_files(
+        tmp_path, monkeypatch):
+    """What the merge is handed is only ever a piece whose every part arrived; a stop halts running parts at
+    their next chunk and leaves no file open (a failed job must not keep downloading or leak descriptors)."""
+    import gc
+    import warnings
+
+    import bot.remote
+    from bot.plan import TensorJob
+    from bot.remote import RemoteWeights
+    from bot.shards import TensorInfo
+
+    monkeypatch.setattr(bot.remote, "RANGE_PART_MIN", 1024)
+    started, release = threading.Event(), threading.Event()
+
+    def slow_get(remote, name, start, end, write):  # one chunk, then the link stalls until released
+        write(b"\1" * 16)
+        started.set()
+        release.wait(10)
+        write(b"\1" * (end - start - 16))
+
+    monkeypatch.setattr(bot.remote, "_get", slow_get)
+    jobs = [TensorJob(f"t{i}", TensorInfo(f"t{i}", "U8", (4096,), Path("model.safetensors"), 4096 * i, 4096 * (i + 1)),
+                      None, (), "U8", (4096,)) for i in range(4)]
+    remote = RemoteWeights("bob/base", "0" * 40, "http://127.0.0.1:1", ("model.safetensors",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)  # an unclosed piece file fails the test
+        fetcher = pipeline.PieceFetcher(remote, jobs, tmp_path, piece_bytes=8192, prefetch=2)
+        assert started.wait(10)
+        closer = threading.Thread(target=fetcher.close)
+        closer.start()
+        time.sleep(0.3)
+        release.set()  # the stalled parts get their next chunk and see the stop
+        closer.join(10)
+        fetcher._thread.join(10)
+        gc.collect()
+    assert not fetcher._thread.is_alive()
+    assert not any(piece.ready.is_set() or piece.path for piece in fetcher.pieces), \
+        "a piece whose parts were stopped was handed out as fetched"
