@@ -279,7 +279,9 @@ class ShardWriter:
                     n = os.copy_file_range(src.fileno(), out_fd, min(left, _COPY_CHUNK), offset)
                 except OSError:  # e.g. EXDEV across file systems: copy through a small buffer
                     n = len(chunk := os.pread(src.fileno(), min(left, _COPY_CHUNK), offset))
-                    os.write(out_fd, chunk)
+                    view = memoryview(chunk)
+                    while view:  # a nearly full disk may take part of a write
+                        view = view[os.write(out_fd, view):]
                 if n <= 0:
                     raise IncompatibleBaseError(f"{source.file.name}: file ended inside tensor {source.name!r}")
                 offset += n

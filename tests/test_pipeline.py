@@ -392,3 +392,34 @@ def test_a_fetcher_closed_mid_download_stops_its_parts_marks_nothing_ready_and_c
     assert not fetcher._thread.is_alive()
     assert not any(piece.ready.is_set() or piece.path for piece in fetcher.pieces), \
         "a piece whose parts were stopped was handed out as fetched"
+
+
+def test_a_passthrough_copy_across_file_systems_survives_short_writes(tmp_path, monkeypatch):
+    """copy_file_range refused (EXDEV) and a nearly full disk taking half of each write: the copied
+    tensor is still whole, byte for byte."""
+    import errno
+
+    from safetensors.torch import load_file, save_file
+
+    from bot.shards import OutputTensor, ShardWriter, read_header
+
+    source = tmp_path / "base.safetensors"
+    value = torch.arange(300_000, dtype=torch.float32).reshape(600, 500)
+    save_file({"w": value}, str(source))
+    info = read_header(source)[0]["w"]
+
+    def refuse(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    real_write = os.write
+
+    def half_write(fd, data):
+        return real_write(fd, bytes(data)[: max(1, len(data) // 2)])
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    monkeypatch.setattr(os, "write", half_write)
+    writer = ShardWriter(tmp_path / "out.safetensors", [OutputTensor("w", info.dtype, info.shape)])
+    writer.copy_raw("w", info)
+    writer.close()
+    monkeypatch.undo()
+    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["w"], value)
