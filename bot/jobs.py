@@ -266,26 +266,20 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
     and deleted, then one commit (see ``bot.pipeline``). Scratch lives in ``work``. ``progress`` hears
     the download, merge and upload phases; ``compute``: see ``run_publish_job``."""
     from bot.merge import merge_into
-    from bot.pipeline import (PieceFetcher, Rate, check_scratch_space, merge_threads_beside_transfers, plan_pieces,
+    from bot.pipeline import (PieceFetcher, check_scratch_space, merge_threads_beside_transfers, plan_pieces,
                               scratch_bytes)
     from bot.progress import DOWNLOAD, UPLOAD, NoProgress, PhaseCounter
-    from bot.shards import TensorInfo
 
     largest = max((j.output.nbytes for j in plan.jobs), default=0)
     check_scratch_space(work, scratch_bytes(plan.shard_bytes, largest, plan.output_bytes) if plan.jobs
                         else plan.output_bytes)
-    down = Rate(sum(j.source.nbytes for j in plan.jobs if plan.base.remote and isinstance(j.source, TensorInfo)))
-    up = Rate(plan.output_bytes)
     sink = progress or NoProgress()
-    down_phase, up_phase = PhaseCounter(sink, DOWNLOAD, down.total), PhaseCounter(sink, UPLOAD, up.total)
-
-    def downloaded(n: int) -> None:
-        down.add(n)
-        down_phase.add(n)
+    # What is fetched: pieces of the base (a tensor read twice comes once); what is sent: the output.
+    down = PhaseCounter(sink, DOWNLOAD, sum(p.nbytes for p in plan_pieces(list(plan.jobs))) if plan.base.remote else 0)
+    up = PhaseCounter(sink, UPLOAD, plan.output_bytes)
 
     def uploaded(n: int) -> None:
         up.add(n)
-        up_phase.add(n)
         on_event(f"uploaded {up.describe()}")
 
     with hub_write_errors(f"preparing {target.repo_id}", target.repo_id):
@@ -296,10 +290,9 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
         sink.phase(UPLOAD, 0, up.total)
         on_tensor = tensor_callback(plan, progress, on_progress)
         fetcher = None
-        if plan.base.remote:  # what is fetched: pieces of the base (a tensor read twice comes once)
-            down_phase.total = sum(piece.nbytes for piece in plan_pieces(list(plan.jobs)))
-            sink.phase(DOWNLOAD, 0, down_phase.total)
-            fetcher = PieceFetcher(plan.base.remote, list(plan.jobs), work / "pieces", on_bytes=downloaded)
+        if plan.base.remote:
+            sink.phase(DOWNLOAD, 0, down.total)
+            fetcher = PieceFetcher(plan.base.remote, list(plan.jobs), work / "pieces", on_bytes=down.add)
             stack.callback(fetcher.close)
         folder = work / "out"
         folder.mkdir()
@@ -309,12 +302,12 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
                                 on_progress=on_tensor, verify=plan.spec.verify, compute=compute)
         if fetcher is not None:
             on_event(f"downloaded {down.describe()}")
-            down_phase.finish()
+            down.finish()
         for warning in result.warnings:
             on_event(f"warning: {warning}")
         title, description = commit_text(result.report)
         on_event(f"merged {result.tensors_merged} tensors in {result.seconds:.1f}s; committing to "
                  f"{target.repo_id}")
         published = opened.commit(folder, title=title, description=description)
-        up_phase.finish()
+        up.finish()
     return JobResult(published, result.report, _card_of(folder, target.repo_id))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -240,25 +239,6 @@ class PieceFetcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-
-class Rate:
-    """Bytes done against a total, with speed and ETA, for progress lines; safe across threads."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.started = total, 0, time.monotonic()
-        self._lock = threading.Lock()
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self.done += n
-
-    def describe(self) -> str:
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        speed = self.done / elapsed
-        eta = (self.total - self.done) / speed if speed > 0 and self.total > self.done else 0.0
-        return (f"{human_bytes(self.done)}/{human_bytes(self.total)} at {human_bytes(speed)}/s, "
-                f"ETA {eta:.0f}s")
 
 
 def human_bytes(n: float) -> str:

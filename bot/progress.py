@@ -31,6 +31,7 @@ class PhaseCounter:
 
     def __init__(self, sink: ProgressSink, name: str, total: int):
         self.sink, self.name, self.total, self.done = sink, name, total, 0
+        self.started = time.monotonic()
         self._lock = threading.Lock()
 
     def add(self, n: int) -> None:
@@ -44,6 +45,16 @@ class PhaseCounter:
         with self._lock:
             self.total = self.done
             self.sink.phase(self.name, self.done, self.total)
+
+    def describe(self) -> str:
+        """``1.2 GiB/2.7 GiB at 40.1 MiB/s, ETA 38s``: the phase so far, for event lines."""
+        from bot.pipeline import human_bytes
+
+        with self._lock:
+            done, total = self.done, self.total
+        speed = done / max(time.monotonic() - self.started, 1e-6)
+        eta = (total - done) / speed if speed > 0 and total > done else 0.0
+        return f"{human_bytes(done)}/{human_bytes(total)} at {human_bytes(speed)}/s, ETA {eta:.0f}s"
 
 
 def merge_progress(sink: ProgressSink, output_bytes: Iterable[tuple[str, int]]) -> Callable[[int, int, str], None]:

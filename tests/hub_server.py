@@ -336,6 +336,11 @@ class XetCas:
             return (Path(tmp) / "file").read_bytes()
 
 
+def compile_routes(table: list[tuple[str, str, object]]) -> list[tuple[str, re.Pattern, object]]:
+    """(method, path pattern, handler) rows with each pattern anchored and compiled: a route table."""
+    return [(method, re.compile(f"^{pattern}$"), fn) for method, pattern, fn in table]
+
+
 class Pacer:
     """One direction of a network link of ``rate`` bytes/s, shared by every connection.
 
@@ -1013,7 +1018,7 @@ class HubServer:
             ("GET", rf"/api/resolve-cache/{_REPO}/(?P<rest>[0-9a-f]{{40}}/.+)", self._resolve_cache),
             ("HEAD", rf"/api/resolve-cache/{_REPO}/(?P<rest>[0-9a-f]{{40}}/.+)", self._resolve_cache),
         ]
-        return [(method, re.compile(f"^{pattern}$"), fn) for method, pattern, fn in table]
+        return compile_routes(table)
 
     def _handle(self, method: str, raw_path: str, headers: dict[str, str], body: bytes, cdn: bool = False) -> Response:
         path, _, query = raw_path.partition("?")
@@ -1889,7 +1894,7 @@ class HubJobs:
             ("GET", r"/api/jobs/(?P<ns>[^/]+)/(?P<job_id>[0-9a-f]{24})/logs", self._logs),
             ("POST", r"/api/jobs/(?P<ns>[^/]+)/(?P<job_id>[0-9a-f]{24})/cancel", self._cancel),
         ]
-        return [(m, re.compile(f"^{p}$"), fn) for m, p, fn in table]
+        return compile_routes(table)
 
     # ---- routes ------------------------------------------------------------------------------------
     def _caller(self, req: Request, ns: str) -> User:
