@@ -28,7 +28,6 @@ FLAVORS: dict[str, tuple[int, int, int, float]] = {
     "cpu-xl": (16, 124, 1000, 1.00),
 }
 DISK_MARGIN = 0.8  # never plan to fill more than 80% of a Job's disk (image, caches, logs)
-STREAMED_SCRATCH = 8 * 2**30  # a streamed merge keeps a few pieces and <= 2 shards of <= 2 GiB on disk
 MORE_CPU_FROM = 30e9  # outputs above this many bytes get cpu-upgrade: 4x the CPU for 3x the price
 TERMINAL = ("COMPLETED", "ERROR", "CANCELED", "DELETED")  # huggingface_hub's TERMINAL_JOB_STAGES
 
@@ -90,7 +89,13 @@ def parse_duration(text: str) -> int:
 
 def disk_needed(*, output_bytes: int, download_bytes: int, verify: bool) -> int:
     """Scratch disk a Job needs: the whole base and output when verifying, else the streaming bound."""
-    return download_bytes + output_bytes if verify else min(output_bytes + 2**30, STREAMED_SCRATCH)
+    from bot.pipeline import scratch_bytes
+    from bot.spec import auto_shard_bytes
+
+    if verify:
+        return download_bytes + output_bytes
+    # the streamed pipeline's own bound: a few pieces and shards (with auto shards), never more than the model
+    return min(output_bytes + 2**30, scratch_bytes(auto_shard_bytes(output_bytes), 0, output_bytes))
 
 
 def choose_flavor(*, output_bytes: int, download_bytes: int, verify: bool) -> str:
@@ -124,8 +129,7 @@ def job_command(publish: Any) -> list[str]:
         command += ["--dtype", publish.dtype]
     if publish.max_shard_size != "auto":
         command += ["--max-shard-size", publish.max_shard_size]
-    if publish.verify:
-        command.append("--verify")
+    command.append("--verify" if publish.verify else "--no-verify")  # run verifies unless told not to
     if publish.requested_by:
         command += ["--requested-by", publish.requested_by]
     return command

@@ -174,6 +174,12 @@ def test_flavor_and_command():
     job = PublishJob(adapter="a/b@" + "1" * 40, base="c/d@" + "2" * 40, repo="e/f", pr=True, verify=True)
     assert job_command(job) == ["python", "-m", "bot", "run", "a/b@" + "1" * 40, "--repo", "e/f", "--base",
                                 "c/d@" + "2" * 40, "--pr", "--verify"]
+    # run verifies by default, so a job that asks for none must say so on the Job's command line
+    unverified = job_command(PublishJob(adapter="a/b@" + "1" * 40, base="c/d@" + "2" * 40, repo="e/f", verify=False))
+    assert unverified[-1] == "--no-verify" and "--verify" not in unverified
+    from bot.cli import build_parser
+
+    assert build_parser().parse_args(unverified[3:]).verify is False
 
 
 def test_sigkill_while_a_job_runs_then_restart_reattaches_exactly_once(hub, jobs, tmp_path, jobs_lora):
