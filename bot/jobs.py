@@ -153,9 +153,6 @@ class JobResult:
         return self.publish.describe()
 
 
-MergeRunner = Callable[..., Any]  # (plan, verify: bool) -> MergeResult
-
-
 def run_merge_plan(plan, verify: bool, on_progress=None, compute=None):
     """The default merge step: stream the plan into its output folder, proving it against PEFT when asked."""
     from bot.merge import execute_plan
@@ -163,35 +160,25 @@ def run_merge_plan(plan, verify: bool, on_progress=None, compute=None):
     return execute_plan(plan, on_progress=on_progress, verify=verify, compute=compute)
 
 
-def tensor_callback(plan, progress: ProgressSink | None, on_progress=None):
-    """The merge's per-tensor callback: ``on_progress`` as given, and output bytes as ``progress``'s merge phase."""
+def tensor_callback(plan, progress: ProgressSink | None):
+    """The merge's per-tensor callback reporting output bytes as ``progress``'s merge phase; None without one."""
     if progress is None:
-        return on_progress
+        return None
     from bot.progress import MERGE, merge_progress
 
     progress.phase(MERGE, 0, plan.output_bytes)
-    to_sink = merge_progress(progress, ((j.name, j.output.nbytes) for j in plan.jobs))
-    if on_progress is None:
-        return to_sink
-
-    def both(done: int, total: int, name: str) -> None:
-        on_progress(done, total, name)
-        to_sink(done, total, name)
-
-    return both
+    return merge_progress(progress, ((j.name, j.output.nbytes) for j in plan.jobs))
 
 
 def run_publish_job(job: PublishJob, *, api: HfApi, work_dir: Path | None = None, on_event: EventFn = lambda _: None,
-                    on_progress=None, merge_runner: MergeRunner | None = None,
                     policy: Callable[[Any], None] | None = None, progress: ProgressSink | None = None,
                     compute: Compute | None = None) -> JobResult:
     """Pre-flight, skip if the target already has this merge, else merge and publish in one commit.
 
     The merge streams Hub to Hub (``stream_publish``): scratch disk stays at a few shards whatever the
     model's size, and each shard is proved against PEFT before it is uploaded. A verified job small
-    enough to hold whole (``_end_to_end_fits``), or one with a custom ``merge_runner``, builds the merged
-    folder in ``work_dir`` first, so the end-to-end check runs too. ``merge_runner(plan, verify)``
-    replaces the merge step; ``policy(preflight)`` may raise to refuse a job after pre-flight (the
+    enough to hold whole (``_end_to_end_fits``) builds the merged folder in ``work_dir`` first, so the
+    end-to-end check runs too. ``policy(preflight)`` may raise to refuse a job after pre-flight (the
     self-service bot's rules). ``api``: the job's one Hub client (``bot.transport.hub_client``); every
     read and write of the job goes through it. ``progress`` hears each phase's bytes (``bot.progress``);
     ``compute`` runs the merge's arithmetic a batch at a time (the Space's ZeroGPU calls,
@@ -203,20 +190,19 @@ def run_publish_job(job: PublishJob, *, api: HfApi, work_dir: Path | None = None
 
     target = job.target
     account = check_can_publish(api, target)  # a bad token or foreign namespace is known before any download
-    streamed = merge_runner is None
     work, work_lock = claim_scratch(work_dir)  # and removes what a killed run left there
     try:
         # The client's token for the merge's own reads: a str here (check_can_publish refuses a job without one).
         spec = job.merge_spec(work / "merged", api.token if isinstance(api.token, str) else None)
-        checked = preflight(spec, api=api, streamed=streamed)
+        checked = preflight(spec, api=api, streamed=True)
         if policy is not None:
             policy(checked)
         on_event(f"pre-flight: {checked.summary()}")
         if checked.base_note:
             on_event(f"note: {checked.base_note}")
         fps = checked.fingerprints(spec)
-        if streamed and job.verify and _end_to_end_fits(checked.output_bytes, work):
-            streamed = False  # small enough to hold whole: the end-to-end check and latency run too
+        # small enough to hold whole when verified: the end-to-end check and latency run too
+        streamed = not (job.verify and _end_to_end_fits(checked.output_bytes, work))
         with hub_write_errors(f"checking {target.repo_id}", target.repo_id):
             existing, _ = survey_target(api, target, fps, author=account.name, verified=job.verify)  # refusals now
             if existing is not None:
@@ -228,12 +214,9 @@ def run_publish_job(job: PublishJob, *, api: HfApi, work_dir: Path | None = None
         with MERGE_LOCK:  # one merge at a time per process (the Space's form and its bot share the disk)
             if streamed:
                 return stream_publish(plan, api, target, fps, author=account.name, work=work, on_event=on_event,
-                                      on_progress=on_progress, progress=progress, compute=compute)
+                                      progress=progress, compute=compute)
             on_event("merging")
-            if merge_runner is None:
-                result = run_merge_plan(plan, job.verify, tensor_callback(plan, progress, on_progress), compute)
-            else:
-                result = merge_runner(plan, job.verify)
+            result = run_merge_plan(plan, job.verify, tensor_callback(plan, progress), compute)
         on_event(f"merged {result.tensors_merged} tensors in {result.seconds:.1f}s; publishing to {target.repo_id}")
         published = publish_merged_folder(result.out_dir, target, api=api, aliases=fps[1:])
         if progress is not None:  # one commit uploads the whole folder: done when it is
@@ -260,7 +243,7 @@ def _card_of(folder: Path, repo_id: str) -> str:
 
 
 def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, author: str, work: Path,
-                   on_event: EventFn = lambda _: None, on_progress=None, progress: ProgressSink | None = None,
+                   on_event: EventFn = lambda _: None, progress: ProgressSink | None = None,
                    compute: Compute | None = None) -> JobResult:
     """Merge ``plan`` Hub to Hub: base pieces fetched ahead, each output shard pre-uploaded as it closes
     and deleted, then one commit (see ``bot.pipeline``). Scratch lives in ``work``. ``progress`` hears
@@ -288,7 +271,7 @@ def stream_publish(plan, api, target: PublishTarget, fps: tuple[str, ...], *, au
         return JobResult(opened)
     with opened, ExitStack() as stack:  # the upload threads and the transfer mode end with this block
         sink.phase(UPLOAD, 0, up.total)
-        on_tensor = tensor_callback(plan, progress, on_progress)
+        on_tensor = tensor_callback(plan, progress)
         fetcher = None
         if plan.base.remote:
             sink.phase(DOWNLOAD, 0, down.total)
