@@ -74,23 +74,16 @@ def end_to_end_bytes(plan: MergePlan) -> int:
 
 
 def verify_output(plan: MergePlan, folder: Path | None, proof: ProofSummary | None,
-                  unavailable: str | None = None) -> Verification:
-    """The verification record: the proof's summary (run already, or now over ``folder``; ``unavailable``
-    says why there is none) and, when ``folder`` holds the whole merge and it fits the budget, the
-    end-to-end comparison."""
-    if proof is None and unavailable is None:
-        from bot.proof import ProofUnavailable, prove_folder
-
-        try:
-            proof = prove_folder(plan, folder)
-        except ProofUnavailable as e:
-            unavailable = str(e)
+                  unavailable: str | None) -> Verification:
+    """The verification record: the proof's summary (run by the merge as it wrote, before any shard
+    left; ``unavailable`` says why there is none) and, when ``folder`` holds the whole merge and it
+    fits the budget, the end-to-end comparison."""
     compared, skipped = None, None
+    needed = end_to_end_bytes(plan)
     if folder is None:
         skipped = "the merged model is streamed to the Hub shard by shard, never whole on disk"
-    elif end_to_end_bytes(plan) > end_to_end_budget():
-        skipped = (f"both models need ~{end_to_end_bytes(plan) / 2**30:.1f} GiB in float32, over "
-                   f"the budget (MERGEBOT_VERIFY_MEMORY_GB)")
+    elif needed > end_to_end_budget():
+        skipped = f"both models need ~{needed / 2**30:.1f} GiB in float32, over the budget (MERGEBOT_VERIFY_MEMORY_GB)"
     else:
         try:
             compared = end_to_end(plan, folder)
