@@ -9,7 +9,7 @@ import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 
@@ -69,7 +69,7 @@ def load_peft_model(plan: MergePlan, *, dtype: torch.dtype | str = "auto"):
         extra = {"num_labels": len(labels)} if labels else {}
         model = model_cls.from_pretrained(plan.base.path, dtype=dtype, trust_remote_code=False, use_safetensors=None,
                                           **extra)
-        resize_like_adapter(model, plan.adapter.path)
+        resize_like_adapter(model, read_adapter_weights(plan.adapter.path))
         try:
             peft_model, loaded = _attach_adapter(model, config, plan.adapter.path)
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
@@ -78,15 +78,16 @@ def load_peft_model(plan: MergePlan, *, dtype: torch.dtype | str = "auto"):
     return peft_model, layout
 
 
-def resize_like_adapter(model, adapter_path: Path) -> None:
-    """A vocabulary the adapter saved at another size: the base is resized first, as its trainer did
-    (``resize_token_embeddings`` before ``get_peft_model``), so PEFT's saved embeddings fit."""
+def resize_like_adapter(model, saved: Mapping[str, torch.Tensor]) -> None:
+    """A vocabulary the adapter saved (``saved``: its tensors by key) at another size: the base is resized
+    first, as its trainer did (``resize_token_embeddings`` before ``get_peft_model``), so PEFT's saved
+    embeddings fit."""
     emb = model.get_input_embeddings()
     if emb is None:
         return
     embeddings = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight", "lm_head.weight",
                   "embed_in.weight", "embed_out.weight")
-    rows = {int(t.shape[0]) for k, t in read_adapter_weights(adapter_path).items()
+    rows = {int(t.shape[0]) for k, t in saved.items()
             if k.replace(".base_layer.", ".").endswith(embeddings) and t.dim() == 2}
     rows.discard(emb.weight.shape[0])
     if len(rows) == 1:

@@ -29,7 +29,7 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -395,6 +395,7 @@ def _reference_model(plan):
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import ModulesToSaveWrapper
 
+    from bot.adapter import read_adapter_weights
     from bot.architecture import describe_model, load_config
     from bot.fallback import _attach_adapter, check_every_tensor_loaded, quiet_libraries, resize_like_adapter
     from bot.peft_config import build_peft_config
@@ -418,8 +419,10 @@ def _reference_model(plan):
     with quiet_libraries(), _adapter_stays_on_cpu():
         with torch.device("meta"):
             model = getattr(transformers, layout.architecture)(base_config)
-        resize_like_adapter(model, plan.adapter.path)
-        inner = bare_model_prefix(model, plan.adapter.path)
+        saved_tensors = read_adapter_weights(plan.adapter.path)  # once for both; PEFT then loads its own copy
+        resize_like_adapter(model, saved_tensors)
+        inner = bare_model_prefix(model, saved_tensors)
+        del saved_tensors
         if inner:  # an adapter trained on the bare model (LlamaModel): PEFT wraps that part, as its trainer did
             model = getattr(model, inner[:-1])
         try:
@@ -444,15 +447,15 @@ def _reference_model(plan):
     return peft_model, wrapped, saved, inner
 
 
-def bare_model_prefix(model, adapter_path) -> str:
-    """``"model."`` when the adapter's keys name the bare model's modules (``layers.0...``) while ``model``
-    keeps them under its base prefix (``model.layers.0...``); else ``""``."""
-    from bot.adapter import PEFT_PREFIX, read_adapter_weights
+def bare_model_prefix(model, saved_keys: Iterable[str]) -> str:
+    """``"model."`` when the adapter's saved keys name the bare model's modules (``layers.0...``) while
+    ``model`` keeps them under its base prefix (``model.layers.0...``); else ``""``."""
+    from bot.adapter import PEFT_PREFIX
 
     prefix = getattr(model, "base_model_prefix", "") or ""
     if not prefix or not hasattr(model, prefix):
         return ""
-    keys = [k.removeprefix(PEFT_PREFIX) for k in read_adapter_weights(adapter_path)]
+    keys = [k.removeprefix(PEFT_PREFIX) for k in saved_keys]
     module_names = {n for n, _ in model.named_modules()}
     if keys and not any(k.startswith(prefix + ".") for k in keys) and \
             any(k.split(".")[0] in {n.split(".")[0] for n in module_names if n.startswith(prefix + ".")} or
